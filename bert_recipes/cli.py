@@ -1,0 +1,212 @@
+"""Command line: ``bert-recipes COMMAND RECIPE.yaml [key.path=value ...]``.
+
+Commands: pretrain, finetune, glue, inspect, show, recipes, tokenizer, plot.
+A user mistake exits with code 2 and one line ``error: <file/key>: <what was expected>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import UserError
+
+REPO_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def _setup_logging() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("bert_recipes").setLevel(logging.INFO)
+    for noisy in ("transformers", "datasets", "accelerate", "torch"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _keys_help(schema) -> str:
+    """One line per recipe key: dotted name, type and default."""
+    from pydantic import BaseModel
+
+    lines = []
+
+    def walk(model, prefix):
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, f"{prefix}{name}.")
+                continue
+            kind = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+            default = field.default if field.default is not None else "null"
+            lines.append(f"  {prefix}{name:<34} {kind:<28} default: {default}")
+
+    walk(schema, "")
+    return "recipe keys (override any with key.path=value):\n" + "\n".join(lines)
+
+
+def _recipe_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="recipe YAML file")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=20 output_dir=/tmp/run")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .recipe import PretrainRecipe
+
+    parser = argparse.ArgumentParser(
+        prog="bert-recipes",
+        description="Pretrain BERT (MLM + NSP) and fine-tune it on GLUE from one YAML recipe.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  bert-recipes pretrain recipes/pretrain/tiny.yaml train.max_steps=20\n"
+        "  bert-recipes show recipes/pretrain/mini.yaml\n  bert-recipes recipes",
+    )
+    parser.add_argument("--version", action="version", version=f"bert-recipes {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    raw = argparse.RawDescriptionHelpFormatter
+
+    p = sub.add_parser("pretrain", help="pretrain BERT from a recipe", epilog=_keys_help(PretrainRecipe), formatter_class=raw)
+    _recipe_args(p)
+
+    p = sub.add_parser("inspect", help="write collated training batches as JSON lines", formatter_class=raw)
+    _recipe_args(p)
+    p.add_argument("--batches", type=int, default=2, help="number of batches (default 2)")
+    p.add_argument("--out", required=True, help="output .jsonl file")
+
+    p = sub.add_parser("show", help="print the fully resolved recipe")
+    _recipe_args(p)
+    p.add_argument("--kind", choices=["pretrain", "finetune"], default=None, help="schema (default: guessed)")
+
+    sub.add_parser("recipes", help="list the shipped recipes")
+
+    p = sub.add_parser("tokenizer", help="tokenizer tools")
+    tsub = p.add_subparsers(dest="tokenizer_command", metavar="ACTION")
+    t = tsub.add_parser("train", help="train a WordPiece tokenizer and save it")
+    t.add_argument("files", nargs="+", help="text files or globs")
+    t.add_argument("--out", required=True, help="output folder")
+    t.add_argument("--vocab-size", type=int, default=30522)
+    t.add_argument("--min-frequency", type=int, default=2)
+    t.add_argument("--cased", action="store_true", help="keep case and accents")
+
+    _add_optional_commands(sub)
+    return parser
+
+
+def _add_optional_commands(sub) -> None:
+    """Commands implemented in other modules register themselves here."""
+    for module in ("bert_recipes.glue.cli", "bert_recipes.plot"):
+        try:
+            mod = __import__(module, fromlist=["add_parser"])
+        except ImportError:
+            continue
+        mod.add_parser(sub)
+
+
+def _guess_schema(path: str, kind: str | None):
+    from .recipe import PretrainRecipe, load_raw
+
+    if kind == "pretrain":
+        return PretrainRecipe
+    raw = load_raw(path)
+    if kind == "finetune" or "task" in raw:
+        from .glue.recipe import FinetuneRecipe
+
+        return FinetuneRecipe
+    return PretrainRecipe
+
+
+def cmd_pretrain(args) -> int:
+    from .pretrain import pretrain
+    from .recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    final = pretrain(recipe)
+    if final is not None:
+        print(f"checkpoint: {final}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .inspect_batches import write_batches
+    from .recipe import load_recipe
+
+    if args.batches < 1:
+        raise UserError(f"--batches: expected a positive integer, got {args.batches}")
+    recipe = load_recipe(args.recipe, args.overrides)
+    count = write_batches(recipe, args.batches, args.out)
+    print(f"wrote {count} examples from {args.batches} batches to {args.out}")
+    return 0
+
+
+def cmd_show(args) -> int:
+    from .recipe import dump_recipe, load_recipe
+
+    print(dump_recipe(load_recipe(args.recipe, args.overrides, schema=_guess_schema(args.recipe, args.kind))), end="")
+    return 0
+
+
+def cmd_recipes(_args) -> int:
+    root = REPO_RECIPES if REPO_RECIPES.is_dir() else Path("recipes")
+    if not root.is_dir():
+        raise UserError("recipes: no recipes/ folder next to the package or in the current directory")
+    for path in sorted(root.rglob("*.yaml")):
+        first = path.read_text(encoding="utf-8").splitlines()[:1]
+        about = first[0].lstrip("# ").strip() if first and first[0].startswith("#") else ""
+        print(f"{str(path.relative_to(root.parent)):<44} {about}")
+    return 0
+
+
+def cmd_tokenizer(args) -> int:
+    from .recipe import expand_files
+    from .tokenizer import save_tokenizer, train_wordpiece
+
+    if args.tokenizer_command != "train":
+        raise UserError("tokenizer: expected an action, e.g. 'bert-recipes tokenizer train FILES --out DIR'")
+    files = expand_files(args.files, "files")
+    tokenizer = train_wordpiece(files, vocab_size=args.vocab_size, min_frequency=args.min_frequency,
+                                lowercase=not args.cased, show_progress=sys.stderr.isatty())
+    out = save_tokenizer(tokenizer, args.out)
+    print(f"tokenizer with {len(tokenizer)} tokens saved to {out}")
+    return 0
+
+
+COMMANDS = {
+    "pretrain": cmd_pretrain,
+    "inspect": cmd_inspect,
+    "show": cmd_show,
+    "recipes": cmd_recipes,
+    "tokenizer": cmd_tokenizer,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    _setup_logging()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    handler = COMMANDS.get(args.command) or getattr(args, "handler", None)
+    try:
+        return handler(args) or 0
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def run() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    run()
+

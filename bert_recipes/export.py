@@ -1,0 +1,192 @@
+"""Hub-ready exports: ``save_pretrained`` weights (safetensors), config, tokenizer, the
+resolved recipe and a model card (README.md with YAML metadata).
+
+An export folder loads with ``BertForPreTraining`` / ``AutoModelForMaskedLM`` /
+``AutoModelForSequenceClassification.from_pretrained(folder)`` and works in
+``pipeline("fill-mask")``. It is written to a temporary folder and renamed into place, so
+an interrupted export never leaves a half-written folder under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import yaml
+
+from .recipe import save_recipe
+
+
+def _model_card(metadata: dict, title: str, body: list[str]) -> str:
+    front = yaml.safe_dump(metadata, sort_keys=False).strip()
+    return f"---\n{front}\n---\n\n# {title}\n\n" + "\n".join(body) + "\n"
+
+
+def _results_table(results: dict) -> list[str]:
+    if not results:
+        return ["No evaluation was run."]
+    lines = ["| metric | value |", "|---|---|"]
+    for key, value in results.items():
+        shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+        lines.append(f"| {key} | {shown} |")
+    return lines
+
+
+def pretraining_card(recipe, results: dict, steps: int) -> str:
+    """The model card of a pretraining export."""
+    data = recipe.data
+    sources = data.train_files or [data.dataset_name]
+    arch = recipe.model.config
+    metadata = {
+        "library_name": "transformers",
+        "pipeline_tag": "fill-mask",
+        "tags": ["bert", "fill-mask", "bert-recipes", "pretraining"],
+        "model-index": [
+            {
+                "name": Path(recipe.output_dir).name,
+                "results": [
+                    {
+                        "task": {"type": "fill-mask", "name": "Masked language modeling"},
+                        "metrics": [
+                            {"type": key, "value": round(float(value), 6)}
+                            for key, value in results.items()
+                            if isinstance(value, (int, float))
+                        ],
+                    }
+                ],
+            }
+        ],
+    }
+    body = [
+        "A BERT pretrained with masked language modelling and next-sentence prediction by "
+        "[bert-recipes](https://github.com/) from the recipe stored next to this card (`recipe.yaml`).",
+        "",
+        "## Training",
+        "",
+        f"- architecture: {'from ' + recipe.model.name_or_path if recipe.model.name_or_path else f'{arch.num_hidden_layers} layers, hidden {arch.hidden_size}, {arch.num_attention_heads} heads, intermediate {arch.intermediate_size}'}",
+        f"- data: {', '.join(str(s) for s in sources)}",
+        f"- max_seq_length {data.max_seq_length}, masked_lm_prob {data.masked_lm_prob}, "
+        f"max_predictions_per_seq {data.max_predictions_per_seq}, whole_word_mask {data.whole_word_mask}",
+        f"- steps: {steps}, per_device_train_batch_size {recipe.train.per_device_train_batch_size}, "
+        f"gradient_accumulation_steps {recipe.train.gradient_accumulation_steps}, learning_rate {recipe.train.learning_rate}, "
+        f"precision {recipe.precision}, seed {recipe.seed}",
+        "",
+        "## Evaluation (held-out files)",
+        "",
+        *_results_table(results),
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from transformers import pipeline",
+        'fill = pipeline("fill-mask", model="PATH_OR_REPO")',
+        'fill("The capital of France is [MASK].")',
+        "```",
+    ]
+    return _model_card(metadata, "BERT pretrained with bert-recipes", body)
+
+
+def export_pretrained(model, tokenizer, recipe, directory: str | os.PathLike, results: dict, steps: int) -> Path:
+    """Write the Hub-ready export of a pretrained ``BertForPreTraining`` to ``directory``."""
+    directory = Path(directory)
+    tmp = directory.with_name(f".{directory.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.config.architectures = ["BertForPreTraining"]
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp))
+    save_recipe(recipe, tmp)
+    (tmp / "README.md").write_text(pretraining_card(recipe, results, steps), encoding="utf-8")
+    (tmp / "eval_results.json").write_text(json.dumps({"step": steps, **results}, indent=1))
+    if directory.exists():
+        shutil.rmtree(directory)
+    os.replace(tmp, directory)
+    return directory
+
+
+def finetuning_card(recipe, task, results: dict, steps: int) -> str:
+    """The model card of a GLUE fine-tuning export (``task`` is a :class:`GlueTask`)."""
+    base = recipe.model.name_or_path
+    on_hub = not os.path.exists(os.path.expanduser(base))
+    metrics = [
+        {"type": key, "value": round(float(value), 6), "name": f"{task.glue_folder} {key}"}
+        for key, value in results.items()
+        if key in task.metrics and isinstance(value, (int, float))
+    ]
+    metadata = {
+        "library_name": "transformers",
+        "pipeline_tag": "text-classification",
+        "tags": ["bert", "text-classification", "glue", task.name, "bert-recipes"],
+        "datasets": [task.hub_name],
+        **({"base_model": base} if on_hub else {}),
+        "model-index": [
+            {
+                "name": f"{Path(base).name}-{task.name}",
+                "results": [
+                    {
+                        "task": {"type": "text-classification", "name": "Text Classification"},
+                        "dataset": {
+                            "name": f"GLUE {task.glue_folder}",
+                            "type": task.hub_name,
+                            "config": task.hub_config,
+                            "split": ", ".join(task.dev_splits),
+                        },
+                        "metrics": metrics,
+                    }
+                ],
+            }
+        ],
+    }
+    train = recipe.train
+    labels = ", ".join(task.label_names) if task.label_names else "one similarity score in [0, 5] (regression)"
+    example = ", ".join('"..."' for _ in task.text_columns)
+    body = [
+        f"`{base}` fine-tuned on GLUE {task.glue_folder} by [bert-recipes](https://github.com/) from the recipe "
+        "stored next to this card (`recipe.yaml`). This is the checkpoint with the best dev "
+        f"`{task.main_metric}` of the run.",
+        "",
+        "## Training",
+        "",
+        f"- task: {task.name} ({' + '.join(task.text_columns)}); labels: {labels}",
+        f"- data: {recipe.data.glue_dir or task.hub_name}, max_seq_length {recipe.data.max_seq_length}",
+        f"- steps: {steps}, per_device_train_batch_size {train.per_device_train_batch_size}, "
+        f"gradient_accumulation_steps {train.gradient_accumulation_steps}, learning_rate {train.learning_rate}, "
+        f"warmup_ratio {train.warmup_ratio}, weight_decay {train.weight_decay}, precision {recipe.precision}, "
+        f"seed {recipe.seed}",
+        "",
+        "## Evaluation (GLUE dev)",
+        "",
+        *_results_table(results),
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from transformers import pipeline",
+        'classify = pipeline("text-classification", model="PATH_OR_REPO")',
+        f"classify({example})" if not task.is_pair else 'classify({"text": "...", "text_pair": "..."})',
+        "```",
+    ]
+    return _model_card(metadata, f"BERT fine-tuned on GLUE {task.glue_folder}", body)
+
+
+def export_finetuned(model, tokenizer, recipe, task, directory: str | os.PathLike, results: dict, steps: int) -> Path:
+    """Write the Hub-ready export of a fine-tuned ``BertForSequenceClassification``.
+
+    The folder holds the weights, config (``id2label`` with the task's label names),
+    tokenizer, ``recipe.yaml``, ``README.md`` (model card with the dev results) and
+    ``eval_results.json``; it is written next to ``directory`` and renamed into place.
+    """
+    directory = Path(directory)
+    tmp = directory.with_name(f".{directory.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.config.architectures = ["BertForSequenceClassification"]
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp))
+    save_recipe(recipe, tmp)
+    (tmp / "README.md").write_text(finetuning_card(recipe, task, results, steps), encoding="utf-8")
+    (tmp / "eval_results.json").write_text(json.dumps({"task": task.name, "step": steps, **results}, indent=1))
+    if directory.exists():
+        shutil.rmtree(directory)
+    os.replace(tmp, directory)
+    return directory

@@ -1,0 +1,95 @@
+"""``bert-recipes finetune RECIPE`` and ``bert-recipes glue RECIPE --tasks ...``.
+
+Registered by :func:`bert_recipes.cli._add_optional_commands` through :func:`add_parser`.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub) -> None:
+    """Add the ``finetune`` and ``glue`` commands to the CLI's subparsers."""
+    from ..cli import _keys_help, _recipe_args
+    from .recipe import FinetuneRecipe
+
+    raw = argparse.RawDescriptionHelpFormatter
+    p = sub.add_parser(
+        "finetune", help="fine-tune a BERT on one GLUE task", formatter_class=raw,
+        description="Fine-tune model.name_or_path on the recipe's GLUE task; the best dev checkpoint is "
+        "exported to OUTPUT_DIR/best.\nexample: bert-recipes finetune recipes/glue/rte.yaml "
+        "model.name_or_path=runs/tiny/final data.glue_dir=../shared/data/glue",
+        epilog=_keys_help(FinetuneRecipe),
+    )
+    _recipe_args(p)
+    p.set_defaults(handler=cmd_finetune)
+
+    p = sub.add_parser(
+        "glue", help="fine-tune several GLUE tasks; results table, chart and submission zip", formatter_class=raw,
+        description="RECIPE is the base recipe (e.g. recipes/glue/base.yaml); <its folder>/<task>.yaml adds each "
+        "task's own keys when present.\nexample: bert-recipes glue recipes/glue/base.yaml --tasks cola,sst2,mrpc "
+        "model.name_or_path=runs/tiny/final data.glue_dir=../shared/data/glue",
+    )
+    p.add_argument("recipe", help="base recipe YAML file")
+    # REMAINDER: options may follow the overrides too (re-parsed in cmd_glue).
+    p.add_argument("overrides", nargs=argparse.REMAINDER, help="dotted overrides, e.g. model.name_or_path=runs/tiny/final")
+    _glue_options(p)
+    p.set_defaults(handler=cmd_glue)
+
+
+def _glue_options(parser, defaults=None) -> None:
+    defaults = defaults or argparse.Namespace(tasks="", predict_test=False)
+    parser.add_argument("--tasks", default=defaults.tasks, help="comma-separated GLUE tasks (default: all nine)")
+    parser.add_argument("--predict-test", action="store_true", default=defaults.predict_test,
+                        help="predict the test sets and write the leaderboard zip (AX with the MNLI model)")
+
+
+def _quiet_progress_bars() -> None:
+    """No per-call progress bars (tokenisation, saving, loading) in logs and pipes."""
+    import sys
+
+    if not sys.stderr.isatty():
+        import datasets
+        from transformers.utils import logging as hf_logging
+
+        datasets.disable_progress_bars()
+        hf_logging.disable_progress_bar()
+
+
+def cmd_finetune(args) -> int:
+    from .finetune import finetune_seeds
+    from .recipe import load_finetune_recipe
+
+    _quiet_progress_bars()
+    recipe = load_finetune_recipe(args.recipe, args.overrides)
+    result = finetune_seeds(recipe)
+    if result.get("stopped"):
+        return 0
+    dev = ", ".join(f"{key} {value:.4f}" + (f" ± {result['dev_std'][key]:.4f}" if "dev_std" in result else "")
+                    for key, value in result["dev"].items())
+    print(f"{result['task']} dev: {dev}")
+    print(f"best model: {result['best']}")
+    if result.get("test_predictions"):
+        print(f"test predictions: {result['test_predictions']}")
+    return 0
+
+
+def cmd_glue(args) -> int:
+    from pathlib import Path
+
+    from .sweep import RESULTS_JSON, RESULTS_MD, RESULTS_PNG, parse_tasks, run_glue
+
+    rest = argparse.ArgumentParser(prog="bert-recipes glue", add_help=False)
+    _glue_options(rest, args)
+    rest.add_argument("overrides", nargs="*")
+    args = rest.parse_intermixed_args(args.overrides, namespace=argparse.Namespace(recipe=args.recipe))
+    _quiet_progress_bars()
+    summary = run_glue(args.recipe, parse_tasks(args.tasks), args.overrides, predict_test=args.predict_test)
+    if summary is None:
+        return 0
+    root = Path(summary["output_dir"])
+    print((root / RESULTS_MD).read_text(encoding="utf-8"), end="")
+    print(f"results: {root / RESULTS_JSON}, {root / RESULTS_MD}, {root / RESULTS_PNG}")
+    if summary.get("submission"):
+        print(f"submission: {summary['submission']}")
+    return 0

@@ -1,0 +1,358 @@
+"""GLUE data: the original TSV layout, the Hub dataset, featurisation and label mapping.
+
+Every split, whatever its source, becomes a :class:`datasets.Dataset` with the columns
+
+* ``idx`` (int32): the test file's ``index`` (QQP: ``id``) column, which leaderboard
+  files must repeat; for train/dev, the 0-based row number (as in ``nyu-mll/glue``);
+* the task's text columns (``task.text_columns``, Hub names, str; empty strings allowed);
+* ``label``: class id (``ClassLabel`` with ``task.label_names``), a float32 score in [0, 5]
+  for STS-B, or ``-1`` when the split is unlabelled (test sets, AX). ``-1`` is never a
+  target: :func:`tokenize_glue` drops the ``labels`` column of an unlabelled split.
+
+The TSV reader follows the files written by ``download_glue_data.py``: tab-separated,
+read with ``csv.QUOTE_NONE`` (sentences contain bare ``"`` characters; with quoting on,
+rows silently merge) and ``utf-8-sig`` (MRPC's header starts with a BOM). CoLA train/dev
+have no header (source, label, original label, sentence). Labels are converted by NAME
+(``task.tsv_labels``), see :mod:`bert_recipes.glue.tasks` for the conventions.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from ..errors import DataError, UserError
+from .tasks import GlueTask, get_task
+
+HIDDEN_LABEL = -1
+"""The ``label`` of an example whose gold label is not public (test sets)."""
+
+_INDEX_COLUMNS = ("index", "id")  # QQP's files call the index column "id"
+
+
+def glue_features(task: "str | GlueTask"):
+    """The :class:`datasets.Features` of a GLUE split of ``task``."""
+    import datasets
+
+    task = get_task(task)
+    columns = {"idx": datasets.Value("int32")}
+    columns.update({name: datasets.Value("string") for name in task.text_columns})
+    if task.is_regression:
+        columns["label"] = datasets.Value("float32")
+    else:
+        columns["label"] = datasets.ClassLabel(names=list(task.label_names))
+    return datasets.Features(columns)
+
+
+# --------------------------------------------------------------------------- TSV reader
+
+
+def _header(reader, path: Path, task: GlueTask, split: str) -> list[str]:
+    if split in task.headerless_splits:
+        return list(task.headerless_columns)
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise DataError(f"{path}: file is empty; expected a header row") from None
+    return [name.strip() for name in header]
+
+
+def _column(header: list[str], name: str, path: Path) -> int:
+    if name not in header:
+        raise DataError(f"{path}: missing column '{name}'; header has: {', '.join(header)}")
+    return header.index(name)
+
+
+def _parse_label(value: str, task: GlueTask, path: Path, line: int) -> "int | float":
+    value = value.strip()
+    if task.is_regression:
+        try:
+            score = float(value)
+        except ValueError:
+            score = math.nan
+        if not 0.0 <= score <= 5.0:
+            raise DataError(f"{path}: line {line}: score '{value}' is not a number in [0, 5]")
+        return score
+    if value not in task.tsv_labels:
+        raise DataError(
+            f"{path}: line {line}: label '{value}' is not one of {', '.join(task.tsv_labels)} (task {task.name})"
+        )
+    return task.tsv_labels.index(value)
+
+
+def read_glue_tsv(path: "str | os.PathLike", task: "str | GlueTask", split: str):
+    """Read one GLUE TSV file into a :class:`datasets.Dataset` (columns in the module doc).
+
+    Args:
+        path: the TSV file, e.g. ``glue_data/SST-2/dev.tsv``.
+        task: task name or :class:`GlueTask`.
+        split: split name (``train``, ``validation``/``dev``, ``test``, MNLI's
+            ``validation_matched`` ...); decides header, label and index handling.
+
+    Raises:
+        DataError: one line naming the file: missing/unreadable file, a missing column,
+            a row with the wrong number of fields, a label outside the task's label set
+            (with its line number and value), or a non-integer index.
+    """
+    import datasets
+
+    task = get_task(task)
+    split = task.canonical_split(split)
+    path = Path(path)
+    labelled = split not in task.test_splits and task.tsv_label_column is not None
+    idx, label = [], []
+    texts: dict[str, list[str]] = {name: [] for name in task.text_columns}
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as handle:
+            reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
+            header = _header(reader, path, task, split)
+            text_pos = [_column(header, name, path) for name in task.tsv_text_columns]
+            label_pos = _column(header, task.tsv_label_column, path) if labelled else None
+            index_pos = None
+            if split in task.test_splits:
+                present = [name for name in _INDEX_COLUMNS if name in header]
+                index_pos = _column(header, present[0] if present else "index", path)
+            for row in reader:
+                if not row:  # blank line (e.g. a trailing newline)
+                    continue
+                line = reader.line_num
+                if len(row) != len(header):
+                    raise DataError(
+                        f"{path}: line {line}: expected {len(header)} tab-separated fields "
+                        f"({', '.join(header)}), got {len(row)}"
+                    )
+                if index_pos is None:
+                    idx.append(len(idx))
+                else:
+                    try:
+                        idx.append(int(row[index_pos]))
+                    except ValueError:
+                        raise DataError(f"{path}: line {line}: index '{row[index_pos]}' is not an integer") from None
+                for name, pos in zip(task.text_columns, text_pos):
+                    texts[name].append(row[pos])
+                label.append(_parse_label(row[label_pos], task, path, line) if labelled else HIDDEN_LABEL)
+    except FileNotFoundError:
+        raise DataError(f"{path}: GLUE {task.name} {split} file not found") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not valid UTF-8 (byte {exc.start}); expected a GLUE TSV file") from None
+    except csv.Error as exc:
+        raise DataError(f"{path}: malformed TSV ({exc})") from None
+    if not idx:
+        raise DataError(f"{path}: no data rows")
+    columns: dict[str, list[Any]] = {"idx": idx, **texts, "label": label}
+    return datasets.Dataset.from_dict(columns, features=glue_features(task))
+
+
+def glue_task_dir(glue_dir: "str | os.PathLike", task: "str | GlueTask") -> Path:
+    """The folder holding ``task``'s TSVs: ``glue_dir/<GLUE folder>`` or ``glue_dir`` itself.
+
+    Raises:
+        DataError: neither ``glue_dir/<GLUE folder>`` nor ``glue_dir`` holds the task's files.
+    """
+    task = get_task(task)
+    root = Path(glue_dir)
+    if (root / task.glue_folder).is_dir():
+        return root / task.glue_folder
+    if any((root / name).is_file() for name in task.split_files.values()):
+        return root
+    raise DataError(
+        f"{root}: no GLUE folder '{task.glue_folder}' (expected the original GLUE layout, "
+        f"e.g. {root / task.glue_folder / next(iter(task.split_files.values()))})"
+    )
+
+
+# --------------------------------------------------------------------------- Hub
+
+
+def load_glue_from_hub(task: "str | GlueTask", split: str):
+    """Load a split from the Hub dataset ``nyu-mll/glue`` with the same columns as the TSVs.
+
+    Raises:
+        DataError: the Hub (or the cache) cannot provide it, e.g. when offline.
+    """
+    import datasets
+
+    task = get_task(task)
+    split = task.canonical_split(split)
+    where = f"{task.hub_name} (config '{task.hub_config}', split '{split}')"
+    try:
+        dataset = datasets.load_dataset(task.hub_name, task.hub_config, split=split)
+    except Exception as exc:  # network, cache and format failures all end here
+        reason = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise DataError(
+            f"cannot load {where} from the Hugging Face Hub ({type(exc).__name__}: {reason}); "
+            "to read the original GLUE TSV files instead, pass glue_dir"
+        ) from None
+    wanted = list(glue_features(task))
+    missing = [name for name in wanted if name not in dataset.column_names]
+    if missing:
+        raise DataError(f"{where}: missing column '{missing[0]}'; it has: {', '.join(dataset.column_names)}")
+    try:
+        return dataset.select_columns(wanted).cast(glue_features(task))
+    except (ValueError, TypeError) as exc:
+        raise DataError(f"{where}: unexpected column types ({exc})") from None
+
+
+def load_glue_split(task: "str | GlueTask", split: str, glue_dir: "str | os.PathLike | None" = None):
+    """Load one GLUE split: from ``glue_dir`` (original TSV layout) or, when it is None, the Hub.
+
+    Args:
+        task: task name or alias (``"SST-2"``, ``"sst2"``) or :class:`GlueTask`.
+        split: ``train``, ``validation`` (or ``dev``), ``test``; MNLI: ``validation_matched``,
+            ``validation_mismatched``, ``test_matched``, ``test_mismatched``.
+        glue_dir: the GLUE root (holding ``SST-2/`` ...) or the task's own folder.
+
+    Returns:
+        A :class:`datasets.Dataset` with ``idx``, the text columns and ``label``.
+
+    Raises:
+        UserError: unknown task or split. DataError: missing or malformed data.
+    """
+    task = get_task(task)
+    split = task.canonical_split(split)
+    if glue_dir is None:
+        return load_glue_from_hub(task, split)
+    return read_glue_tsv(glue_task_dir(glue_dir, task) / task.split_files[split], task, split)
+
+
+# --------------------------------------------------------------------------- features
+
+
+def has_labels(dataset) -> bool:
+    """True when every example is labelled, False when none is (``label == -1``).
+
+    Raises:
+        DataError: some examples are labelled and others hidden.
+    """
+    labels = dataset["label"]
+    hidden = sum(1 for value in labels if value == HIDDEN_LABEL)
+    if hidden and hidden != len(labels):
+        raise DataError(f"{hidden} of {len(labels)} examples have hidden labels (-1); expected all or none")
+    return hidden == 0
+
+
+def tokenize_glue(dataset, task: "str | GlueTask", tokenizer, max_seq_length: int):
+    """Featurise a GLUE split for BERT.
+
+    Single sentences become ``[CLS] a [SEP]``, pairs ``[CLS] a [SEP] b [SEP]``, truncated to
+    ``max_seq_length`` tokens (pairs with ``truncation="longest_first"``: tokens are taken
+    off the longer side first). No padding: the collator pads each batch.
+
+    Args:
+        dataset: a split from :func:`load_glue_split`.
+        task: its task.
+        tokenizer: a BERT tokenizer (``PreTrainedTokenizerBase``).
+        max_seq_length: most tokens per example, special tokens included.
+
+    Returns:
+        A dataset in the same row order with ``input_ids``, ``token_type_ids``,
+        ``attention_mask`` (lists of int, length <= max_seq_length) and ``labels`` (int, or
+        float for STS-B). ``labels`` is absent for an unlabelled split (test, AX).
+
+    Raises:
+        UserError: ``max_seq_length`` is not a positive integer. DataError: a text column
+            is missing, or labels are partly hidden.
+    """
+    task = get_task(task)
+    if not isinstance(max_seq_length, int) or max_seq_length < 1:
+        raise UserError(f"max_seq_length must be a positive integer, got {max_seq_length!r}")
+    missing = [name for name in task.text_columns if name not in dataset.column_names]
+    if missing:
+        raise DataError(f"GLUE {task.name} dataset has no column '{missing[0]}'; it has: {', '.join(dataset.column_names)}")
+    labelled = "label" in dataset.column_names and has_labels(dataset)
+    columns = task.text_columns
+
+    def encode(batch: dict) -> dict:
+        texts = [batch[name] for name in columns]
+        encoded = tokenizer(
+            *texts,
+            truncation="longest_first" if task.is_pair else True,
+            max_length=max_seq_length,
+            padding=False,
+            return_token_type_ids=True,
+            return_attention_mask=True,
+        )
+        out = {key: encoded[key] for key in ("input_ids", "token_type_ids", "attention_mask")}
+        if labelled:
+            out["labels"] = batch["label"]
+        return out
+
+    return dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc=f"tokenize {task.name}")
+
+
+# --------------------------------------------------------------------------- label mapping
+
+_GENERIC = re.compile(r"^label_\d+$")
+
+
+def _norm_label(name: Any) -> str:
+    return re.sub(r"[\s\-]+", "_", str(name).strip().lower())
+
+
+def label_mapping(task: "str | GlueTask", model_config: Any) -> Optional[dict[int, int]]:
+    """Reconcile a checkpoint's ``id2label`` with the task's labels, by name.
+
+    Args:
+        task: the GLUE task.
+        model_config: a ``PretrainedConfig`` (its ``id2label`` is read) or an ``id2label``
+            mapping itself; ``None`` means no label names.
+
+    Returns:
+        ``None`` when the task's ids can be used as they are: the checkpoint has no names,
+        generic ``LABEL_0``.. names (a fresh head), the task's names in the task's order,
+        or the task is the STS-B regression with a 1-output head. Otherwise
+        ``{task id: checkpoint id}`` when the checkpoint has the task's names in another
+        order (names compare case-insensitively, ``-``/space = ``_``; the TSV spelling,
+        e.g. ``"0"``/``"1"``, also counts).
+
+    Raises:
+        UserError: the names conflict (different names or a different number of classes).
+    """
+    task = get_task(task)
+    id2label = getattr(model_config, "id2label", model_config)
+    if not id2label:
+        return None
+    if not isinstance(id2label, Mapping):
+        raise UserError(f"model config id2label must be a mapping, got {type(id2label).__name__}")
+    try:
+        ordered = [id2label[key] for key in sorted(id2label, key=int)]
+    except (TypeError, ValueError):
+        raise UserError(f"model config id2label has non-integer ids: {sorted(map(str, id2label))}") from None
+    names = [_norm_label(name) for name in ordered]
+    if all(_GENERIC.match(name) for name in names):
+        return None
+    shown = ", ".join(map(str, ordered))
+    if task.is_regression:
+        if len(names) == 1:
+            return None
+        raise UserError(
+            f"checkpoint labels ({shown}) are classes, but GLUE task '{task.name}' is a regression "
+            "(1 output); start from a checkpoint without a task head"
+        )
+    for spelling in (task.label_names, task.tsv_labels):
+        wanted = [_norm_label(name) for name in spelling]
+        if sorted(names) == sorted(wanted) and len(set(names)) == len(names):
+            if names == wanted:
+                return None
+            return {task_id: names.index(name) for task_id, name in enumerate(wanted)}
+    raise UserError(
+        f"checkpoint labels ({shown}) do not match GLUE task '{task.name}' labels "
+        f"({', '.join(task.label_names)}); start from a checkpoint without a task head"
+    )
+
+
+__all__ = [
+    "HIDDEN_LABEL",
+    "glue_features",
+    "glue_task_dir",
+    "has_labels",
+    "label_mapping",
+    "load_glue_from_hub",
+    "load_glue_split",
+    "read_glue_tsv",
+    "tokenize_glue",
+]

@@ -1,0 +1,1 @@
+"""Makes the local evaluate module ship with the package (setuptools packages.find)."""

@@ -1,0 +1,112 @@
+"""The fine-tuning recipe (``bert-recipes finetune`` / ``bert-recipes glue``).
+
+Same YAML conventions as pretraining (:mod:`bert_recipes.recipe`): ``base:`` inheritance,
+dotted overrides, strict keys and one-line :class:`~bert_recipes.errors.RecipeError`\\ s.
+A recipe is recognised as a fine-tuning recipe by its ``task:`` key.
+
+The ``train`` defaults are the BERT paper's fine-tuning setting (Devlin et al. 2019,
+Appendix A.3: batch 32, 3 epochs, learning rate searched in {2e-5, 3e-5, 5e-5}; AdamW with
+weight decay 0.01 and linear warmup over the first 10% of the steps, then linear decay).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field, field_validator, model_validator
+
+from ..errors import UserError
+from ..recipe import TrainConfig, _RunConfig, _Strict, load_recipe
+from .tasks import get_task
+
+
+class FinetuneModelConfig(_Strict):
+    """The checkpoint to fine-tune.
+
+    ``name_or_path`` (required): a pretraining export of this repo (``runs/tiny/final``),
+    any local BERT folder, or a Hub id. A fresh classifier head is put on top of it.
+    """
+
+    name_or_path: Optional[str] = None  # required (checked by FinetuneRecipe)
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    trust_remote_code: bool = False
+
+
+class FinetuneDataConfig(_Strict):
+    """Where the GLUE data is and how it is featurised and batched."""
+
+    glue_dir: Optional[str] = None  # the original GLUE TSV layout; None = the Hub's nyu-mll/glue
+    max_seq_length: int = Field(128, ge=8)
+    pad_to_multiple_of: int = Field(8, ge=1)
+    group_by_length: bool = True  # batches of similar lengths: less padding
+    max_train_samples: Optional[int] = Field(None, ge=1)  # the first N training examples
+    max_eval_samples: Optional[int] = Field(None, ge=1)  # the first N examples of each dev split
+
+
+class FinetuneTrainConfig(TrainConfig):
+    """``TrainConfig`` with the BERT paper's fine-tuning defaults.
+
+    ``num_train_epochs`` (may be fractional) or ``max_steps`` bounds the run; ``max_steps``
+    wins when both are set. Evaluation runs at the end of every epoch, every ``eval_steps``
+    steps when set, and at the last step.
+    """
+
+    num_train_epochs: Optional[float] = Field(3.0, gt=0)
+    per_device_train_batch_size: int = Field(32, ge=1)
+    learning_rate: float = Field(2e-5, gt=0.0)
+    warmup_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    weight_decay: float = Field(0.01, ge=0.0)
+
+
+class FinetuneRecipe(_RunConfig):
+    """A GLUE fine-tuning recipe: one task, one checkpoint, one or several seeds."""
+
+    task: Optional[str] = None  # required: cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli
+    output_dir: str = "runs/glue"
+    model: FinetuneModelConfig = FinetuneModelConfig()
+    tokenizer_name_or_path: Optional[str] = None  # default: the checkpoint's tokenizer
+    data: FinetuneDataConfig = FinetuneDataConfig()
+    train: FinetuneTrainConfig = FinetuneTrainConfig()
+    seeds: list[int] = []  # empty: one run with `seed`; else one sub-run per seed (output_dir/seed-<s>)
+    predict_test: bool = False  # predict the unlabelled test split(s) with the best model
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, value: Optional[str]) -> Optional[str]:
+        if value is None:
+            return None
+        try:
+            task = get_task(value)
+        except UserError as exc:
+            raise ValueError(str(exc)) from None
+        if not task.dev_splits:
+            raise ValueError(f"'{task.name}' has no training data; it is predicted with the {task.predicted_with} model")
+        return task.name
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"seeds must be distinct, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _complete(self) -> "FinetuneRecipe":
+        if self.task is None:
+            raise ValueError("task is required: one of cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli")
+        if not self.model.name_or_path:
+            raise ValueError(
+                "model.name_or_path is required: a pretraining export (e.g. runs/tiny/final), "
+                "a local BERT folder or a Hub id"
+            )
+        if self.train.max_steps is None and self.train.num_train_epochs is None:
+            raise ValueError("train.num_train_epochs or train.max_steps must bound the run")
+        return self
+
+
+def load_finetune_recipe(path, overrides: list[str] | None = None) -> FinetuneRecipe:
+    """Load, merge, override and validate a fine-tuning recipe (one-line RecipeError)."""
+    return load_recipe(path, overrides, schema=FinetuneRecipe)
+
+
+__all__ = ["FinetuneDataConfig", "FinetuneModelConfig", "FinetuneRecipe", "FinetuneTrainConfig", "load_finetune_recipe"]

@@ -1,0 +1,58 @@
+"""``bert-recipes inspect``: dump collated training batches so a person can read exactly
+what the model is trained on."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from .data.loader import build_pretraining_dataloader
+from .recipe import PretrainRecipe, expand_files
+from .tokenizer import load_tokenizer, train_wordpiece
+
+
+def recipe_tokenizer(recipe: PretrainRecipe, train_files: list[str]):
+    """The tokenizer a run of ``recipe`` would use, without writing into ``output_dir``
+    (a run's saved tokenizer is reused when present)."""
+    saved = Path(recipe.output_dir) / "tokenizer"
+    if saved.is_dir():
+        return load_tokenizer(str(saved), key="output_dir/tokenizer")
+    spec = recipe.tokenizer
+    name = spec.name_or_path or recipe.model.name_or_path
+    if name:
+        return load_tokenizer(name)
+    files = expand_files(spec.train_files, "tokenizer.train_files") if spec.train_files else train_files
+    return train_wordpiece(files, vocab_size=spec.vocab_size, min_frequency=spec.min_frequency, lowercase=spec.lowercase)
+
+
+def write_batches(recipe: PretrainRecipe, num_batches: int, out: str | os.PathLike) -> int:
+    """Write ``num_batches`` training batches to ``out`` as JSON lines, one example per line:
+    ``batch``, ``input_ids``, ``token_type_ids``, ``attention_mask``, ``labels``,
+    ``next_sentence_label`` and the decoded ``tokens``. Returns the number of examples.
+
+    The file is written to a temporary name and renamed, so a failure never leaves a
+    partial file behind.
+    """
+    train_files = expand_files(recipe.data.train_files, "data.train_files")
+    tokenizer = recipe_tokenizer(recipe, train_files)
+    loader = build_pretraining_dataloader(
+        recipe.data, tokenizer, train_files, batch_size=recipe.train.per_device_train_batch_size,
+        seed=recipe.seed, num_workers=0,
+    )
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    count = 0
+    with tempfile.NamedTemporaryFile("w", dir=out.parent, prefix=f".{out.name}.", delete=False, encoding="utf-8") as tmp:
+        for index, batch in enumerate(loader):
+            if index == num_batches:
+                break
+            rows = {key: value.tolist() for key, value in batch.items()}
+            for i, ids in enumerate(rows["input_ids"]):
+                example = {"batch": index, **{key: rows[key][i] for key in rows}}
+                example["tokens"] = tokenizer.convert_ids_to_tokens(ids)
+                tmp.write(json.dumps(example) + "\n")
+                count += 1
+    os.replace(tmp.name, out)
+    return count

@@ -1,0 +1,148 @@
+"""The model: a stock ``BertForPreTraining`` and the pretraining objective around it.
+
+:class:`BertPreTrainingObjective` runs the encoder of an unmodified
+``transformers.BertForPreTraining`` and applies its MLM head only at the masked positions
+(the "sparse" head, as in NVIDIA's and MosaicBERT's recipes): the 30k-vocab decoder is the
+largest matmul of a small BERT, and only ~15% of positions have a label. The module owns
+no weights of its own, so state dicts, checkpoints and ``save_pretrained`` exports are
+exactly ``BertForPreTraining``'s.
+
+It returns loss SUMS and counts rather than means, so the training loop can normalise the
+MLM loss over all masked tokens of an accumulation window (and of all ranks), which is what
+one large batch would compute.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import UserError
+
+
+def bert_config(recipe, vocab_size: int):
+    """A ``BertConfig`` from ``recipe.model.config`` and the tokenizer's vocabulary size."""
+    from transformers import BertConfig
+
+    arch = recipe.model.config.model_dump()
+    return BertConfig(vocab_size=vocab_size, attn_implementation=recipe.model.attn_implementation, **arch)
+
+
+def load_pretrained(cls, name_or_path: str, *, key: str = "model.name_or_path", trust_remote_code: bool = False, **kwargs):
+    """``cls.from_pretrained`` from a local folder or a Hub id, in float32.
+
+    Raises:
+        UserError: one line when the checkpoint cannot be loaded.
+    """
+    local = os.path.isdir(os.path.expanduser(name_or_path))
+    try:
+        return cls.from_pretrained(
+            os.path.expanduser(name_or_path),
+            local_files_only=local,
+            dtype=torch.float32,  # from_pretrained keeps the checkpoint dtype otherwise
+            trust_remote_code=trust_remote_code,
+            **kwargs,
+        )
+    except (OSError, ValueError, EnvironmentError) as exc:
+        where = "local folder" if local else "Hub id (offline, or no such repository?)"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise UserError(f"{key}: cannot load {where} '{name_or_path}': {first}") from None
+
+
+def build_pretraining_model(recipe, tokenizer):
+    """A ``BertForPreTraining`` for the recipe: from ``model.name_or_path`` or a fresh config.
+
+    A checkpoint's embeddings are resized when the tokenizer has more tokens than its vocab.
+    """
+    from transformers import BertForPreTraining
+
+    if recipe.model.name_or_path:
+        model = load_pretrained(
+            BertForPreTraining,
+            recipe.model.name_or_path,
+            trust_remote_code=recipe.model.trust_remote_code,
+            attn_implementation=recipe.model.attn_implementation,
+        )
+        if len(tokenizer) > model.config.vocab_size:
+            model.resize_token_embeddings(len(tokenizer))
+        return model
+    return BertForPreTraining(bert_config(recipe, len(tokenizer)))
+
+
+class BertPreTrainingObjective(nn.Module):
+    """MLM + NSP losses of a ``BertForPreTraining``, as sums for exact normalisation.
+
+    Args:
+        model: a ``transformers.BertForPreTraining``; its weights are used as they are.
+        sparse_mlm_head: apply the MLM head only where ``labels != -100`` (same values as
+            the dense head at those positions, far less compute).
+
+    ``forward`` takes the collator's batch (all ``torch.long``): ``input_ids``,
+    ``token_type_ids``, ``attention_mask``, ``labels`` of shape [B, L] and
+    ``next_sentence_label`` of shape [B]. It returns a dict of 0-d tensors:
+    ``mlm_loss_sum`` (sum of token cross-entropies in nats over the M masked tokens),
+    ``nsp_loss_sum`` (sum over the B sequences), ``num_masked`` (M), ``num_sequences`` (B),
+    ``mlm_correct`` and ``nsp_correct`` (argmax hits).
+    """
+
+    def __init__(self, model: nn.Module, sparse_mlm_head: bool = True):
+        super().__init__()
+        self.model = model
+        self.sparse_mlm_head = sparse_mlm_head
+
+    def forward(self, input_ids, token_type_ids, attention_mask, labels, next_sentence_label, **_unused):
+        encoder = self.model.bert(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, return_dict=True
+        )
+        sequence_output, pooled_output = encoder.last_hidden_state, encoder.pooler_output
+        heads = self.model.cls
+        if self.sparse_mlm_head:
+            masked = labels != -100
+            mlm_logits = heads.predictions(sequence_output[masked])  # [M, V]
+            mlm_targets = labels[masked]  # [M]
+        else:
+            mlm_logits = heads.predictions(sequence_output).flatten(0, 1)  # [B*L, V]
+            mlm_targets = labels.flatten()
+        nsp_logits = heads.seq_relationship(pooled_output)  # [B, 2]
+        mlm_loss_sum = F.cross_entropy(mlm_logits.float(), mlm_targets, ignore_index=-100, reduction="sum")
+        nsp_loss_sum = F.cross_entropy(nsp_logits.float(), next_sentence_label, reduction="sum")
+        with torch.no_grad():
+            valid = mlm_targets != -100
+            mlm_correct = ((mlm_logits.argmax(-1) == mlm_targets) & valid).sum()
+            nsp_correct = (nsp_logits.argmax(-1) == next_sentence_label).sum()
+        return {
+            "mlm_loss_sum": mlm_loss_sum,
+            "nsp_loss_sum": nsp_loss_sum,
+            "num_masked": valid.sum(),
+            "num_sequences": torch.tensor(next_sentence_label.numel(), device=input_ids.device),
+            "mlm_correct": mlm_correct,
+            "nsp_correct": nsp_correct,
+        }
+
+
+def training_flops_per_token(config, seq_len: int, predictions_per_token: float = 1.0) -> float:
+    """Model FLOPs to TRAIN on one token (forward + backward = 3x forward).
+
+    Formula (Kaplan et al. 2020, "Scaling Laws for Neural Language Models", Table 1;
+    the same accounting as PaLM's MFU, Chowdhery et al. 2022, Appendix B), with
+    h = hidden_size, i = intermediate_size, n = num_hidden_layers, s = seq_len,
+    V = vocab_size:
+
+        forward per token = 2 * n * (4*h*h + 2*h*i)      # QKV + output projections, FFN
+                          + 2 * n * 2 * s * h            # attention scores QK^T and AV
+                          + p * 2 * (h*h + h*V)          # MLM head (transform + decoder)
+        training          = 3 * forward
+
+    ``p`` (``predictions_per_token``) is the fraction of positions where the MLM head runs:
+    1.0 for a dense head, ``num_masked / num_tokens`` for the sparse head. Embedding
+    look-ups, layer norms, biases, softmax and the tiny NSP/pooler heads are ignored.
+    """
+    h, i, n, vocab = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
+    forward = 2 * n * (4 * h * h + 2 * h * i) + 2 * n * 2 * seq_len * h + predictions_per_token * 2 * (h * h + h * vocab)
+    return 3.0 * forward
+
+
+__all__ = ["BertPreTrainingObjective", "bert_config", "build_pretraining_model", "load_pretrained", "training_flops_per_token"]

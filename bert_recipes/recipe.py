@@ -1,0 +1,411 @@
+"""YAML recipe -> typed, validated recipe.
+
+A recipe is a YAML mapping. It may name a ``base:`` recipe file (a path relative to the
+recipe) whose keys it overrides (deep merge, recursively). On the command line, dotted
+overrides ``train.max_steps=20`` or ``data.train_files=[a.txt,b.txt]`` are applied last; the
+value is parsed as YAML.
+
+Validation is strict: an unknown key is an error naming the closest valid key, a wrong type
+names the key and the expected type, and impossible combinations (``max_predictions_per_seq``
+larger than the sequence, ``hidden_size`` not divisible by ``num_attention_heads``) are
+refused before any work starts. Every error is a one-line :class:`RecipeError`.
+
+YAML is read with ``yaml.safe_load`` only.
+"""
+
+from __future__ import annotations
+
+import difflib
+import glob
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import RecipeError
+
+PRECISIONS = ("no", "bf16", "fp16")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+def _as_list(value: Any) -> Any:
+    if isinstance(value, str):
+        return [value]
+    return value
+
+
+# --------------------------------------------------------------------------- sections
+
+
+class BertArchitecture(_Strict):
+    """BertConfig fields; ``vocab_size`` comes from the tokenizer."""
+
+    hidden_size: int = Field(768, gt=0)
+    num_hidden_layers: int = Field(12, gt=0)
+    num_attention_heads: int = Field(12, gt=0)
+    intermediate_size: int = Field(3072, gt=0)
+    max_position_embeddings: int = Field(512, gt=0)
+    type_vocab_size: int = Field(2, gt=0)
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = Field(0.1, ge=0.0, lt=1.0)
+    attention_probs_dropout_prob: float = Field(0.1, ge=0.0, lt=1.0)
+    initializer_range: float = Field(0.02, gt=0.0)
+    layer_norm_eps: float = Field(1e-12, gt=0.0)
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> "BertArchitecture":
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"model.config.hidden_size ({self.hidden_size}) must be divisible by "
+                f"model.config.num_attention_heads ({self.num_attention_heads})"
+            )
+        return self
+
+
+class ModelConfig(_Strict):
+    """Which BERT to train.
+
+    ``name_or_path`` starts from a checkpoint (a local folder or a Hub id); otherwise the
+    model is initialised from ``config``.
+    """
+
+    name_or_path: Optional[str] = None
+    config: BertArchitecture = BertArchitecture()
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    sparse_mlm_head: bool = True
+    trust_remote_code: bool = False
+
+
+class TokenizerConfig(_Strict):
+    """Which tokenizer to use, or how to train one.
+
+    ``name_or_path`` loads an existing BERT tokenizer (local folder or Hub id). When it is
+    empty and ``model.name_or_path`` is set, the checkpoint's tokenizer is used. Otherwise
+    a WordPiece vocabulary is trained on ``train_files`` (default: ``data.train_files``).
+    """
+
+    name_or_path: Optional[str] = None
+    vocab_size: int = Field(30522, gt=10)
+    min_frequency: int = Field(2, ge=1)
+    lowercase: bool = True
+    train_files: Optional[list[str]] = None
+
+    _list = field_validator("train_files", mode="before")(_as_list)
+
+
+class DataConfig(_Strict):
+    """Pretraining data: where the text is and how instances are built.
+
+    The instance and masking parameters follow create_pretraining_data.py of
+    google-research/bert.
+    """
+
+    train_files: list[str] = []
+    eval_files: list[str] = []
+    dataset_name: Optional[str] = None
+    dataset_config_name: Optional[str] = None
+    dataset_split: str = "train"
+    eval_dataset_split: Optional[str] = None
+    text_column: str = "text"
+    document_split: Literal["auto", "file", "blank_line", "record"] = "auto"
+    document_start_regex: Optional[str] = None
+    max_seq_length: int = Field(128, ge=8)
+    short_seq_prob: float = Field(0.1, ge=0.0, le=1.0)
+    masked_lm_prob: float = Field(0.15, gt=0.0, lt=1.0)
+    max_predictions_per_seq: int = Field(20, ge=1)
+    whole_word_mask: bool = False
+    random_next_prob: float = Field(0.5, ge=0.0, le=1.0)
+    random_next_buffer_size: int = Field(1000, ge=1)
+    shuffle_buffer_size: int = Field(1000, ge=0)
+    pad_to_multiple_of: int = Field(8, ge=1)
+    dataloader_num_workers: int = Field(0, ge=0)
+    max_eval_samples: Optional[int] = Field(1000, ge=1)
+
+    _lists = field_validator("train_files", "eval_files", mode="before")(_as_list)
+
+    @model_validator(mode="after")
+    def _predictions_fit(self) -> "DataConfig":
+        # [CLS] A [SEP] B [SEP]: at most max_seq_length - 3 maskable tokens.
+        if self.max_predictions_per_seq > self.max_seq_length - 3:
+            raise ValueError(
+                f"data.max_predictions_per_seq ({self.max_predictions_per_seq}) must be at most "
+                f"data.max_seq_length - 3 ({self.max_seq_length - 3})"
+            )
+        return self
+
+
+class TrainConfig(_Strict):
+    """Optimisation and bookkeeping; names follow transformers' TrainingArguments."""
+
+    max_steps: Optional[int] = Field(None, ge=1)
+    num_train_epochs: Optional[float] = Field(None, gt=0)
+    per_device_train_batch_size: int = Field(32, ge=1)
+    per_device_eval_batch_size: int = Field(64, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(1e-4, gt=0.0)
+    weight_decay: float = Field(0.01, ge=0.0)
+    adam_beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    adam_beta2: float = Field(0.999, ge=0.0, lt=1.0)
+    adam_epsilon: float = Field(1e-6, gt=0.0)
+    optimizer: Literal["adamw", "lamb"] = "adamw"
+    lr_scheduler_type: Literal["linear", "cosine", "constant_with_warmup"] = "linear"
+    warmup_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    warmup_steps: Optional[int] = Field(None, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0.0)
+    logging_steps: int = Field(10, ge=1)
+    save_steps: int = Field(0, ge=0)
+    eval_steps: int = Field(0, ge=0)
+    save_total_limit: int = Field(2, ge=1)
+    max_consecutive_nonfinite_steps: int = Field(10, ge=1)
+    torch_compile: bool = False
+    peak_flops: Optional[float] = Field(None, gt=0)
+
+    def warmup_for(self, total_steps: int) -> int:
+        """Warmup steps: ``warmup_steps`` when set, else ``ceil(warmup_ratio * total)``."""
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        import math
+
+        return math.ceil(self.warmup_ratio * total_steps)
+
+
+class _RunConfig(_Strict):
+    """Keys shared by pretraining and fine-tuning recipes."""
+
+    output_dir: str = "runs/run"
+    overwrite: bool = False
+    seed: int = 42
+    precision: Literal["no", "bf16", "fp16"] = "no"
+    resume_from: Optional[str] = None
+    report_to: list[Literal["jsonl", "tensorboard", "trackio", "wandb"]] = ["jsonl"]
+    train: TrainConfig = TrainConfig()
+
+    _report = field_validator("report_to", mode="before")(_as_list)
+
+
+class PretrainRecipe(_RunConfig):
+    """A pretraining recipe (``bert-recipes pretrain``)."""
+
+    output_dir: str = "runs/pretrain"
+    model: ModelConfig = ModelConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    data: DataConfig = DataConfig()
+
+    @model_validator(mode="after")
+    def _complete(self) -> "PretrainRecipe":
+        if not self.data.train_files and not self.data.dataset_name:
+            raise ValueError("data.train_files is empty: expected a list of text files or globs (or data.dataset_name)")
+        if self.train.max_steps is None:
+            raise ValueError("train.max_steps is required for pretraining (a positive integer)")
+        if self.model.name_or_path is None and self.data.max_seq_length > self.model.config.max_position_embeddings:
+            raise ValueError(
+                f"data.max_seq_length ({self.data.max_seq_length}) exceeds "
+                f"model.config.max_position_embeddings ({self.model.config.max_position_embeddings})"
+            )
+        return self
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(f"{path}: recipe file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"{path}: cannot read recipe ({exc.__class__.__name__})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "malformed YAML"
+        raise RecipeError(f"{path}: invalid YAML{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: expected a YAML mapping of recipe keys, got {type(data).__name__}")
+    return data
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """Return ``base`` updated recursively with ``override`` (neither is modified)."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_raw(path: str | os.PathLike, _seen: tuple = ()) -> dict:
+    """Read a recipe file and its ``base:`` chain into one merged dict.
+
+    Relative paths inside the recipe (``base:``) are resolved against the recipe's folder.
+    Raises :class:`RecipeError` on a missing file, bad YAML or a ``base:`` cycle.
+    """
+    path = Path(path)
+    resolved = path.resolve()
+    if resolved in _seen:
+        raise RecipeError(f"{path}: 'base:' inheritance cycle")
+    data = _read_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise RecipeError(f"{path}: key 'base' must be a path to a recipe file, got {type(base).__name__}")
+    base_path = (path.parent / base) if not os.path.isabs(base) else Path(base)
+    return deep_merge(load_raw(base_path, _seen + (resolved,)), data)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``key.path=value`` overrides; values are parsed as YAML."""
+    out = dict(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"override '{item}': expected key.path=value")
+        key, _, text = item.partition("=")
+        key = key.strip()
+        if not key or any(not part for part in key.split(".")):
+            raise RecipeError(f"override '{item}': expected key.path=value")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            raise RecipeError(f"override '{item}': value is not valid YAML") from None
+        parts = key.split(".")
+        node = out
+        for part in parts[:-1]:
+            child = node.get(part)
+            child = dict(child) if isinstance(child, dict) else {}
+            node[part] = child
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        dotted = f"{prefix}{name}"
+        keys.append(dotted)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys.extend(_valid_keys(ann, dotted + "."))
+    return keys
+
+
+def _format_error(schema: type[BaseModel], source: str, err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    if first["type"] == "extra_forbidden":
+        candidates = _valid_keys(schema)
+        close = difflib.get_close_matches(loc, candidates, n=1, cutoff=0.5)
+        if not close:  # match the last part alone, e.g. train.max_step -> train.max_steps
+            leaf = loc.rsplit(".", 1)[-1]
+            parent = loc.rsplit(".", 1)[0] + "." if "." in loc else ""
+            siblings = [c for c in candidates if c.startswith(parent) and "." not in c[len(parent):]]
+            leaves = difflib.get_close_matches(leaf, [s[len(parent):] for s in siblings], n=1, cutoff=0.5)
+            close = [parent + leaves[0]] if leaves else []
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        return f"{source}: unknown key '{loc}'{hint}"
+    msg = first["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+        return f"{source}: {msg}" if not loc else f"{source}: key '{loc}': {msg}"
+    got = first.get("input")
+    shown = repr(got)
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    where = f"key '{loc}'" if loc else "recipe"
+    return f"{source}: {where}: {msg} (got {shown})"
+
+
+def validate(schema: type[BaseModel], raw: dict, source: str):
+    """Validate ``raw`` against ``schema``; raise a one-line :class:`RecipeError`."""
+    try:
+        return schema.model_validate(raw)
+    except ValidationError as err:
+        raise RecipeError(_format_error(schema, source, err)) from None
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None, schema: type[BaseModel] = PretrainRecipe):
+    """Load, merge, override and validate a recipe.
+
+    Args:
+        path: the recipe YAML file.
+        overrides: ``key.path=value`` strings applied after ``base:`` inheritance.
+        schema: :class:`PretrainRecipe` or a fine-tuning schema.
+
+    Returns:
+        The validated recipe object.
+
+    Raises:
+        RecipeError: one line naming the file/key and what was expected.
+    """
+    raw = apply_overrides(load_raw(path), list(overrides or []))
+    return validate(schema, raw, str(path))
+
+
+def dump_recipe(recipe: BaseModel) -> str:
+    """The fully resolved recipe as YAML (written into every run and checkpoint)."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+
+
+def save_recipe(recipe: BaseModel, directory: str | os.PathLike, name: str = "recipe.yaml") -> Path:
+    """Write the resolved recipe to ``directory/name`` atomically."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / name
+    tmp = directory / f".{name}.tmp"
+    tmp.write_text(dump_recipe(recipe), encoding="utf-8")
+    os.replace(tmp, target)
+    return target
+
+
+def expand_files(patterns: list[str], key: str) -> list[str]:
+    """Expand globs into a sorted, de-duplicated file list.
+
+    Raises :class:`RecipeError` when a pattern matches nothing or names a missing file.
+    """
+    files: list[str] = []
+    for pattern in patterns:
+        pattern = os.path.expanduser(pattern)
+        if glob.has_magic(pattern):
+            matches = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+            if not matches:
+                raise RecipeError(f"{key}: pattern '{pattern}' matched no files")
+            files.extend(matches)
+        elif os.path.isfile(pattern):
+            files.append(pattern)
+        elif os.path.isdir(pattern):
+            raise RecipeError(f"{key}: '{pattern}' is a directory; expected files or a glob like '{pattern}/*.txt'")
+        else:
+            raise RecipeError(f"{key}: file '{pattern}' not found")
+    seen = set()
+    unique = [f for f in files if not (f in seen or seen.add(f))]
+    return unique
+
+
+__all__ = [
+    "BertArchitecture",
+    "DataConfig",
+    "ModelConfig",
+    "PretrainRecipe",
+    "TokenizerConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "deep_merge",
+    "dump_recipe",
+    "expand_files",
+    "load_raw",
+    "load_recipe",
+    "save_recipe",
+    "validate",
+]

@@ -1,0 +1,119 @@
+"""Load a BERT tokenizer, or train a WordPiece one from the corpus with `tokenizers`.
+
+The trained tokenizer is BERT's: BertNormalizer (lower-casing and accent stripping when
+``lowercase``), BertPreTokenizer (whitespace and punctuation), WordPiece with ``##``
+continuation pieces, and the special tokens [PAD] [UNK] [CLS] [SEP] [MASK]. It is returned
+as a transformers ``BertTokenizer`` (the tokenizers-backed class in transformers 5), so it
+saves with ``save_pretrained`` and adds ``token_type_ids``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from .errors import UserError
+
+logger = logging.getLogger("bert_recipes")
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+MODEL_INPUT_NAMES = ["input_ids", "token_type_ids", "attention_mask"]
+
+
+def _iter_lines(files: Iterable[str]) -> Iterator[str]:
+    for path in files:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                line = line.strip()
+                if line:
+                    yield line
+
+
+def train_wordpiece(
+    files: list[str],
+    *,
+    vocab_size: int,
+    min_frequency: int = 2,
+    lowercase: bool = True,
+    show_progress: bool = False,
+):
+    """Train a BERT WordPiece tokenizer on text files.
+
+    Args:
+        files: plain-text files (read line by line; invalid UTF-8 bytes are replaced).
+        vocab_size: target vocabulary size, special tokens included.
+        min_frequency: minimum count of a pair to be merged.
+        lowercase: lower-case and strip accents (an "uncased" BERT).
+
+    Returns:
+        A transformers ``BertTokenizer`` whose vocabulary starts with
+        [PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4.
+
+    Raises:
+        UserError: when the files hold no text.
+    """
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers
+    from tokenizers.models import WordPiece
+    from tokenizers.trainers import WordPieceTrainer
+    from transformers import BertTokenizer
+
+    backend = Tokenizer(WordPiece(unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=lowercase, strip_accents=lowercase or None)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = WordPieceTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=SPECIAL_TOKENS,
+        continuing_subword_prefix="##",
+        show_progress=show_progress,
+    )
+    backend.train_from_iterator(_iter_lines(files), trainer=trainer)
+    vocab = backend.get_vocab()
+    if len(vocab) <= len(SPECIAL_TOKENS):
+        raise UserError(f"tokenizer.train_files: no text to train a vocabulary on in {len(files)} file(s)")
+    tokenizer = BertTokenizer(vocab=vocab, do_lower_case=lowercase, strip_accents=lowercase or None)
+    return _checked(tokenizer, "trained tokenizer")
+
+
+def _checked(tokenizer, source: str):
+    missing = [
+        name
+        for name in ("cls_token", "sep_token", "mask_token", "pad_token")
+        if getattr(tokenizer, name, None) is None or getattr(tokenizer, name + "_id", None) is None
+    ]
+    if missing:
+        raise UserError(f"{source}: not a BERT tokenizer (missing {', '.join(missing)})")
+    if "token_type_ids" not in tokenizer.model_input_names:
+        tokenizer.model_input_names = list(MODEL_INPUT_NAMES)
+    return tokenizer
+
+
+def load_tokenizer(name_or_path: str, *, key: str = "tokenizer.name_or_path", trust_remote_code: bool = False):
+    """Load a BERT tokenizer from a local folder or a Hub id.
+
+    Raises:
+        UserError: the folder/id cannot be loaded (e.g. offline and not local), or the
+        tokenizer lacks BERT's special tokens.
+    """
+    from transformers import AutoTokenizer
+
+    local = os.path.isdir(os.path.expanduser(name_or_path))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            os.path.expanduser(name_or_path), local_files_only=local, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        where = "local folder" if local else "Hub id (offline, or no such repository?)"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise UserError(f"{key}: cannot load tokenizer from {where} '{name_or_path}': {first}") from None
+    return _checked(tokenizer, f"{key} '{name_or_path}'")
+
+
+def save_tokenizer(tokenizer, directory: str | os.PathLike) -> Path:
+    """``save_pretrained`` into ``directory`` (created)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(str(directory))
+    return directory

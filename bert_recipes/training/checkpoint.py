@@ -1,0 +1,196 @@
+"""Atomic checkpoints, resume, and the final ``save_pretrained`` export.
+
+Layout of a run directory::
+
+    output_dir/
+      recipe.yaml                     the fully resolved recipe
+      tokenizer/                      the tokenizer the run trains with
+      metrics.jsonl                   one JSON object per logged step / eval
+      checkpoints/checkpoint-00000100/
+        model.safetensors, optimizer.bin, scheduler.bin, random_states_<rank>.pkl, ...
+        data_state_rank<r>.pt         the data stream position of rank r
+        trainer_state.json            step counter and bookkeeping
+        recipe.yaml
+        manifest.json                 size and sha256 of every file; written last
+      final/                          the export: model + tokenizer + recipe + model card
+
+A checkpoint is written by ``accelerator.save_state`` into a hidden temporary directory,
+flushed to disk, described by ``manifest.json``, and only then renamed to its final name;
+older checkpoints beyond ``save_total_limit`` are pruned after that. A checkpoint without
+a manifest, or whose files do not match it, is skipped on resume with a warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from ..recipe import save_recipe
+
+logger = logging.getLogger("bert_recipes")
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+MANIFEST = "manifest.json"
+TRAINER_STATE = "trainer_state.json"
+
+
+@dataclass
+class TrainerState:
+    """Bookkeeping restored on resume (the model, optimizer, scheduler and RNGs are
+    restored by Accelerate)."""
+
+    step: int = 0
+    skipped_steps: int = 0
+    consecutive_nonfinite: int = 0
+    tokens_seen: int = 0
+    best_metric: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_tree(directory: Path) -> None:
+    for path in sorted(directory.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_manifest(directory: Path) -> None:
+    files = {
+        str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+    tmp = directory / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps({"files": files}, indent=1))
+    os.replace(tmp, directory / MANIFEST)
+
+
+def verify_checkpoint(directory: Path) -> str | None:
+    """Return None when ``directory`` is a complete checkpoint, else the reason it is not."""
+    manifest = directory / MANIFEST
+    if not manifest.is_file():
+        return "no manifest.json (the save did not finish)"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError):
+        return "manifest.json is unreadable"
+    for name, meta in files.items():
+        path = directory / name
+        if not path.is_file():
+            return f"missing {name}"
+        if path.stat().st_size != meta["size"]:
+            return f"{name} is truncated ({path.stat().st_size} of {meta['size']} bytes)"
+        if _sha256(path) != meta["sha256"]:
+            return f"{name} is corrupt (checksum mismatch)"
+    return None
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Checkpoint directories under ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := CHECKPOINT_RE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def find_resume_checkpoint(resume_from: str, root: Path) -> Path | None:
+    """Resolve ``resume_from`` (``latest`` or a path) to a verified checkpoint.
+
+    ``latest`` picks the newest complete checkpoint under ``root``; incomplete or corrupt
+    ones are skipped with a warning, and None is returned when there is none (a fresh
+    start). An explicit path must be a complete checkpoint.
+
+    Raises:
+        UserError: an explicit path that is missing or incomplete.
+    """
+    if resume_from == "latest":
+        for candidate in reversed(list_checkpoints(root)):
+            problem = verify_checkpoint(candidate)
+            if problem is None:
+                return candidate
+            logger.warning("skipping checkpoint %s: %s; trying the previous one", candidate, problem)
+        return None
+    path = Path(resume_from).expanduser()
+    if not path.is_dir():
+        raise UserError(f"resume_from: checkpoint directory '{resume_from}' not found (or use 'latest')")
+    problem = verify_checkpoint(path)
+    if problem:
+        raise UserError(f"resume_from: '{resume_from}' is not a complete checkpoint: {problem}")
+    return path
+
+
+def _assert_finite(model: torch.nn.Module) -> None:
+    for name, param in model.named_parameters():
+        if not torch.isfinite(param).all():
+            raise RuntimeError(f"refusing to save a checkpoint: parameter {name} holds NaN/Inf")
+
+
+def save_checkpoint(accelerator, model: torch.nn.Module, root: Path, state: TrainerState, recipe, data_state: dict | None, keep: int) -> Path:
+    """Atomically save the full training state as ``root/checkpoint-<step>``.
+
+    Every rank must call this (Accelerate gathers; each rank writes its RNG and data
+    state). Returns the final checkpoint path.
+    """
+    final = root / f"checkpoint-{state.step:08d}"
+    tmp = root / f".tmp-checkpoint-{state.step:08d}"
+    if accelerator.is_main_process:
+        _assert_finite(accelerator.unwrap_model(model))
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if data_state is not None:
+        torch.save(data_state, tmp / f"data_state_rank{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / TRAINER_STATE).write_text(json.dumps(asdict(state), indent=1))
+        save_recipe(recipe, tmp)
+        _fsync_tree(tmp)
+        _write_manifest(tmp)
+        _fsync_tree(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator, path: Path) -> tuple[TrainerState, dict | None]:
+    """Restore model, optimizer, scheduler, scaler and RNGs; return the trainer state and
+    this rank's data-stream state (None when the checkpoint has none)."""
+    accelerator.load_state(str(path))
+    state = TrainerState(**json.loads((path / TRAINER_STATE).read_text()))
+    data_file = path / f"data_state_rank{accelerator.process_index}.pt"
+    if not data_file.is_file():
+        if (path / "data_state_rank0.pt").is_file():
+            raise UserError(
+                f"resume_from: {path} was saved with a different number of processes "
+                f"(no data state for rank {accelerator.process_index})"
+            )
+        return state, None
+    data_state = torch.load(data_file, map_location="cpu", weights_only=True)
+    return state, data_state

@@ -1,0 +1,164 @@
+"""Pieces of the Accelerate training loop shared by pretraining and fine-tuning.
+
+- :func:`make_accelerator`: precision, trackers and the run directory.
+- :func:`prepare_output_dir`: refuse to train into another run's directory.
+- :func:`optimizer_step`: clip, skip non-finite steps, step optimizer and scheduler.
+- :class:`StopRequest`: SIGTERM/SIGINT -> save at the next step boundary and exit.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import signal
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from .reporting import trackers_for
+
+logger = logging.getLogger("bert_recipes")
+
+RUN_MARKERS = ("recipe.yaml", "metrics.jsonl", "checkpoints", "final")
+
+
+class TrainingError(UserError):
+    """Training cannot go on (e.g. too many consecutive non-finite losses)."""
+
+    exit_code = 1
+
+
+def make_accelerator(recipe, project_name: str = "bert-recipes"):
+    """An ``Accelerator`` for the recipe's ``precision`` and ``report_to``, trackers started."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    trackers = trackers_for(recipe.report_to)
+    accelerator = Accelerator(
+        mixed_precision=recipe.precision,
+        log_with=trackers or None,
+        project_config=ProjectConfiguration(project_dir=recipe.output_dir, logging_dir=str(Path(recipe.output_dir) / "logs")),
+    )
+    if trackers:
+        config = _flatten(recipe.model_dump(mode="json"))
+        accelerator.init_trackers(project_name, config=config)
+    return accelerator
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "."))
+        elif isinstance(value, (int, float, str, bool)):
+            flat[name] = value
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+def prepare_output_dir(recipe, accelerator) -> Path:
+    """Create ``output_dir``; refuse one that holds another run.
+
+    A directory holding a previous run is accepted only when resuming (``resume_from``) or
+    with ``overwrite: true``, which deletes that run's artefacts (recipe, metrics,
+    checkpoints, export, tokenizer) and nothing else.
+
+    Raises:
+        UserError: the directory holds another run and neither option is set, or it is a file.
+    """
+    out = Path(recipe.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output_dir: '{out}' exists and is not a directory")
+    previous = [name for name in RUN_MARKERS if (out / name).exists()]
+    if previous and not recipe.resume_from:
+        if not recipe.overwrite:
+            raise UserError(
+                f"output_dir: '{out}' already holds a run ({', '.join(previous)}); "
+                "set resume_from=latest to continue it or overwrite=true to replace it"
+            )
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            for name in (*RUN_MARKERS, "tokenizer", "logs", "summary.json"):
+                target = out / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    return out
+
+
+def optimizer_step(accelerator, model, optimizer, scheduler, loss_value: float, max_grad_norm: float, state, max_bad: int) -> float:
+    """Clip gradients and take one optimizer step unless the loss or gradients are not finite.
+
+    A non-finite step is skipped (gradients dropped, weights untouched) and counted in
+    ``state.skipped_steps`` / ``state.consecutive_nonfinite``; with fp16, overflowing
+    gradients are left to the gradient scaler, which skips the step and lowers its scale.
+    The scheduler advances either way, so the learning rate follows the step counter.
+
+    Returns:
+        The global gradient norm before clipping (``nan`` when the loss was not finite).
+
+    Raises:
+        TrainingError: more than ``max_bad`` consecutive non-finite steps.
+    """
+    grad_norm = float("nan")
+    finite_loss = math.isfinite(loss_value)
+    if finite_loss:
+        limit = max_grad_norm if max_grad_norm > 0 else float("inf")
+        grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), limit))
+    if finite_loss and (math.isfinite(grad_norm) or accelerator.mixed_precision == "fp16"):
+        optimizer.step()
+        state.consecutive_nonfinite = 0
+    else:
+        state.skipped_steps += 1
+        state.consecutive_nonfinite += 1
+        logger.warning("step %d: non-finite loss or gradient; step skipped (%d in a row)", state.step + 1, state.consecutive_nonfinite)
+        if state.consecutive_nonfinite > max_bad:
+            raise TrainingError(
+                f"train.max_consecutive_nonfinite_steps: {state.consecutive_nonfinite} consecutive steps had a "
+                "non-finite loss or gradient; lower train.learning_rate or check the data. The last checkpoint is intact."
+            )
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+class StopRequest:
+    """Turns SIGTERM and SIGINT into a flag checked at step boundaries.
+
+    A second signal of the same kind restores the default handler's behaviour.
+    """
+
+    def __init__(self):
+        self.requested: str | None = None
+        self._previous = {}
+
+    def __enter__(self) -> "StopRequest":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, _frame) -> None:
+        if self.requested:
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        logger.warning("%s received: saving a checkpoint at the next step boundary", self.requested)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def flag(self, device) -> torch.Tensor:
+        return torch.tensor(1.0 if self.requested else 0.0, device=device)

@@ -1,0 +1,58 @@
+"""Shared fixtures: paths to the sample corpus and the read-only real data, and a small
+WordPiece tokenizer trained once per session on the sample corpus."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "data" / "sample"
+SAMPLE_TRAIN = sorted(str(p) for p in (SAMPLE / "train").glob("*.txt"))
+SAMPLE_EVAL = sorted(str(p) for p in (SAMPLE / "eval").glob("*.txt"))
+SHARED_DATA = REPO.parent / "shared" / "data"
+TINY_RECIPE = REPO / "recipes" / "pretrain" / "tiny.yaml"
+
+
+def require_shared(*parts: str) -> Path:
+    """The path under ../shared/data, or skip the test with the reason."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"real data not available: {path} is absent (it lives in ../shared/data next to the repo)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def sample_tokenizer():
+    """A 2,000-token uncased WordPiece tokenizer trained on the sample corpus."""
+    from bert_recipes.tokenizer import train_wordpiece
+
+    return train_wordpiece(SAMPLE_TRAIN, vocab_size=2000, min_frequency=2)
+
+
+def tiny_overrides(output_dir, **extra) -> list[str]:
+    """Overrides that make tiny.yaml a few-second run writing into ``output_dir``."""
+    values = {
+        "output_dir": str(output_dir),
+        "train.max_steps": 6,
+        "train.logging_steps": 1,
+        "train.eval_steps": 0,
+        "train.save_steps": 0,
+        "train.per_device_train_batch_size": 4,
+        "data.max_seq_length": 64,
+        "data.max_predictions_per_seq": 10,
+        "data.max_eval_samples": 16,
+        "data.shuffle_buffer_size": 16,
+        "model.config.hidden_size": 32,
+        "model.config.intermediate_size": 64,
+        "model.config.max_position_embeddings": 64,
+        "tokenizer.vocab_size": 500,
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]

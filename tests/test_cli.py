@@ -1,0 +1,86 @@
+"""The command line: one-line errors with exit code 2, inspect, show, recipes, tokenizer."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from bert_recipes.cli import main
+
+from .conftest import REPO, SAMPLE_TRAIN, TINY_RECIPE
+
+
+def run_error(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_user_errors_are_one_line(capsys, tmp_path):
+    assert "recipe file not found" in run_error(capsys, ["pretrain", str(tmp_path / "none.yaml")])
+    err = run_error(capsys, ["pretrain", str(TINY_RECIPE), "train.max_step=3"])
+    assert "unknown key 'train.max_step'; did you mean 'train.max_steps'?" in err
+    err = run_error(capsys, ["pretrain", str(TINY_RECIPE), f"output_dir={tmp_path}/o", f"data.train_files=[{tmp_path}/*.txt]"])
+    assert "data.train_files: pattern" in err and "matched no files" in err
+    assert not (tmp_path / "o" / "final").exists()
+    err = run_error(capsys, ["pretrain", str(TINY_RECIPE), "data.max_predictions_per_seq=200"])
+    assert "max_predictions_per_seq (200)" in err
+
+
+def test_no_traceback_from_the_installed_command(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: {train_files: [x]\n")
+    done = subprocess.run([sys.executable, "-m", "bert_recipes", "pretrain", str(bad)], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().startswith(f"error: {bad}: invalid YAML at line")
+
+
+def test_inspect_writes_readable_batches(tmp_path):
+    out = tmp_path / "batches.jsonl"
+    assert main(["inspect", str(TINY_RECIPE), "train.per_device_train_batch_size=4", f"output_dir={tmp_path}/run",
+                 "--batches", "3", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 12 and [r["batch"] for r in rows] == [0] * 4 + [1] * 4 + [2] * 4
+    for row in rows:
+        assert set(row) >= {"input_ids", "token_type_ids", "attention_mask", "labels", "next_sentence_label", "tokens"}
+        assert row["tokens"][0] == "[CLS]" and row["tokens"].count("[SEP]") == 2
+        assert len(row["tokens"]) == len(row["input_ids"]) == len(row["labels"]) and len(row["input_ids"]) % 8 == 0
+        assert row["next_sentence_label"] in (0, 1)
+    assert not (tmp_path / "run").exists()  # inspect writes nothing into the run directory
+
+
+def test_show_prints_the_resolved_recipe(capsys):
+    assert main(["show", str(TINY_RECIPE), "train.max_steps=7"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["train"]["max_steps"] == 7
+    assert shown["data"]["masked_lm_prob"] == 0.15  # defaults are filled in
+
+
+def test_recipes_lists_shipped_files(capsys):
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    for name in ("pretrain/tiny.yaml", "pretrain/mini.yaml", "pretrain/bert-base-phase1.yaml", "pretrain/bert-large-phase2.yaml"):
+        assert name in out
+
+
+def test_tokenizer_train(tmp_path, capsys):
+    assert main(["tokenizer", "train", *SAMPLE_TRAIN, "--out", str(tmp_path / "tok"), "--vocab-size", "600"]) == 0
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    assert len(tok) == 600
+    encoded = tok("the bakery opens early", "it rains")
+    assert encoded["token_type_ids"][-1] == 1
+
+
+def test_help_lists_recipe_keys(capsys):
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--help"])
+    out = capsys.readouterr().out
+    assert "data.max_predictions_per_seq" in out and "train.gradient_accumulation_steps" in out

@@ -1,0 +1,101 @@
+"""Recipe loading: base inheritance, overrides, strict validation with one-line errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bert_recipes.errors import RecipeError
+from bert_recipes.recipe import PretrainRecipe, dump_recipe, expand_files, load_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_every_shipped_pretraining_recipe_validates():
+    for path in sorted((REPO / "recipes" / "pretrain").glob("*.yaml")):
+        recipe = load_recipe(path)
+        assert isinstance(recipe, PretrainRecipe)
+        assert recipe.data.max_predictions_per_seq <= recipe.data.max_seq_length - 3
+
+
+def test_published_bert_hyperparameters():
+    base = load_recipe(REPO / "recipes/pretrain/bert-base-phase1.yaml")
+    assert (base.model.config.hidden_size, base.model.config.num_hidden_layers, base.model.config.num_attention_heads) == (768, 12, 12)
+    assert (base.train.learning_rate, base.train.warmup_steps, base.train.weight_decay) == (1e-4, 10000, 0.01)
+    assert (base.data.max_seq_length, base.data.max_predictions_per_seq) == (128, 20)
+    phase2 = load_recipe(REPO / "recipes/pretrain/bert-base-phase2.yaml")
+    assert (phase2.data.max_seq_length, phase2.data.max_predictions_per_seq) == (512, 80)
+    assert phase2.model.name_or_path == "runs/bert-base-phase1/final"
+    assert phase2.train.learning_rate == 1e-4  # inherited through base:
+    large = load_recipe(REPO / "recipes/pretrain/bert-large-phase1.yaml")
+    assert (large.model.config.hidden_size, large.model.config.num_hidden_layers, large.model.config.num_attention_heads) == (1024, 24, 16)
+
+
+def test_base_inheritance_and_overrides(tmp_path):
+    write(tmp_path, "base.yaml", "seed: 1\ndata:\n  train_files: [a.txt]\n  max_seq_length: 64\ntrain:\n  max_steps: 5\n")
+    child = write(tmp_path, "child.yaml", "base: base.yaml\ndata:\n  max_seq_length: 32\n")
+    recipe = load_recipe(child, ["train.max_steps=20", "data.train_files=[x.txt,y.txt]", "output_dir=/tmp/run", "precision=bf16"])
+    assert recipe.seed == 1
+    assert recipe.data.max_seq_length == 32
+    assert recipe.data.train_files == ["x.txt", "y.txt"]
+    assert recipe.train.max_steps == 20
+    assert recipe.output_dir == "/tmp/run"
+    assert recipe.precision == "bf16"
+    # the resolved recipe round-trips through YAML
+    again = write(tmp_path, "resolved.yaml", dump_recipe(recipe))
+    assert load_recipe(again) == recipe
+
+
+@pytest.mark.parametrize(
+    "text, overrides, message",
+    [
+        ("data: {train_files: [a]}\ntrain: {max_step: 3}\n", [], "unknown key 'train.max_step'; did you mean 'train.max_steps'?"),
+        ("data: {train_files: [a], max_seq_lenght: 64}\ntrain: {max_steps: 3}\n", [], "did you mean 'data.max_seq_length'?"),
+        ("data: {train_files: [a]}\ntrain: {max_steps: many}\n", [], "key 'train.max_steps': Input should be a valid integer"),
+        ("data: {train_files: [a], max_seq_length: 32, max_predictions_per_seq: 40}\ntrain: {max_steps: 3}\n", [],
+         "data.max_predictions_per_seq (40) must be at most data.max_seq_length - 3 (29)"),
+        ("data: {train_files: [a]}\nmodel: {config: {hidden_size: 100, num_attention_heads: 3}}\ntrain: {max_steps: 3}\n", [],
+         "must be divisible by model.config.num_attention_heads"),
+        ("data: {train_files: [a]}\n", [], "train.max_steps is required"),
+        ("train: {max_steps: 3}\n", [], "data.train_files is empty"),
+        ("data: {train_files: [a]}\ntrain: {max_steps: 3}\n", ["precision=fp8"], "key 'precision'"),
+        ("data: {train_files: [a]}\ntrain: {max_steps: 3}\n", ["train.max_steps"], "expected key.path=value"),
+        ("data: [unclosed\n", [], "invalid YAML at line"),
+        ("- a list\n", [], "expected a YAML mapping"),
+    ],
+)
+def test_bad_recipes_give_one_line_errors(tmp_path, text, overrides, message):
+    path = write(tmp_path, "r.yaml", text)
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path, overrides)
+    assert message in str(info.value)
+    assert str(path) in str(info.value) or "override" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_recipe_and_base_cycle(tmp_path):
+    with pytest.raises(RecipeError, match="recipe file not found"):
+        load_recipe(tmp_path / "nope.yaml")
+    write(tmp_path, "a.yaml", "base: b.yaml\n")
+    write(tmp_path, "b.yaml", "base: a.yaml\n")
+    with pytest.raises(RecipeError, match="inheritance cycle"):
+        load_recipe(tmp_path / "a.yaml")
+
+
+def test_expand_files(tmp_path):
+    (tmp_path / "b.txt").write_text("b")
+    (tmp_path / "a.txt").write_text("a")
+    assert expand_files([str(tmp_path / "*.txt"), str(tmp_path / "a.txt")], "k") == [str(tmp_path / "a.txt"), str(tmp_path / "b.txt")]
+    with pytest.raises(RecipeError, match=r"data.train_files: pattern '.*\*.md' matched no files"):
+        expand_files([str(tmp_path / "*.md")], "data.train_files")
+    with pytest.raises(RecipeError, match="data.eval_files: file '.*missing.txt' not found"):
+        expand_files([str(tmp_path / "missing.txt")], "data.eval_files")
+    with pytest.raises(RecipeError, match="is a directory"):
+        expand_files([str(tmp_path)], "data.train_files")
