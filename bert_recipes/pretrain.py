@@ -115,6 +115,7 @@ def pretrain(recipe: PretrainRecipe) -> Path | None:
                     accelerator.end_training()
                     return None
 
+    verify_replicas_in_sync(accelerator, model)
     results = evaluate(accelerator, objective, recipe, tokenizer, eval_files) if eval_files else {}
     if results:
         reporter.log(results, state.step)
@@ -180,6 +181,22 @@ def forward_backward(accelerator, objective, window: list[dict]) -> torch.Tensor
             sums[i] += float(out[name].detach())
         sums[6] += float(batch["attention_mask"].sum())
     return sums
+
+
+def verify_replicas_in_sync(accelerator, model) -> None:
+    """With several processes, check that every rank holds the same parameters.
+
+    Raises:
+        RuntimeError: the replicas diverged (a bug, never a user error).
+    """
+    if accelerator.num_processes == 1:
+        return
+    with torch.no_grad():
+        local = torch.stack([p.detach().double().sum() for p in model.parameters()]).to(accelerator.device)
+    gathered = accelerator.gather(local.unsqueeze(0))
+    if not bool((gathered == gathered[0]).all()):
+        raise RuntimeError("model replicas diverged across ranks")
+    logger.info("parameters identical on all %d ranks", accelerator.num_processes)
 
 
 def interval_metrics(sums: torch.Tensor, elapsed: float, config, peak: float | None, world: int, recipe) -> dict:

@@ -1,0 +1,133 @@
+"""Reliability promises of issue 5 at the level of whole runs: non-finite steps are
+skipped and bounded, a corrupt latest checkpoint falls back to the previous one, and
+two processes resume exactly with identical replicas."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import bert_recipes.pretrain as pretrain_module
+from bert_recipes.cli import main
+from bert_recipes.modeling import BertPreTrainingObjective
+
+from .conftest import REPO, TINY_RECIPE, tiny_overrides
+
+
+def records(run):
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows if "loss" in r}
+
+
+def poison(monkeypatch, bad_calls: set[int] | None = None, from_call: int | None = None):
+    """Make the objective return a NaN MLM loss on the given training forward calls (1-based)."""
+    calls = {"n": 0}
+
+    class Poisoned(BertPreTrainingObjective):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            if self.training:
+                calls["n"] += 1
+                if (bad_calls and calls["n"] in bad_calls) or (from_call and calls["n"] >= from_call):
+                    out["mlm_loss_sum"] = out["mlm_loss_sum"] * float("nan")
+            return out
+
+    monkeypatch.setattr(pretrain_module, "BertPreTrainingObjective", Poisoned)
+
+
+def test_nonfinite_steps_are_skipped(tmp_path, monkeypatch):
+    poison(monkeypatch, bad_calls={2, 3})
+    run = tmp_path / "run"
+    assert main(["pretrain", str(TINY_RECIPE), *tiny_overrides(run, **{"train.save_steps": 3})]) == 0
+    logged = records(run)
+    assert math.isnan(float(logged[2]["loss"])) and math.isnan(float(logged[3]["loss"]))
+    assert math.isfinite(logged[4]["loss"])
+    assert logged[6]["skipped_steps"] == 2
+    state = json.loads((run / "checkpoints" / "checkpoint-00000003" / "trainer_state.json").read_text())
+    assert state["skipped_steps"] == 2
+    for name, tensor in load_file(run / "final" / "model.safetensors").items():
+        assert torch.isfinite(tensor).all(), name
+
+
+def test_too_many_nonfinite_steps_stop_the_run(tmp_path, monkeypatch, capsys):
+    poison(monkeypatch, from_call=3)
+    run = tmp_path / "run"
+    code = main(["pretrain", str(TINY_RECIPE),
+                 *tiny_overrides(run, **{"train.save_steps": 2, "train.max_consecutive_nonfinite_steps": 2})])
+    assert code == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: train.max_consecutive_nonfinite_steps: 3 consecutive steps")
+    assert not (run / "final").exists()
+    # the checkpoint written before the failure is intact and finite
+    ckpt = run / "checkpoints" / "checkpoint-00000002"
+    assert (ckpt / "manifest.json").is_file()
+    for name, tensor in load_file(ckpt / "model.safetensors").items():
+        assert torch.isfinite(tensor).all(), name
+
+
+def test_corrupt_latest_checkpoint_falls_back(tmp_path, caplog):
+    run = tmp_path / "run"
+    args = tiny_overrides(run, **{"train.save_steps": 2, "train.max_steps": 6, "train.save_total_limit": 3})
+    assert main(["pretrain", str(TINY_RECIPE), *args]) == 0
+    ckpts = run / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["checkpoint-00000002", "checkpoint-00000004", "checkpoint-00000006"]
+    weights = ckpts / "checkpoint-00000006" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a crash mid-write
+    (ckpts / ".tmp-checkpoint-00000008").mkdir()  # an unfinished save is never picked
+    shutil.rmtree(run / "final")
+    with caplog.at_level(logging.INFO, logger="bert_recipes"):
+        assert main(["pretrain", str(TINY_RECIPE), *args, "resume_from=latest", "train.max_steps=8"]) == 0
+    assert "skipping checkpoint" in caplog.text and "model.safetensors is truncated" in caplog.text
+    assert "resumed from" in caplog.text and "checkpoint-00000004" in caplog.text
+    assert max(records(run)) == 8
+    # pruning keeps the newest complete checkpoints
+    assert "checkpoint-00000008" in {p.name for p in ckpts.iterdir()}
+
+
+def test_explicit_resume_path_must_be_complete(tmp_path, capsys):
+    bad = tmp_path / "checkpoint-00000001"
+    bad.mkdir()
+    run = tmp_path / "run"
+    assert main(["pretrain", str(TINY_RECIPE), *tiny_overrides(run), f"resume_from={bad}"]) == 2
+    assert "is not a complete checkpoint: no manifest.json" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_processes_resume_exactly(tmp_path, sample_tokenizer):
+    """2 gloo ranks: a run resumed from its step-5 checkpoint reproduces steps 6..10 bit for
+    bit, and the replicas hold identical parameters at the end."""
+    tokenizer = tmp_path / "tokenizer"
+    sample_tokenizer.save_pretrained(tokenizer)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "bert_recipes",
+              "pretrain", str(TINY_RECIPE)]
+    reference = tmp_path / "reference"
+    extra = {"train.max_steps": 10, "train.save_steps": 5, "train.save_total_limit": 5,
+             "tokenizer.name_or_path": str(tokenizer), "train.eval_steps": 0}
+    done = subprocess.run([*launch, *tiny_overrides(reference, **extra)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "parameters identical on all 2 ranks" in done.stderr
+    expected = records(reference)
+
+    crashed = tmp_path / "crashed"  # what a crash right after step 5's checkpoint leaves behind
+    crashed.mkdir()
+    shutil.copytree(reference / "tokenizer", crashed / "tokenizer")
+    shutil.copytree(reference / "checkpoints" / "checkpoint-00000005", crashed / "checkpoints" / "checkpoint-00000005")
+    done = subprocess.run([*launch, *tiny_overrides(crashed, **extra), "resume_from=latest"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed = records(crashed)
+    assert sorted(resumed) == [6, 7, 8, 9, 10]
+    for step in range(6, 11):
+        for key in ("loss", "mlm_loss", "nsp_loss", "lr"):
+            assert resumed[step][key] == expected[step][key], (step, key)
