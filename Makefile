@@ -10,6 +10,7 @@ RECIPE ?= recipes/pretrain/tiny.yaml
 ARGS ?=
 TASK ?=
 MODEL ?=
+GLUE_DIR ?=
 PYTEST_ARGS ?=
 
 .PHONY: install pretrain finetune glue test bench clean
@@ -25,8 +26,11 @@ install: $(STAMP)
 pretrain: $(STAMP)
 	$(BIN)/bert-recipes pretrain $(RECIPE) $(ARGS)
 
+# `make finetune`: runs/tiny/final (from `make pretrain`) on the SST-2 sample (recipes/glue/sample.yaml);
+# `make finetune TASK=rte MODEL=path-or-hub-id GLUE_DIR=../shared/data/glue`: recipes/glue/$(TASK).yaml.
 finetune: $(STAMP)
-	$(BIN)/bert-recipes finetune $(if $(FT_RECIPE),$(FT_RECIPE),$(if $(TASK),recipes/glue/$(TASK).yaml,recipes/glue/sample.yaml)) $(if $(MODEL),model.name_or_path=$(MODEL)) $(ARGS)
+	@$(if $(TASK)$(MODEL)$(FT_RECIPE),true,test -d runs/tiny/final || { echo "error: runs/tiny/final not found: run 'make pretrain' first (or pass MODEL=path-or-hub-id)" >&2; exit 2; })
+	$(BIN)/bert-recipes finetune $(if $(FT_RECIPE),$(FT_RECIPE),$(if $(TASK),recipes/glue/$(TASK).yaml,recipes/glue/sample.yaml)) $(if $(MODEL),model.name_or_path=$(MODEL)) $(if $(GLUE_DIR),data.glue_dir=$(GLUE_DIR)) $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain", help="pretrain BERT from a recipe", epilog=_keys_help(PretrainRecipe), formatter_class=raw)
     _recipe_args(p)
+    p.add_argument("--push-to-hub", metavar="REPO", default=None, help="after the run, upload final/ to this Hub model repo")
+    p.add_argument("--hub-private", action="store_true", help="create the Hub repo as private (with --push-to-hub)")
 
     p = sub.add_parser("inspect", help="write collated training batches as JSON lines", formatter_class=raw)
     _recipe_args(p)
@@ -126,10 +128,27 @@ def cmd_pretrain(args) -> int:
     from .recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
+    if args.push_to_hub:
+        from .hub import check_push_target
+
+        check_push_target(args.push_to_hub)  # before hours of training, not after
     final = pretrain(recipe)
     if final is not None:
         print(f"checkpoint: {final}")
+        if args.push_to_hub and _is_main_process():
+            from .hub import push_to_hub
+
+            print(f"pushed to the Hub: {push_to_hub(final, args.push_to_hub, private=args.hub_private)}")
+    elif args.push_to_hub and _is_main_process():
+        print("not pushed to the Hub: the run stopped before its last step (resume it with --push-to-hub)")
     return 0
+
+
+def _is_main_process() -> bool:
+    """True on the main process of an ``accelerate launch`` (and in a plain run)."""
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
 
 
 def cmd_inspect(args) -> int:
@@ -196,11 +215,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handler(args) or 0
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line(exc: Exception) -> str:
+    """The user's message; an error re-raised from a DataLoader worker carries the worker's
+    traceback, whose last line is the original message."""
+    text = str(exc).strip()
+    if "\n" not in text:
+        return text
+    last = text.splitlines()[-1]
+    name = f"{type(exc).__module__}.{type(exc).__name__}: "
+    for prefix in (name, f"{type(exc).__name__}: "):
+        if last.startswith(prefix):
+            return last[len(prefix):]
+    return last
 
 
 def run() -> None:

@@ -39,29 +39,36 @@ def pretraining_card(recipe, results: dict, steps: int) -> str:
     data = recipe.data
     sources = data.train_files or [data.dataset_name]
     arch = recipe.model.config
+    base = recipe.model.name_or_path
+    metrics = [
+        {"type": key, "value": round(float(value), 6)}
+        for key, value in results.items()
+        if isinstance(value, (int, float)) and key != "eval_sequences"
+    ]
+    held_out = data.eval_files or [f"{data.dataset_name} ({data.eval_dataset_split or data.dataset_split})"]
     metadata = {
         "library_name": "transformers",
         "pipeline_tag": "fill-mask",
         "tags": ["bert", "fill-mask", "bert-recipes", "pretraining"],
-        "model-index": [
+        **({"base_model": base} if base and not os.path.exists(os.path.expanduser(base)) else {}),
+        **({"datasets": [data.dataset_name]} if data.dataset_name else {}),
+    }
+    if metrics:  # the Hub's model-index needs task, dataset and metrics in every result
+        metadata["model-index"] = [
             {
                 "name": Path(recipe.output_dir).name,
                 "results": [
                     {
                         "task": {"type": "fill-mask", "name": "Masked language modeling"},
-                        "metrics": [
-                            {"type": key, "value": round(float(value), 6)}
-                            for key, value in results.items()
-                            if isinstance(value, (int, float))
-                        ],
+                        "dataset": {"name": ", ".join(str(s) for s in held_out), "type": data.dataset_name or "text"},
+                        "metrics": metrics,
                     }
                 ],
             }
-        ],
-    }
+        ]
     body = [
         "A BERT pretrained with masked language modelling and next-sentence prediction by "
-        "[bert-recipes](https://github.com/) from the recipe stored next to this card (`recipe.yaml`).",
+        "bert-recipes from the recipe stored next to this card (`recipe.yaml`).",
         "",
         "## Training",
         "",
@@ -88,13 +95,18 @@ def pretraining_card(recipe, results: dict, steps: int) -> str:
     return _model_card(metadata, "BERT pretrained with bert-recipes", body)
 
 
-def export_pretrained(model, tokenizer, recipe, directory: str | os.PathLike, results: dict, steps: int) -> Path:
-    """Write the Hub-ready export of a pretrained ``BertForPreTraining`` to ``directory``."""
+def export_pretrained(model, tokenizer, recipe, directory: str | os.PathLike, results: dict, steps: int,
+                      state_dict: dict | None = None) -> Path:
+    """Write the Hub-ready export of a pretrained ``BertForPreTraining`` to ``directory``.
+
+    ``state_dict`` (optional) is the full state gathered from all ranks
+    (``accelerator.get_state_dict``), needed when the weights are sharded (FSDP, DeepSpeed).
+    """
     directory = Path(directory)
     tmp = directory.with_name(f".{directory.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.config.architectures = ["BertForPreTraining"]
-    model.save_pretrained(str(tmp), safe_serialization=True)
+    model.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(str(tmp))
     save_recipe(recipe, tmp)
     (tmp / "README.md").write_text(pretraining_card(recipe, results, steps), encoding="utf-8")
@@ -142,7 +154,7 @@ def finetuning_card(recipe, task, results: dict, steps: int) -> str:
     labels = ", ".join(task.label_names) if task.label_names else "one similarity score in [0, 5] (regression)"
     example = ", ".join('"..."' for _ in task.text_columns)
     body = [
-        f"`{base}` fine-tuned on GLUE {task.glue_folder} by [bert-recipes](https://github.com/) from the recipe "
+        f"`{base}` fine-tuned on GLUE {task.glue_folder} by bert-recipes from the recipe "
         "stored next to this card (`recipe.yaml`). This is the checkpoint with the best dev "
         f"`{task.main_metric}` of the run.",
         "",

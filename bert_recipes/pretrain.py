@@ -1,7 +1,8 @@
 """BERT pretraining (masked LM + next-sentence prediction), top to bottom.
 
 ``pretrain(recipe)``: tokenizer -> model -> optimizer -> streaming data -> loop -> export.
-Each optimizer step consumes ``gradient_accumulation_steps`` micro-batches; the MLM loss
+Each optimizer step consumes ``gradient_accumulation_steps`` micro-batches (derived from
+``train.global_batch_size`` and the number of processes when that is set); the MLM loss
 is normalised over ALL masked tokens of the window on all ranks (and the NSP loss over all
 sequences), so accumulation and data parallelism compute what one large batch would.
 """
@@ -42,6 +43,7 @@ def pretrain(recipe: PretrainRecipe) -> Path | None:
         UserError: bad files, an occupied output_dir, an unloadable checkpoint, ...
     """
     accelerator = make_accelerator(recipe)
+    recipe = resolve_batch_size(recipe, accelerator.num_processes, log=accelerator.is_main_process)
     from accelerate.utils import set_seed
 
     set_seed(recipe.seed)
@@ -49,6 +51,7 @@ def pretrain(recipe: PretrainRecipe) -> Path | None:
     resume = find_resume_checkpoint(recipe.resume_from, out / "checkpoints") if recipe.resume_from else None
     train_files = expand_files(recipe.data.train_files, "data.train_files")
     eval_files = expand_files(recipe.data.eval_files, "data.eval_files")
+    has_eval = bool(eval_files) or bool(recipe.data.dataset_name and recipe.data.eval_dataset_split)
     tokenizer = prepare_tokenizer(recipe, out, accelerator, train_files)
     if accelerator.is_main_process:
         save_recipe(recipe, out)
@@ -61,6 +64,9 @@ def pretrain(recipe: PretrainRecipe) -> Path | None:
     optimizer = build_optimizer(model, train)
     scheduler = build_scheduler(optimizer, train, train.max_steps)
     objective, optimizer = accelerator.prepare(objective, optimizer)
+    if accelerator.distributed_type == "DEEPSPEED" and train.gradient_accumulation_steps > 1:
+        raise UserError("train.gradient_accumulation_steps: DeepSpeed steps inside backward; use 1 with DeepSpeed "
+                        "(raise per_device_train_batch_size or the number of processes instead)")
     loader = build_pretraining_dataloader(
         recipe.data, tokenizer, train_files, batch_size=train.per_device_train_batch_size, seed=recipe.seed,
         rank=accelerator.process_index, world_size=accelerator.num_processes,
@@ -100,7 +106,7 @@ def pretrain(recipe: PretrainRecipe) -> Path | None:
                 reporter.log(record, state.step)
                 interval.zero_()
                 interval_start = time.perf_counter()
-            if eval_files and train.eval_steps and state.step % train.eval_steps == 0 and state.step < train.max_steps:
+            if has_eval and train.eval_steps and state.step % train.eval_steps == 0 and state.step < train.max_steps:
                 reporter.log(evaluate(accelerator, objective, recipe, tokenizer, eval_files), state.step)
             stopping = bool(sums[STEP_SUMS.index("stop")] > 0)
             if stopping or (train.save_steps and state.step % train.save_steps == 0):
@@ -116,17 +122,37 @@ def pretrain(recipe: PretrainRecipe) -> Path | None:
                     return None
 
     verify_replicas_in_sync(accelerator, model)
-    results = evaluate(accelerator, objective, recipe, tokenizer, eval_files) if eval_files else {}
+    results = evaluate(accelerator, objective, recipe, tokenizer, eval_files) if has_eval else {}
     if results:
         reporter.log(results, state.step)
     reporter.close()
     final = out / "final"
+    full_state = accelerator.get_state_dict(objective)  # every rank: gathers FSDP/DeepSpeed shards
     if accelerator.is_main_process:
-        export_pretrained(accelerator.unwrap_model(objective).model, tokenizer, recipe, final, results, state.step)
+        weights = {key.removeprefix("model."): value for key, value in full_state.items()}
+        export_pretrained(accelerator.unwrap_model(objective).model, tokenizer, recipe, final, results, state.step, weights)
     accelerator.wait_for_everyone()
     reporter.write(reporter.summary({"steps": state.step, "skipped_steps": state.skipped_steps, "export": str(final)}))
     accelerator.end_training()
     return final
+
+
+def resolve_batch_size(recipe: PretrainRecipe, world_size: int, log: bool = True) -> PretrainRecipe:
+    """The recipe with ``train.gradient_accumulation_steps`` derived from ``train.global_batch_size``
+    (when set) for ``world_size`` processes; logs the effective optimizer batch.
+
+    Raises:
+        RecipeError: ``global_batch_size`` is not divisible by the per-step batch.
+    """
+    train = recipe.train
+    accumulation = train.accumulation_for(world_size)
+    if accumulation != train.gradient_accumulation_steps:
+        recipe = recipe.model_copy(update={"train": train.model_copy(update={"gradient_accumulation_steps": accumulation})})
+    if log:
+        logger.info("effective batch: %d sequences per optimizer step = %d per device x %d process(es) x %d accumulation step(s)",
+                    train.per_device_train_batch_size * world_size * accumulation, train.per_device_train_batch_size,
+                    world_size, accumulation)
+    return recipe
 
 
 def prepare_tokenizer(recipe: PretrainRecipe, out: Path, accelerator, train_files: list[str]):
@@ -229,8 +255,10 @@ def evaluate(accelerator, objective, recipe: PretrainRecipe, tokenizer, eval_fil
     """
     world = accelerator.num_processes
     limit = math.ceil(recipe.data.max_eval_samples / world) if recipe.data.max_eval_samples else None
+    # held-out instances in stream order (no shuffle buffer to fill); a Hub dataset's eval split
+    data = recipe.data.model_copy(update={"shuffle_buffer_size": 0, "dataset_split": recipe.data.eval_dataset_split or recipe.data.dataset_split})
     loader = build_pretraining_dataloader(
-        recipe.data, tokenizer, eval_files, batch_size=recipe.train.per_device_eval_batch_size, seed=recipe.seed,
+        data, tokenizer, eval_files, batch_size=recipe.train.per_device_eval_batch_size, seed=recipe.seed,
         rank=accelerator.process_index, world_size=world, infinite=False, max_samples=limit, num_workers=0,
     )
     model = accelerator.unwrap_model(objective)

@@ -147,6 +147,7 @@ class TrainConfig(_Strict):
     per_device_train_batch_size: int = Field(32, ge=1)
     per_device_eval_batch_size: int = Field(64, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
+    global_batch_size: Optional[int] = Field(None, ge=1)
     learning_rate: float = Field(1e-4, gt=0.0)
     weight_decay: float = Field(0.01, ge=0.0)
     adam_beta1: float = Field(0.9, ge=0.0, lt=1.0)
@@ -172,6 +173,26 @@ class TrainConfig(_Strict):
         import math
 
         return math.ceil(self.warmup_ratio * total_steps)
+
+    def accumulation_for(self, world_size: int) -> int:
+        """Micro-batches per optimizer step on ``world_size`` processes.
+
+        ``gradient_accumulation_steps`` unless ``global_batch_size`` is set, in which case
+        ``global_batch_size / (per_device_train_batch_size * world_size)``, so one recipe
+        keeps the same optimizer batch (and learning rate) on 1 or 64 devices.
+
+        Raises:
+            RecipeError: ``global_batch_size`` is not a multiple of the per-step batch.
+        """
+        if self.global_batch_size is None:
+            return self.gradient_accumulation_steps
+        per_step = self.per_device_train_batch_size * world_size
+        if self.global_batch_size % per_step:
+            raise RecipeError(
+                f"train.global_batch_size ({self.global_batch_size}) must be a multiple of "
+                f"train.per_device_train_batch_size x processes ({self.per_device_train_batch_size} x {world_size} = {per_step})"
+            )
+        return self.global_batch_size // per_step
 
 
 class _RunConfig(_Strict):

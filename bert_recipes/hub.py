@@ -1,0 +1,71 @@
+"""Push an export folder (``final/``, a fine-tuned ``best/``) to the Hugging Face Hub.
+
+``push_to_hub(folder, repo_id)`` creates the model repository if needed
+(``HfApi.create_repo(exist_ok=True)``) and uploads the folder in one commit
+(``HfApi.upload_folder``). The token comes from ``token=``, ``HF_TOKEN`` or ``hf auth login``.
+Every failure (offline, not logged in, no permission, a malformed repo id, no network) is a
+one-line :class:`UserError`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .errors import UserError
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else exc.__class__.__name__
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    return env or bool(constants.HF_HUB_OFFLINE)
+
+
+def check_push_target(repo_id: str, token: str | None = None, key: str = "--push-to-hub") -> None:
+    """Fail fast, before any training, when a push could not work.
+
+    Raises:
+        UserError: a malformed repo id, offline mode, or no token.
+    """
+    from huggingface_hub import get_token
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except Exception as exc:  # HFValidationError
+        raise UserError(f"{key}: '{repo_id}' is not a valid repo id (expected 'user-or-org/name'): {_first_line(exc)}") from None
+    if _offline():
+        raise UserError(f"{key}: the Hub is offline (HF_HUB_OFFLINE is set); unset it to push, or upload {repo_id} later")
+    if not (token or get_token()):
+        raise UserError(f"{key}: not logged in to the Hub; run 'hf auth login' or set HF_TOKEN")
+
+
+def push_to_hub(folder: str | os.PathLike, repo_id: str, private: bool = False, token: str | None = None,
+                commit_message: str | None = None) -> str:
+    """Upload ``folder`` to the model repository ``repo_id``; return the commit URL.
+
+    Raises:
+        UserError: one line (folder missing, offline, not logged in, no permission, network).
+    """
+    from huggingface_hub import HfApi
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise UserError(f"{folder}: not an export folder (no config.json)")
+    check_push_target(repo_id, token, key="push_to_hub")
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, private=private, repo_type="model", exist_ok=True)
+        commit = api.upload_folder(
+            repo_id=repo_id, folder_path=str(folder), repo_type="model",
+            commit_message=commit_message or f"Upload {folder.name} exported by bert-recipes",
+        )
+    except Exception as exc:  # HfHubHTTPError, OfflineModeIsEnabled, httpx errors, OSError
+        raise UserError(f"push_to_hub: cannot upload {folder} to {repo_id}: {exc.__class__.__name__}: {_first_line(exc)}") from None
+    return getattr(commit, "commit_url", None) or f"https://huggingface.co/{repo_id}"

@@ -1,0 +1,74 @@
+"""Bad input through the real command: a one-line error and exit code 2, or a run that
+trains and warns with counts. Nothing here may end in a traceback."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from bert_recipes.cli import main
+
+from .conftest import SAMPLE_TRAIN, TINY_RECIPE, tiny_overrides
+
+
+def pretrain(tmp_path, files, *extra, **overrides) -> int:
+    listed = "[" + ",".join(str(f) for f in files) + "]"
+    values = {"train.max_steps": 2, "data.eval_files": "[]", "data.train_files": listed,
+              "tokenizer.train_files": "[" + ",".join(SAMPLE_TRAIN) + "]", **overrides}
+    return main(["pretrain", str(TINY_RECIPE), *tiny_overrides(tmp_path / "run", **values), *extra])
+
+
+def error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def test_empty_files(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert pretrain(tmp_path, [empty]) == 2
+    assert error_line(capsys) == f"error: data.train_files: all 1 file(s) are empty (e.g. {empty})"
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_files_with_only_blank_lines(tmp_path, capsys, workers):
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n\n   \n\n")
+    assert pretrain(tmp_path, [blank], **{"data.dataloader_num_workers": workers}) == 2
+    err = error_line(capsys)  # also from inside a DataLoader worker
+    assert err.startswith("error: data.train_files: ") and "no text" in err
+
+
+def test_invalid_regex_and_missing_jsonl_column(tmp_path, capsys):
+    assert pretrain(tmp_path, SAMPLE_TRAIN, **{"data.document_start_regex": "'(unclosed'"}) == 2
+    assert "data.document_start_regex: invalid regular expression" in error_line(capsys)
+    records = tmp_path / "docs.jsonl"
+    records.write_text('{"body": "One sentence here. Another one there."}\n')
+    assert pretrain(tmp_path, [records], **{"data.document_split": "record"}) == 2
+    assert "data.text_column: column 'text' not found" in error_line(capsys)
+
+
+def test_non_utf8_bytes_and_a_megabyte_line_train(tmp_path):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("Caf\xe9 au lait is warm. The caf\xe9 opens early.\n\nA second document. It has two sentences.\n".encode("latin-1"))
+    long_line = tmp_path / "long.txt"
+    long_line.write_text(" ".join(["the river bends near the mill and the water runs fast ."] * 20000) + "\n")
+    assert long_line.stat().st_size > 1_000_000
+    assert pretrain(tmp_path, [bad, long_line]) == 0
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+
+
+def test_single_sentence_documents_and_one_document_corpus_warn(tmp_path, caplog):
+    singles = tmp_path / "singles.txt"
+    singles.write_text("\n\n".join(f"Document {i} has exactly one sentence about topic {i}." for i in range(12)) + "\n")
+    with caplog.at_level(logging.WARNING, logger="bert_recipes"):
+        assert pretrain(tmp_path, [singles, *SAMPLE_TRAIN[:1]], **{"data.shuffle_buffer_size": 0, "train.max_steps": 40}) == 0
+    assert "documents (data shard 0 of 1) have a single sentence" in caplog.text
+    caplog.clear()
+    one = tmp_path / "one.txt"
+    one.write_text(" ".join(f"Sentence number {i} talks about the harbour." for i in range(60)) + "\n")
+    with caplog.at_level(logging.WARNING, logger="bert_recipes"):
+        assert pretrain(tmp_path / "b", [one], **{"data.document_split": "file"}) == 0
+    assert "too few documents for next-sentence prediction" in caplog.text

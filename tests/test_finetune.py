@@ -1,0 +1,366 @@
+"""GLUE fine-tuning end to end on a tiny random BERT: every task's format, the metrics log,
+the best export in a pipeline, label-set checks, seeds, resume after SIGTERM, batching,
+one-line errors, and test labels that are never used."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bert_recipes.cli import main
+from bert_recipes.glue import finetune as finetune_module
+from bert_recipes.glue.finetune import BatchPlan, build_classifier
+from bert_recipes.glue.recipe import FinetuneRecipe, load_finetune_recipe
+from bert_recipes.glue.tasks import TASKS, get_task
+
+from .conftest import REPO
+
+FIXTURES = REPO / "tests" / "fixtures" / "glue"
+SAMPLE_GLUE = REPO / "data" / "sample" / "glue"
+GLUE_RECIPES = REPO / "recipes" / "glue"
+TRAINABLE = [name for name, task in TASKS.items() if task.dev_splits]
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory, sample_tokenizer) -> Path:
+    """A tiny random ``BertForPreTraining`` + WordPiece tokenizer, as a pretraining export."""
+    from transformers import BertConfig, BertForPreTraining
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(sample_tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)
+    model = BertForPreTraining(config)
+    model.config.architectures = ["BertForPreTraining"]
+    path = tmp_path_factory.mktemp("checkpoint") / "tiny-bert"
+    model.save_pretrained(path)
+    sample_tokenizer.save_pretrained(path)
+    return path
+
+
+def overrides(checkpoint, output_dir, **extra) -> list[str]:
+    values = {
+        "model.name_or_path": str(checkpoint),
+        "data.glue_dir": str(FIXTURES),
+        "output_dir": str(output_dir),
+        "train.max_steps": 3,
+        "train.per_device_train_batch_size": 2,
+        "train.per_device_eval_batch_size": 2,
+        "train.logging_steps": 1,
+        "train.learning_rate": 1e-3,
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def fixture_idx(task, split) -> list[int]:
+    from bert_recipes.glue.data import load_glue_split
+
+    return list(load_glue_split(task, split, FIXTURES)["idx"])
+
+
+@pytest.fixture(scope="module")
+def task_runs(checkpoint, tmp_path_factory) -> dict[str, Path]:
+    """Each of the 9 tasks fine-tuned for 3 steps on its fixture, with test predictions."""
+    root = tmp_path_factory.mktemp("tasks")
+    runs = {}
+    for name in TRAINABLE:
+        out = root / name
+        code = main(["finetune", str(GLUE_RECIPES / f"{name}.yaml"), *overrides(checkpoint, out, predict_test="true")])
+        assert code == 0, name
+        runs[name] = out
+    return runs
+
+
+# --------------------------------------------------------------------------- every task
+
+
+@pytest.mark.parametrize("name", TRAINABLE)
+def test_every_task_trains_evaluates_and_exports(task_runs, name):
+    task = get_task(name)
+    out = task_runs[name]
+    records = read_jsonl(out / "metrics.jsonl")
+    train = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train] == [1, 2, 3]
+    for record in train:
+        assert {"loss", "lr", "grad_norm", "epoch", "samples_per_s", "padding_fraction"} <= set(record)
+        assert np.isfinite(record["loss"])
+    evals = [r for r in records if "eval_loss" in r]
+    assert evals and evals[-1]["step"] == 3
+    for record in evals:
+        assert {f"eval_{key}" for key in task.metrics} <= set(record), record
+    if name == "mnli":  # both dev sets, under their own keys
+        assert {"eval_accuracy_m", "eval_accuracy_mm"} <= set(evals[-1])
+    if name == "stsb":
+        assert {"eval_pearson", "eval_spearmanr"} <= set(evals[-1])
+    assert not any("test" in key for record in records for key in record)
+
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["dev"]) == set(task.metrics)
+    best = [r for r in evals if r["step"] == results["best_step"]][0]
+    assert results["dev"][task.main_metric] == pytest.approx(best[f"eval_{task.main_metric}"])
+    assert results["dev"][task.main_metric] == max(r[f"eval_{task.main_metric}"] for r in evals)
+
+    config = json.loads((out / "best" / "config.json").read_text())
+    assert len(config["id2label"]) == task.num_labels
+    assert config["problem_type"] == ("regression" if task.is_regression else "single_label_classification")
+    if not task.is_regression:
+        assert list(config["id2label"].values()) == list(task.label_names)
+    for name_ in ("model.safetensors", "tokenizer.json", "recipe.yaml", "README.md", "eval_results.json"):
+        assert (out / "best" / name_).is_file(), name_
+    card = (out / "best" / "README.md").read_text()
+    assert "pipeline_tag: text-classification" in card and f"GLUE {task.glue_folder}" in card
+
+
+@pytest.mark.parametrize("name", TRAINABLE)
+def test_test_splits_are_predicted_without_labels(task_runs, name):
+    task = get_task(name)
+    predictions = json.loads((task_runs[name] / "test_predictions.json").read_text())
+    expected = {"mnli": {"mnli-m", "mnli-mm", "ax"}}.get(name, {name})
+    assert set(predictions) == expected
+    for entry, values in predictions.items():
+        split = {"mnli-m": "test_matched", "mnli-mm": "test_mismatched"}.get(entry, "test")
+        source = "ax" if entry == "ax" else name
+        assert values["idx"] == fixture_idx(source, split)
+        assert len(values["prediction"]) == len(values["idx"])
+        if task.is_regression:
+            assert all(isinstance(v, float) for v in values["prediction"])
+        else:
+            assert set(values["prediction"]) <= set(range(task.num_labels))
+    tsvs = sorted(p.name for p in (task_runs[name] / "predictions").glob("*.tsv"))
+    assert tsvs == (["AX.tsv", "MNLI-m.tsv", "MNLI-mm.tsv"] if name == "mnli" else [task.leaderboard_files["test"]])
+
+
+@pytest.mark.parametrize("name", ["sst2", "mnli", "stsb", "mrpc"])
+def test_best_export_works_in_a_text_classification_pipeline(task_runs, name):
+    from transformers import pipeline
+
+    task = get_task(name)
+    classify = pipeline("text-classification", model=str(task_runs[name] / "best"), device="cpu")
+    inputs = {"text": "The cat sat on the mat.", "text_pair": "A cat is sitting."} if task.is_pair else "a warm film"
+    out = classify(inputs)
+    out = out[0] if isinstance(out, list) else out
+    if task.is_regression:
+        assert out["label"] == "LABEL_0" and isinstance(out["score"], float)
+    else:
+        assert out["label"] in task.label_names
+
+
+def test_metrics_never_see_test_labels(checkpoint, tmp_path, monkeypatch):
+    """References given to the metrics are the dev labels only (never -1), and the test
+    split is featurised without a labels column."""
+    seen = []
+    real = finetune_module.compute_metrics
+
+    def spy(task, predictions, references, split=None):
+        seen.append((split, list(references)))
+        return real(task, predictions, references, split=split)
+
+    monkeypatch.setattr(finetune_module, "compute_metrics", spy)
+    loaded = {}
+    real_tokenize = finetune_module.tokenize_glue
+
+    def tokenize_spy(dataset, task, tokenizer, max_seq_length):
+        out = real_tokenize(dataset, task, tokenizer, max_seq_length)
+        loaded[len(loaded)] = (list(dataset["label"]), out.column_names)
+        return out
+
+    monkeypatch.setattr(finetune_module, "tokenize_glue", tokenize_spy)
+    assert main(["finetune", str(GLUE_RECIPES / "rte.yaml"), *overrides(checkpoint, tmp_path / "run", predict_test="true")]) == 0
+    dev_labels = [0]  # RTE fixture dev: one "entailment" pair
+    assert seen and all(split == "validation" and refs == dev_labels for split, refs in seen)
+    hidden = [columns for labels, columns in loaded.values() if set(labels) == {-1}]
+    assert hidden and all("labels" not in columns for columns in hidden)
+
+
+# --------------------------------------------------------------------------- model loading
+
+
+def test_pretraining_checkpoint_loads_with_only_the_fresh_head_reported(checkpoint, caplog, capfd):
+    recipe = load_finetune_recipe(GLUE_RECIPES / "mnli.yaml", [f"model.name_or_path={checkpoint}"])
+    with caplog.at_level(logging.INFO, logger="bert_recipes"):
+        model = build_classifier(recipe, get_task("mnli"))
+    err = capfd.readouterr().err
+    assert "UNEXPECTED" not in err and "MISSING" not in err  # transformers' load report is replaced
+    messages = [r.getMessage() for r in caplog.records if r.name == "bert_recipes"]
+    assert any("classifier head initialised fresh" in m for m in messages)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert model.config.num_labels == 3 and model.config.id2label[2] == "contradiction"
+
+
+def test_label_mapping_refuses_conflicting_label_sets(task_runs, capsys, tmp_path):
+    sst2_model = task_runs["sst2"] / "best"  # id2label: negative, positive
+    for task in ("mnli", "stsb", "rte"):
+        code = main(["finetune", str(GLUE_RECIPES / f"{task}.yaml"),
+                     *overrides(sst2_model, tmp_path / task)])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and err.startswith("error: ") and "\n" not in err, err
+        assert "checkpoint labels (negative, positive)" in err
+        assert not (tmp_path / task / "best").exists()
+
+
+def test_a_head_with_the_task_labels_in_another_order_is_reordered_by_name(task_runs, tmp_path):
+    from transformers import BertForSequenceClassification
+
+    source = BertForSequenceClassification.from_pretrained(task_runs["rte"] / "best")
+    source.config.id2label = {0: "not_entailment", 1: "entailment"}
+    source.config.label2id = {"not_entailment": 0, "entailment": 1}
+    source.save_pretrained(tmp_path / "swapped")
+    recipe = load_finetune_recipe(GLUE_RECIPES / "rte.yaml", [f"model.name_or_path={tmp_path / 'swapped'}"])
+    model = build_classifier(recipe, get_task("rte"))
+    assert model.config.id2label == {0: "entailment", 1: "not_entailment"}
+    assert torch.equal(model.classifier.weight[0], source.classifier.weight[1])
+    assert torch.equal(model.classifier.bias[1], source.classifier.bias[0])
+
+
+# --------------------------------------------------------------------------- seeds, resume
+
+
+def test_several_seeds_give_mean_and_std(checkpoint, tmp_path):
+    out = tmp_path / "seeds"
+    assert main(["finetune", str(GLUE_RECIPES / "mrpc.yaml"), *overrides(checkpoint, out, seeds="[1,2,3]")]) == 0
+    results = json.loads((out / "results.json").read_text())
+    runs = [json.loads((out / f"seed-{s}" / "results.json").read_text())["dev"] for s in (1, 2, 3)]
+    assert results["seeds"] == [1, 2, 3] and set(results["runs"]) == {"1", "2", "3"}
+    for key in ("f1", "accuracy"):
+        values = [r[key] for r in runs]
+        assert results["dev"][key] == pytest.approx(np.mean(values))
+        assert results["dev_std"][key] == pytest.approx(np.std(values, ddof=1))
+    assert results["best"] == str(out / f"seed-{results['best_seed']}" / "best")
+
+
+class _SigtermAt:
+    """A Reporter that sends this process SIGTERM after the given number of steps."""
+
+    def __init__(self, real, at: int):
+        self.real, self.at, self.steps = real, at, 0
+
+    def __call__(self, *args, **kwargs):
+        reporter = self.real(*args, **kwargs)
+        advance = reporter.advance
+
+        def counting(n=1, **postfix):
+            advance(n, **postfix)
+            self.steps += n
+            if self.steps == self.at:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        reporter.advance = counting
+        return reporter
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_continues_exactly(checkpoint, tmp_path, monkeypatch):
+    args = ["train.max_steps=8", "data.max_train_samples=48", "train.per_device_train_batch_size=8",
+            "train.eval_steps=4", "data.max_eval_samples=16"]
+    base = ["finetune", str(GLUE_RECIPES / "sst2.yaml")]
+    assert main([*base, *overrides(checkpoint, tmp_path / "full", **{"data.glue_dir": SAMPLE_GLUE}), *args]) == 0
+
+    monkeypatch.setattr(finetune_module, "Reporter", _SigtermAt(finetune_module.Reporter, at=3))
+    run = tmp_path / "stopped"
+    assert main([*base, *overrides(checkpoint, run, **{"data.glue_dir": SAMPLE_GLUE}), *args]) == 0
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["checkpoint-00000004"]
+    assert not (run / "results.json").exists()
+    monkeypatch.undo()
+    # an occupied directory is refused without resume_from / overwrite
+    assert main([*base, *overrides(checkpoint, run, **{"data.glue_dir": SAMPLE_GLUE}), *args]) == 2
+    assert main([*base, *overrides(checkpoint, run, **{"data.glue_dir": SAMPLE_GLUE}), *args, "resume_from=latest"]) == 0
+
+    def by_step(path, key):
+        return {r["step"]: r[key] for r in read_jsonl(path / "metrics.jsonl") if key in r}
+
+    full, resumed = by_step(tmp_path / "full", "loss"), by_step(run, "loss")
+    assert sorted(resumed) == list(range(1, 9))
+    for step in range(1, 9):
+        assert resumed[step] == pytest.approx(full[step], rel=1e-5, abs=1e-6), step
+    assert by_step(run, "eval_accuracy") == pytest.approx(by_step(tmp_path / "full", "eval_accuracy"))
+    first = json.loads((tmp_path / "full" / "results.json").read_text())
+    again = json.loads((run / "results.json").read_text())
+    assert again["dev"] == pytest.approx(first["dev"]) and again["best_step"] == first["best_step"]
+
+
+# --------------------------------------------------------------------------- batching
+
+
+def test_batch_plan_covers_every_example_once_per_epoch_and_groups_lengths():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 120, size=1000).tolist()
+    plan = BatchPlan(lengths, batch_size=16, accumulation=1, seed=7, group_by_length=True)
+    batches = plan.epoch_batches(0)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(1000))
+    assert max(lengths[i] for i in batches[0]) == max(lengths)  # longest batch first
+    assert [b.tolist() for b in plan.epoch_batches(0)] == [b.tolist() for b in BatchPlan(
+        lengths, 16, 1, 7, True).epoch_batches(0)]  # a pure function of (seed, epoch)
+    assert [b.tolist() for b in plan.epoch_batches(1)] != [b.tolist() for b in batches]
+
+    def padding(plan_):
+        return sum(len(b) * max(lengths[i] for i in b) - sum(lengths[i] for i in b) for b in plan_.epoch_batches(0))
+
+    assert padding(plan) < 0.2 * padding(BatchPlan(lengths, 16, 1, 7, False))
+
+
+def test_batch_plan_shards_ranks_evenly_with_accumulation():
+    lengths = list(range(1, 101))  # 100 examples, batches of 8 -> 13 batches, padded to 14 for 2 ranks
+    ranks = [BatchPlan(lengths, 8, 3, 1, True, rank=r, world=2) for r in (0, 1)]
+    assert ranks[0].steps_per_epoch == ranks[1].steps_per_epoch == 3  # 7 batches per rank: 3 + 3 + 1
+    seen = []
+    for step in range(3):
+        windows = [plan.window(step) for plan in ranks]
+        assert len(windows[0]) == len(windows[1])
+        seen += [i for window in windows for batch in window for i in batch.tolist()]
+    assert set(seen) == set(range(100))
+    assert [b.tolist() for b in ranks[0].window(3)] != [b.tolist() for b in ranks[0].window(0)]  # epoch 2 reshuffled
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def run_error(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def test_bad_recipes_are_one_line_errors(checkpoint, tmp_path, capsys):
+    recipe = str(GLUE_RECIPES / "rte.yaml")
+    args = overrides(checkpoint, tmp_path / "o")
+    err = run_error(capsys, ["finetune", recipe, *args, "train.learning_rat=1e-5"])
+    assert "unknown key 'train.learning_rat'; did you mean 'train.learning_rate'?" in err
+    assert "unknown GLUE task 'rtee'" in run_error(capsys, ["finetune", recipe, *args, "task=rtee"])
+    assert "predicted with the mnli model" in run_error(capsys, ["finetune", recipe, *args, "task=ax"])
+    assert "data.max_seq_length" in run_error(capsys, ["finetune", recipe, *args, "data.max_seq_length=4"])
+    err = run_error(capsys, ["finetune", recipe, *args, "data.max_seq_length=512"])
+    assert "exceeds the checkpoint's max_position_embeddings (128)" in err
+    no_model = tmp_path / "no-model.yaml"
+    no_model.write_text("task: rte\n")
+    assert "model.name_or_path is required" in run_error(capsys, ["finetune", str(no_model)])
+    err = run_error(capsys, ["finetune", recipe, *args, f"model.name_or_path={tmp_path}/runs/tiny/final"])
+    assert "not found" in err and "make pretrain" in err
+    err = run_error(capsys, ["finetune", recipe, *args, f"data.glue_dir={tmp_path}/nowhere"])
+    assert "no GLUE folder 'RTE'" in err
+    assert not (tmp_path / "o" / "best").exists()
+
+
+def test_sample_recipe_and_show_use_the_finetune_schema(capsys):
+    recipe = load_finetune_recipe(GLUE_RECIPES / "sample.yaml")
+    assert isinstance(recipe, FinetuneRecipe) and recipe.model.name_or_path == "runs/tiny/final"
+    assert recipe.data.glue_dir == "data/sample/glue" and recipe.task == "sst2"
+    base = load_finetune_recipe(GLUE_RECIPES / "cola.yaml")
+    assert (base.train.per_device_train_batch_size, base.train.learning_rate, base.train.num_train_epochs,
+            base.train.warmup_ratio, base.train.weight_decay) == (32, 2e-5, 3.0, 0.1, 0.01)
+    assert main(["show", str(GLUE_RECIPES / "stsb.yaml")]) == 0
+    assert "task: stsb" in capsys.readouterr().out
+    assert main(["recipes"]) == 0
+    listed = capsys.readouterr().out
+    for name in (*TRAINABLE, "base", "sample"):
+        assert f"glue/{name}.yaml" in listed
