@@ -83,7 +83,9 @@ def alternate(variants: dict[str, Callable[[int], dict]], rounds: int, device: t
 
     Each call does one round of work and returns a dict with at least ``items`` (tokens or
     examples processed); the elapsed wall time of the call (device synchronised) is added
-    as ``elapsed``. Returns the per-round records of each variant.
+    as ``elapsed`` and this process's CPU time as ``cpu_s`` (all threads: with one torch
+    thread on a CPU it is the work done, whatever other processes make us wait).
+    Returns the per-round records of each variant.
     """
     names = list(variants)
     records: dict[str, list[dict]] = {name: [] for name in names}
@@ -91,10 +93,11 @@ def alternate(variants: dict[str, Callable[[int], dict]], rounds: int, device: t
         order = names if r % 2 == 0 else names[::-1]
         for name in order:
             synchronize(device)
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             record = variants[name](r)
             synchronize(device)
             record["elapsed"] = time.perf_counter() - start
+            record["cpu_s"] = time.process_time() - cpu_start
             records[name].append(record)
     return records
 
@@ -102,10 +105,17 @@ def alternate(variants: dict[str, Callable[[int], dict]], rounds: int, device: t
 def summarise(records: dict[str, list[dict]], ours: str, stock: str, unit: str) -> dict:
     """Median rate of each variant (``items / elapsed`` per round) and the ratio ours/stock:
     the median of per-round ratios (robust to load changing between rounds) and the
-    ratio of the medians."""
+    ratio of the medians; the same per CPU-second (``items / cpu_s``), a cross-check that
+    other processes' load barely moves on a CPU run with one thread."""
     rates = {name: [rec["items"] / rec["elapsed"] for rec in recs] for name, recs in records.items()}
     per_round = [a / b for a, b in zip(rates[ours], rates[stock])]
+    cpu_rates = {name: [rec["items"] / rec["cpu_s"] for rec in recs] for name, recs in records.items()}
+    cpu_per_round = [a / b for a, b in zip(cpu_rates[ours], cpu_rates[stock])]
     return {
+        f"{ours}_{unit}_per_cpu_s": statistics.median(cpu_rates[ours]),
+        f"{stock}_{unit}_per_cpu_s": statistics.median(cpu_rates[stock]),
+        "cpu_time_ratio_median_of_rounds": statistics.median(cpu_per_round),
+        "per_round_cpu_time_ratio": [round(x, 3) for x in cpu_per_round],
         f"{ours}_{unit}_per_s": statistics.median(rates[ours]),
         f"{stock}_{unit}_per_s": statistics.median(rates[stock]),
         "ratio_median_of_rounds": statistics.median(per_round),
@@ -126,3 +136,46 @@ def default_out(name: str) -> str:
     """``$OUT/name`` when OUT is set (device machine), else ``benchmarks/out/name``."""
     base = os.environ.get("OUT")
     return str(Path(base) / name) if base else str(REPO / "benchmarks" / "out" / name)
+
+
+# --------------------------------------------------------------------------- stock pieces
+
+
+def stock_config(config, attn: str):
+    """A copy of ``config`` with transformers' ``attn`` implementation ("default": none given,
+    i.e. whatever transformers picks, SDPA in transformers 5)."""
+    fields = config.to_dict()
+    for key in ("architectures", "transformers_version", "model_type", "_attn_implementation_autoset",
+                "attn_implementation", "_name_or_path"):
+        fields.pop(key, None)
+    return type(config)(**fields, **({} if attn == "default" else {"attn_implementation": attn}))
+
+
+def stock_optimizer_spec(train, use_cpu: bool):
+    """The optimizer class and arguments ``transformers.Trainer`` picks by default for these
+    hyperparameters (fused AdamW with torch >= 2.8). Call it BEFORE creating the
+    Accelerator: ``TrainingArguments`` resets Accelerate's shared state."""
+    import tempfile
+
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(
+        output_dir=tempfile.mkdtemp(prefix="stock-"), learning_rate=train.learning_rate, weight_decay=train.weight_decay,
+        adam_beta1=train.adam_beta1, adam_beta2=train.adam_beta2, adam_epsilon=train.adam_epsilon, report_to=[],
+        use_cpu=use_cpu,
+    )
+    return Trainer.get_optimizer_cls_and_kwargs(args)
+
+
+def stock_optimizer(model, spec, weight_decay: float):
+    """``spec``'s optimizer over ``Trainer``'s weight-decay groups (no decay on biases and
+    norms); returns it and a JSON-able description."""
+    from transformers import Trainer
+
+    cls, kwargs = spec
+    decay = set(Trainer.get_decay_parameter_names(None, model))
+    groups = [
+        {"params": [p for n, p in model.named_parameters() if n in decay], "weight_decay": weight_decay},
+        {"params": [p for n, p in model.named_parameters() if n not in decay], "weight_decay": 0.0},
+    ]
+    return cls(groups, **kwargs), {"class": f"{cls.__module__}.{cls.__name__}", **{k: str(v) for k, v in kwargs.items()}}

@@ -1,12 +1,17 @@
 """Pretraining throughput, ours vs the stock transformers pipeline, side by side. Writes JSON.
 
-    python benchmarks/pretrain_vs_stock.py [--shapes tiny,bert-base] [--rounds 5] [--device cpu]
-        [--precision no|bf16] [--out benchmarks/out/pretrain_vs_stock.json]
+    python benchmarks/pretrain_vs_stock.py [--shapes tiny,bert-base] [--threads 1] [--rounds 7]
+        [--device cpu|cuda] [--precision no|bf16] [--compile] [--micro-batches K] [--profile STEPS]
+        [--out benchmarks/out/pretrain_vs_stock.json]
 
-Both variants train on the SAME masked NSP instances (drawn once from this repo's
-streaming pipeline, so masking is identical), from the SAME initial weights, in ONE process,
-in alternating rounds (A B, B A, ...); the figure is the median over rounds of non-padding
-tokens per second (collation + forward + backward + clipping + optimizer step).
+Both variants train on the SAME batches of masked NSP instances (drawn once from this
+repo's streaming pipeline, so masking is identical), from the SAME initial weights, in ONE
+process, in alternating rounds (A B, B A, ...); the figure is the median over rounds of
+non-padding tokens per second (collation + forward + backward + clipping + optimizer step),
+with tokens per CPU-second as a cross-check on a loaded machine. Shapes: ``tiny`` (the
+tiny recipe: 2 layers, hidden 128, batch 16) and ``bert-base`` (12 layers, hidden 768,
+vocab 30,522; batch 8 on a CPU), both at max_seq_length 128. Also measured: AdamW step
+time, loop vs foreach vs fused, on the shape's parameters; MFU of ours (interval_metrics).
 
 OURS (what ``bert_recipes.pretrain`` runs): ``PretrainingCollator`` (dynamic padding to a
 multiple of ``data.pad_to_multiple_of``), ``BertPreTrainingObjective`` (MLM head only at
@@ -26,6 +31,10 @@ default (``Trainer.get_optimizer_cls_and_kwargs``: fused AdamW on torch >= 2.8) 
 
 Before timing, both losses on the first batch are computed in fp32 with dropout off and
 must agree within 1e-5 (same weights, same data: the speed-up changes no result).
+
+``--micro-batches K`` adds a PROPOSED variant of ours (not in ``pretrain`` yet): each batch
+sorted by length and run as K micro-batches of one accumulation window, each padded to its
+own longest instance; exact (the loop normalises over the window) and less padding.
 """
 
 from __future__ import annotations
@@ -41,7 +50,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, alternate, bert_base_uncased_path, default_corpus, default_out, machine_info, summarise, write_json  # noqa: E402
+from common import (REPO, alternate, bert_base_uncased_path, default_corpus, default_out, machine_info,  # noqa: E402
+                    stock_config, stock_optimizer, stock_optimizer_spec, summarise, write_json)
 
 from bert_recipes.data.collator import PretrainingCollator  # noqa: E402
 from bert_recipes.data.loader import PretrainingStream  # noqa: E402
@@ -81,44 +91,11 @@ def draw_instances(recipe, tokenizer, files, count: int, batch_size: int, seed: 
 
 
 def stock_model(config, attn: str, state_dict: dict, device):
-    from transformers import BertConfig, BertForPreTraining
+    from transformers import BertForPreTraining
 
-    fields = config.to_dict()
-    for key in ("architectures", "transformers_version", "model_type", "_attn_implementation_autoset", "attn_implementation"):
-        fields.pop(key, None)
-    kwargs = {} if attn == "default" else {"attn_implementation": attn}
-    model = BertForPreTraining(BertConfig(**fields, **kwargs))
+    model = BertForPreTraining(stock_config(config, attn))
     model.load_state_dict(state_dict)
     return model.to(device)
-
-
-def stock_optimizer_spec(train, use_cpu: bool):
-    """The optimizer class and arguments ``transformers.Trainer`` picks by default for these
-    hyperparameters. Call before creating the Accelerator: ``TrainingArguments`` resets
-    Accelerate's shared state."""
-    import tempfile
-
-    from transformers import Trainer, TrainingArguments
-
-    args = TrainingArguments(
-        output_dir=tempfile.mkdtemp(prefix="stock-"), learning_rate=train.learning_rate, weight_decay=train.weight_decay,
-        adam_beta1=train.adam_beta1, adam_beta2=train.adam_beta2, adam_epsilon=train.adam_epsilon, report_to=[],
-        use_cpu=use_cpu,
-    )
-    return Trainer.get_optimizer_cls_and_kwargs(args)
-
-
-def stock_optimizer(model, spec, weight_decay: float):
-    """``spec``'s optimizer over ``Trainer``'s weight-decay groups (no decay on biases, norms)."""
-    from transformers import Trainer
-
-    cls, kwargs = spec
-    decay = set(Trainer.get_decay_parameter_names(None, model))
-    groups = [
-        {"params": [p for n, p in model.named_parameters() if n in decay], "weight_decay": weight_decay},
-        {"params": [p for n, p in model.named_parameters() if n not in decay], "weight_decay": 0.0},
-    ]
-    return cls(groups, **kwargs), {"class": f"{cls.__module__}.{cls.__name__}", **{k: str(v) for k, v in kwargs.items()}}
 
 
 def stock_collator(tokenizer, max_seq_length: int):
@@ -129,6 +106,51 @@ def stock_collator(tokenizer, max_seq_length: int):
 
 def to_device(batch: dict, device) -> dict:
     return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+
+
+def length_sorted_micro_batches(instances: list[dict], parts: int) -> list[list[dict]]:
+    """The batch's instances sorted by length and cut into ``parts`` micro-batches (each
+    padded to its own longest instance): the same examples, less padding. PROPOSED lever,
+    not in the loop yet; exact because ``forward_backward`` normalises over the window."""
+    order = sorted(range(len(instances)), key=lambda i: len(instances[i]["input_ids"]))
+    size = -(-len(order) // parts)
+    return [[instances[i] for i in order[k:k + size]] for k in range(0, len(order), size)]
+
+
+class OursTrainer:
+    """Our training step exactly as ``bert_recipes.pretrain`` runs it: collator -> the loop's
+    ``forward_backward`` over a window -> ``optimizer_step`` (clipping, non-finite checks)."""
+
+    def __init__(self, model, recipe, accelerator, collate, micro_batches: int = 1, compile_: bool = False):
+        self.train, self.accelerator, self.collate, self.micro_batches = recipe.train, accelerator, collate, micro_batches
+        self.objective = BertPreTrainingObjective(model, sparse_mlm_head=recipe.model.sparse_mlm_head)
+        if compile_:
+            self.objective.compile(dynamic=True)
+        optimizer = build_optimizer(model, self.train)
+        self.scheduler = build_scheduler(optimizer, self.train, self.train.max_steps)
+        self.objective, self.optimizer = accelerator.prepare(self.objective, optimizer)
+        self.state = TrainerState()
+
+    def window(self, instances: list[dict]) -> list[dict]:
+        parts = length_sorted_micro_batches(instances, self.micro_batches) if self.micro_batches > 1 else [instances]
+        return [to_device(self.collate(part), self.accelerator.device) for part in parts]
+
+    def step(self, instances: list[dict]) -> torch.Tensor:
+        accelerator, train = self.accelerator, self.train
+        sums = forward_backward(accelerator, self.objective, self.window(instances))
+        sums = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu().double()
+        step_loss = float(sums[0] / sums[4] + sums[1] / sums[5])
+        optimizer_step(accelerator, self.objective, self.optimizer, self.scheduler, step_loss, train.max_grad_norm,
+                       self.state, train.max_consecutive_nonfinite_steps)
+        self.state.step += 1
+        return sums
+
+
+def window_loss(objective, window: list[dict]) -> float:
+    """The normalised loss of a window of micro-batches (no gradient)."""
+    outs = [objective(**batch) for batch in window]
+    total = {key: sum(float(o[key]) for o in outs) for key in ("mlm_loss_sum", "nsp_loss_sum", "num_masked", "num_sequences")}
+    return total["mlm_loss_sum"] / total["num_masked"] + total["nsp_loss_sum"] / total["num_sequences"]
 
 
 # --------------------------------------------------------------------------- one shape
@@ -153,39 +175,34 @@ def run_shape(shape: str, args, accelerator, files: list[str], optimizer_spec) -
     stock = stock_model(model.config, args.stock_attn, model.state_dict(), device)
     ours_collate = PretrainingCollator(tokenizer, pad_to_multiple_of=recipe.data.pad_to_multiple_of, max_seq_length=max_len)
     stock_collate = stock_collator(tokenizer, max_len)
-    objective = BertPreTrainingObjective(model, sparse_mlm_head=recipe.model.sparse_mlm_head)
+    micro = None
+    if args.micro_batches > 1:
+        micro_model = BertForPreTraining(model.config).to(device)
+        micro_model.load_state_dict(model.state_dict())
 
     # Same loss on the first batch: fp32, dropout off, before any step.
     model.eval(), stock.eval()
     with torch.no_grad():
-        out = objective(**to_device(ours_collate(batches[0]), device))
-        ours_loss = float(out["mlm_loss_sum"] / out["num_masked"] + out["nsp_loss_sum"] / out["num_sequences"])
+        objective = BertPreTrainingObjective(model, sparse_mlm_head=recipe.model.sparse_mlm_head)
+        ours_loss = window_loss(objective, [to_device(ours_collate(batches[0]), device)])
         stock_loss = float(stock(**to_device(stock_collate(batches[0]), device)).loss)
+        if args.micro_batches > 1:
+            micro_loss = window_loss(objective, [to_device(ours_collate(part), device)
+                                                 for part in length_sorted_micro_batches(batches[0], args.micro_batches)])
     model.train(), stock.train()
 
     train = recipe.train
-    if args.compile:
-        objective.compile(dynamic=True)
-    optimizer = build_optimizer(model, train)
-    scheduler = build_scheduler(optimizer, train, train.max_steps)
-    objective, optimizer = accelerator.prepare(objective, optimizer)
-    state = TrainerState()
+    ours = OursTrainer(model, recipe, accelerator, ours_collate, compile_=args.compile)
+    ours_step = ours.step
+    if args.micro_batches > 1:
+        micro = OursTrainer(micro_model, recipe, accelerator, ours_collate, args.micro_batches, compile_=args.compile)
+    optimizer = ours.optimizer
     s_optimizer, s_optimizer_info = stock_optimizer(stock, optimizer_spec, train.weight_decay)
     from transformers import get_scheduler
 
     s_scheduler = get_scheduler(train.lr_scheduler_type, optimizer=s_optimizer,
                                 num_warmup_steps=train.warmup_for(train.max_steps), num_training_steps=train.max_steps)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.precision == "bf16" else contextlib.nullcontext
-
-    def ours_step(instances) -> torch.Tensor:
-        batch = to_device(ours_collate(instances), device)
-        sums = forward_backward(accelerator, objective, [batch])
-        sums = accelerator.reduce(sums.to(device), reduction="sum").cpu().double()
-        step_loss = float(sums[0] / sums[4] + sums[1] / sums[5])
-        optimizer_step(accelerator, objective, optimizer, scheduler, step_loss, train.max_grad_norm, state,
-                       train.max_consecutive_nonfinite_steps)
-        state.step += 1
-        return sums
 
     def stock_step(instances) -> None:
         batch = to_device(stock_collate(instances), device)
@@ -201,6 +218,8 @@ def run_shape(shape: str, args, accelerator, files: list[str], optimizer_spec) -
     for i in range(args.warmup):  # not timed: allocator, first-call and compile costs
         ours_step(batches[i])
         stock_step(batches[i])
+        if micro:
+            micro.step(batches[i])
     warmup_s = time.perf_counter() - start
 
     def tokens_of(chunk) -> int:
@@ -221,11 +240,37 @@ def run_shape(shape: str, args, accelerator, files: list[str], optimizer_spec) -
             stock_step(instances)
         return {"items": tokens_of(chunk(r))}
 
-    records = alternate({"ours": ours_round, "stock": stock_round}, args.rounds, device)
+    variants = {"ours": ours_round, "stock": stock_round}
+    if micro:
+        def micro_round(r: int) -> dict:
+            for instances in chunk(r):
+                micro.step(instances)
+            return {"items": tokens_of(chunk(r))}
+
+        variants["ours_micro"] = micro_round
+    records = alternate(variants, args.rounds, device)
     optimizer_bench = optimizer_step_ms(model, train, rounds=5 if shape == "tiny" else 3, steps=steps, device=device) if args.optimizer_bench else None
     if args.profile:
         profile_steps(shape, args, {"ours": ours_step, "stock": stock_step}, batches[:args.profile])
-    result = summarise(records, "ours", "stock", "tokens")
+    result = summarise({k: records[k] for k in ("ours", "stock")}, "ours", "stock", "tokens")
+    if micro:
+        proposed = summarise({k: records[k] for k in ("ours_micro", "stock")}, "ours_micro", "stock", "tokens")
+        padded = sum(ours_collate(part)["input_ids"].numel() for b in batches[:20]
+                     for part in length_sorted_micro_batches(b, args.micro_batches))
+        result["proposed_length_sorted_micro_batches"] = {
+            "micro_batches": args.micro_batches,
+            "cpu_time_ratio_vs_stock_median_of_rounds": proposed["cpu_time_ratio_median_of_rounds"],
+            "cpu_time_ratio_vs_ours_median_of_rounds": statistics.median(
+                o["cpu_s"] / m["cpu_s"] for m, o in zip(records["ours_micro"], records["ours"])),
+            "ours_micro_tokens_per_s": proposed["ours_micro_tokens_per_s"],
+            "ratio_vs_stock_median_of_rounds": proposed["ratio_median_of_rounds"],
+            "ratio_vs_ours_median_of_rounds": statistics.median(
+                m["items"] / m["elapsed"] / (o["items"] / o["elapsed"]) for m, o in zip(records["ours_micro"], records["ours"])),
+            "per_round": proposed["per_round"]["ours_micro"],
+            "mean_padded_length": round(padded / sum(len(b) for b in batches[:20]), 2),
+            "first_batch_loss": micro_loss,
+            "first_batch_abs_diff_vs_stock": abs(micro_loss - stock_loss),
+        }
 
     # MFU of our path through the loop's own interval_metrics (the figure pretrain logs).
     peak = peak_flops_per_second(device, args.peak_flops)
@@ -254,6 +299,7 @@ def run_shape(shape: str, args, accelerator, files: list[str], optimizer_spec) -
         "mean_tokens_per_sequence": round(mean_len, 2),
         "mean_padded_length_ours": round(padded_ours, 2),
         "padded_length_stock": max_len,
+        "attention": {"ours": model.config._attn_implementation, "stock": stock.config._attn_implementation},
         "first_batch_loss": {"ours": ours_loss, "stock": stock_loss, "abs_diff": abs(ours_loss - stock_loss),
                              "equal_within_1e-5": abs(ours_loss - stock_loss) <= LOSS_TOLERANCE},
         "ours_sequences_per_s": statistics.median(m["sequences_per_s"] for m in ours_metrics),
@@ -264,7 +310,7 @@ def run_shape(shape: str, args, accelerator, files: list[str], optimizer_spec) -
         "stock_optimizer": s_optimizer_info,
         "ours_optimizer": {"class": type(optimizer.optimizer).__name__, "fused": optimizer.optimizer.defaults.get("fused")},
         "adamw_step": optimizer_bench,
-        "goal_ratio": goal if device.type == "cpu" else None,
+        "goal_ratio": goal if device.type == "cpu" and args.precision == "no" else None,
     })
     if result["goal_ratio"]:
         result["goal_met"] = result["ratio_median_of_rounds"] >= goal
@@ -342,6 +388,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="diagnostic: dropout 0 in BOTH variants (shows what dropout's RNG costs on a CPU)")
     parser.add_argument("--no-optimizer-bench", dest="optimizer_bench", action="store_false",
                         help="skip timing AdamW loop/foreach/fused steps on the shape's parameters")
+    parser.add_argument("--micro-batches", type=int, default=1, metavar="K",
+                        help="also time a PROPOSED variant of ours: each batch sorted by length and run as K "
+                             "micro-batches of one accumulation window (same examples, less padding)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=default_out("pretrain_vs_stock.json"))
     args = parser.parse_args(argv)
@@ -381,8 +430,19 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"[{shape}] batch {res['batch_size']} x seq {res['max_seq_length']}, {args.precision}: "
               f"ours {res['ours_tokens_per_s']:.0f} tokens/s ({res['ours_sequences_per_s']:.2f} seq/s{mfu}), "
               f"stock {res['stock_tokens_per_s']:.0f} tokens/s; ratio {res['ratio_median_of_rounds']:.2f}x{goal}", flush=True)
-        print(f"[{shape}] first-batch loss (fp32, dropout off): ours {loss['ours']:.6f} stock {loss['stock']:.6f} "
-              f"|diff| {loss['abs_diff']:.2e}; per-round ratios {res['per_round_ratio']}", flush=True)
+        print(f"[{shape}] per-round ratios {res['per_round_ratio']}; per CPU-second: ours {res['ours_tokens_per_cpu_s']:.0f}, "
+              f"stock {res['stock_tokens_per_cpu_s']:.0f} tokens, ratio {res['cpu_time_ratio_median_of_rounds']:.2f}x "
+              f"(per round {res['per_round_cpu_time_ratio']})", flush=True)
+        print(f"[{shape}] first-batch loss (fp32, dropout off): ours {loss['ours']:.7f} stock {loss['stock']:.7f} "
+              f"|diff| {loss['abs_diff']:.2e} (<= 1e-5: {loss['equal_within_1e-5']})", flush=True)
+        if "proposed_length_sorted_micro_batches" in res:
+            m = res["proposed_length_sorted_micro_batches"]
+            print(f"[{shape}] PROPOSED ours + {m['micro_batches']} length-sorted micro-batches: {m['ours_micro_tokens_per_s']:.0f} "
+                  f"tokens/s, {m['ratio_vs_stock_median_of_rounds']:.2f}x stock, {m['ratio_vs_ours_median_of_rounds']:.2f}x ours "
+                  f"(per CPU-second: {m['cpu_time_ratio_vs_stock_median_of_rounds']:.2f}x stock, "
+                  f"{m['cpu_time_ratio_vs_ours_median_of_rounds']:.2f}x ours; padded length {m['mean_padded_length']} "
+                  f"vs {res['mean_padded_length_ours']}); first-batch loss "
+                  f"|diff| vs stock {m['first_batch_abs_diff_vs_stock']:.2e}", flush=True)
         if res["adamw_step"]:
             print(f"[{shape}] AdamW step ms (loop / foreach / fused): "
                   + " / ".join(f"{v:.1f}" for v in res["adamw_step"]["ms_per_step"].values()), flush=True)
