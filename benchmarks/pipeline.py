@@ -77,7 +77,11 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=60)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "pipeline.json"))
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads for the model (default: torch's); 1 on a loaded machine")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     files = sorted(glob.glob(args.corpus))
     recipe = load_recipe(args.recipe)
