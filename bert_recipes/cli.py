@@ -18,8 +18,19 @@ from .errors import UserError
 REPO_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
-def _setup_logging() -> None:
+def _setup_environment() -> None:
+    """Process-wide defaults, set before torch is imported (the user's values win).
+
+    ``OMP_WAIT_POLICY=PASSIVE``: idle OpenMP threads sleep instead of spinning. On a machine
+    whose cores are shared (CI, a laptop busy with other work) spinning threads wait on a
+    descheduled peer and a step can take 10x longer (measured: tiny recipe, 40 steps, 86 s
+    spinning vs 11 s passive on 2 loaded cores).
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _setup_logging() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("bert_recipes").setLevel(logging.INFO)
     for noisy in ("transformers", "datasets", "accelerate", "torch"):
@@ -205,6 +216,7 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    _setup_environment()
     _setup_logging()
     parser = build_parser()
     args = parser.parse_args(argv)
