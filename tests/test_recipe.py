@@ -99,3 +99,12 @@ def test_expand_files(tmp_path):
         expand_files([str(tmp_path / "missing.txt")], "data.eval_files")
     with pytest.raises(RecipeError, match="is a directory"):
         expand_files([str(tmp_path)], "data.train_files")
+
+
+def test_safe_loading(tmp_path):
+    """Promise 7: YAML is read with safe_load (no Python objects), and remote code is off by default."""
+    evil = write(tmp_path, "evil.yaml", "seed: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(RecipeError, match="invalid YAML"):
+        load_recipe(evil)
+    recipe = load_recipe(REPO / "recipes/pretrain/tiny.yaml")
+    assert recipe.model.trust_remote_code is False
