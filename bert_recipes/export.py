@@ -95,6 +95,25 @@ def pretraining_card(recipe, results: dict, steps: int) -> str:
     return _model_card(metadata, "BERT pretrained with bert-recipes", body)
 
 
+def _write_export(model, tokenizer, recipe, directory: str | os.PathLike, card: str, eval_results: dict,
+                  state_dict: dict | None = None) -> Path:
+    """Weights (safetensors), config, tokenizer, recipe.yaml, README.md and eval_results.json,
+    written next to ``directory`` and renamed into place."""
+    directory = Path(directory)
+    tmp = directory.with_name(f".{directory.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.config.architectures = [type(model).__name__]
+    model.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp))
+    save_recipe(recipe, tmp)
+    (tmp / "README.md").write_text(card, encoding="utf-8")
+    (tmp / "eval_results.json").write_text(json.dumps(eval_results, indent=1))
+    if directory.exists():
+        shutil.rmtree(directory)
+    os.replace(tmp, directory)
+    return directory
+
+
 def export_pretrained(model, tokenizer, recipe, directory: str | os.PathLike, results: dict, steps: int,
                       state_dict: dict | None = None) -> Path:
     """Write the Hub-ready export of a pretrained ``BertForPreTraining`` to ``directory``.
@@ -102,19 +121,8 @@ def export_pretrained(model, tokenizer, recipe, directory: str | os.PathLike, re
     ``state_dict`` (optional) is the full state gathered from all ranks
     (``accelerator.get_state_dict``), needed when the weights are sharded (FSDP, DeepSpeed).
     """
-    directory = Path(directory)
-    tmp = directory.with_name(f".{directory.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.config.architectures = ["BertForPreTraining"]
-    model.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
-    tokenizer.save_pretrained(str(tmp))
-    save_recipe(recipe, tmp)
-    (tmp / "README.md").write_text(pretraining_card(recipe, results, steps), encoding="utf-8")
-    (tmp / "eval_results.json").write_text(json.dumps({"step": steps, **results}, indent=1))
-    if directory.exists():
-        shutil.rmtree(directory)
-    os.replace(tmp, directory)
-    return directory
+    return _write_export(model, tokenizer, recipe, directory, pretraining_card(recipe, results, steps),
+                         {"step": steps, **results}, state_dict)
 
 
 def finetuning_card(recipe, task, results: dict, steps: int) -> str:
@@ -189,16 +197,5 @@ def export_finetuned(model, tokenizer, recipe, task, directory: str | os.PathLik
     tokenizer, ``recipe.yaml``, ``README.md`` (model card with the dev results) and
     ``eval_results.json``; it is written next to ``directory`` and renamed into place.
     """
-    directory = Path(directory)
-    tmp = directory.with_name(f".{directory.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.config.architectures = ["BertForSequenceClassification"]
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    tokenizer.save_pretrained(str(tmp))
-    save_recipe(recipe, tmp)
-    (tmp / "README.md").write_text(finetuning_card(recipe, task, results, steps), encoding="utf-8")
-    (tmp / "eval_results.json").write_text(json.dumps({"task": task.name, "step": steps, **results}, indent=1))
-    if directory.exists():
-        shutil.rmtree(directory)
-    os.replace(tmp, directory)
-    return directory
+    return _write_export(model, tokenizer, recipe, directory, finetuning_card(recipe, task, results, steps),
+                         {"task": task.name, "step": steps, **results})
