@@ -92,7 +92,6 @@ def finetune_seeds(recipe: FinetuneRecipe) -> dict:
     if (out / RESULTS).exists() and not (recipe.overwrite or recipe.resume_from):
         raise UserError(f"output_dir: '{out}' already holds a run ({RESULTS}); "
                         "set resume_from=latest to continue it or overwrite=true to replace it")
-    started = time.time()
     runs = {}
     for seed in recipe.seeds:
         sub = recipe.model_copy(update={"seed": seed, "seeds": [], "output_dir": str(out / f"seed-{seed}")})
@@ -101,7 +100,7 @@ def finetune_seeds(recipe: FinetuneRecipe) -> dict:
             return result
         runs[seed] = result
     results = aggregate_seeds(task, runs)
-    results["runtime_s"] = round(time.time() - started, 1)
+    results["runtime_s"] = round(sum(r.get("runtime_s") or 0.0 for r in runs.values()), 1)  # all seeds
     from accelerate import PartialState
 
     if PartialState().is_main_process:

@@ -154,7 +154,7 @@ def entry_names(task) -> list[str]:
 
 def _pct(value: float, std: float | None = None) -> str:
     text = f"{100 * value:.1f}"
-    return f"{text} ± {100 * std:.1f}" if std else text
+    return f"{text} ± {100 * std:.1f}" if std is not None else text
 
 
 def _duration(seconds) -> str:
@@ -170,8 +170,10 @@ def results_markdown(summary: dict) -> str:
     total = 0.0
     for name, row in summary["tasks"].items():
         task = get_task(name)
-        metrics = ", ".join(f"{key} {_pct(row['metrics'][key], row['std'].get(key))}" for key in task.metrics)
-        score = " / ".join(_pct(v, row["entries_std"].get(k)) for k, v in row["entries"].items())
+        several = len(row["seeds"]) > 1  # mean ± sample std over the seeds
+        metrics = ", ".join(f"{key} {_pct(row['metrics'][key], row['std'].get(key) if several else None)}"
+                            for key in task.metrics)
+        score = " / ".join(_pct(v, row["entries_std"].get(k) if several else None) for k, v in row["entries"].items())
         total += row["runtime_s"] or 0.0
         lines.append(f"| {' / '.join(row['entries'])} | {metrics} | {score} | {len(row['seeds'])} | "
                      f"{_duration(row['runtime_s'])} |")
