@@ -179,3 +179,13 @@ def stock_optimizer(model, spec, weight_decay: float):
         {"params": [p for n, p in model.named_parameters() if n not in decay], "weight_decay": 0.0},
     ]
     return cls(groups, **kwargs), {"class": f"{cls.__module__}.{cls.__name__}", **{k: str(v) for k, v in kwargs.items()}}
+
+
+def stock_update(model, optimizer, scheduler, loss, max_grad_norm: float) -> None:
+    """The stock training update (what transformers' Trainer does after the forward):
+    backward, clip, optimizer and scheduler step, zero the gradients."""
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)

@@ -42,7 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (REPO, alternate, bert_base_uncased_path, default_out, machine_info, stock_config,  # noqa: E402
-                    stock_optimizer, stock_optimizer_spec, write_json)
+                    stock_optimizer, stock_optimizer_spec, stock_update, write_json)
 
 from bert_recipes.glue.data import load_glue_split, tokenize_glue  # noqa: E402
 from bert_recipes.glue.finetune import BatchPlan, _batch, build_classifier, forward_backward  # noqa: E402
@@ -174,12 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     def stock_step(batch) -> tuple[int, int]:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        loss = stock(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(stock.parameters(), train.max_grad_norm)
-        s_optimizer.step()
-        s_scheduler.step()
-        s_optimizer.zero_grad(set_to_none=True)
+        stock_update(stock, s_optimizer, s_scheduler, stock(**batch).loss, train.max_grad_norm)
         return len(batch["labels"]), batch["input_ids"].numel()
 
     start = time.perf_counter()

@@ -51,7 +51,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (REPO, alternate, bert_base_uncased_path, default_corpus, default_out, machine_info,  # noqa: E402
-                    stock_config, stock_optimizer, stock_optimizer_spec, summarise, write_json)
+                    stock_config, stock_optimizer, stock_optimizer_spec, stock_update, summarise, write_json)
 
 from bert_recipes.data.collator import PretrainingCollator  # noqa: E402
 from bert_recipes.data.loader import PretrainingStream  # noqa: E402
@@ -208,11 +208,7 @@ def run_shape(shape: str, args, accelerator, files: list[str], optimizer_spec) -
         batch = to_device(stock_collate(instances), device)
         with autocast():
             loss = stock(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(stock.parameters(), train.max_grad_norm)
-        s_optimizer.step()
-        s_scheduler.step()
-        s_optimizer.zero_grad(set_to_none=True)
+        stock_update(stock, s_optimizer, s_scheduler, loss, train.max_grad_norm)
 
     start = time.perf_counter()
     for i in range(args.warmup):  # not timed: allocator, first-call and compile costs
