@@ -34,6 +34,11 @@ finetune: $(STAMP)
 	@$(if $(TASK)$(MODEL)$(FT_RECIPE),true,test -d runs/tiny/final || { echo "error: runs/tiny/final not found: run 'make pretrain' first (or pass MODEL=path-or-hub-id)" >&2; exit 2; })
 	$(BIN)/bert-recipes finetune $(if $(FT_RECIPE),$(FT_RECIPE),$(if $(TASK),recipes/glue/$(TASK).yaml,recipes/glue/sample.yaml)) $(if $(MODEL),model.name_or_path=$(MODEL)) $(if $(GLUE_DIR),data.glue_dir=$(GLUE_DIR)) $(ARGS)
 
+# `make glue MODEL=path-or-id GLUE_DIR=../shared/data/glue TASKS=cola,sst2,mrpc,stsb,rte`
+TASKS ?= cola,sst2,mrpc,stsb,qqp,mnli,qnli,rte,wnli
+glue: $(STAMP)
+	$(BIN)/bert-recipes glue recipes/glue/base.yaml --tasks $(TASKS) $(if $(MODEL),model.name_or_path=$(MODEL)) $(if $(GLUE_DIR),data.glue_dir=$(GLUE_DIR)) $(ARGS)
+
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 

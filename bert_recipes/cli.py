@@ -127,7 +127,7 @@ def _guess_schema(path: str, kind: str | None):
     if kind == "pretrain":
         return PretrainRecipe
     raw = load_raw(path)
-    if kind == "finetune" or "task" in raw:
+    if kind == "finetune" or "task" in raw or "predict_test" in raw or "glue_dir" in (raw.get("data") or {}):
         from .glue.recipe import FinetuneRecipe
 
         return FinetuneRecipe
