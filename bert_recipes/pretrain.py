@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from .tokenizer import load_tokenizer, save_tokenizer, train_wordpiece
 from .training.checkpoint import TrainerState, find_resume_checkpoint, load_checkpoint, save_checkpoint
 from .training.loop import StopRequest, make_accelerator, optimizer_step, prepare_output_dir
 from .training.optim import build_optimizer, build_scheduler
-from .training.reporting import Reporter
+from .training.reporting import Reporter, interactive, progress
 from .training.throughput import peak_flops_per_second
 
 logger = logging.getLogger("bert_recipes")
@@ -176,7 +175,7 @@ def prepare_tokenizer(recipe: PretrainRecipe, out: Path, accelerator, train_file
                 raise UserError("tokenizer.train_files: needed to train a vocabulary when data comes from data.dataset_name")
             logger.info("training a WordPiece vocabulary of %d on %d file(s)", spec.vocab_size, len(files))
             tokenizer = train_wordpiece(files, vocab_size=spec.vocab_size, min_frequency=spec.min_frequency,
-                                        lowercase=spec.lowercase, show_progress=sys.stderr.isatty())
+                                        lowercase=spec.lowercase, show_progress=interactive())
         save_tokenizer(tokenizer, saved)
     accelerator.wait_for_everyone()
     return load_tokenizer(str(saved), key="output_dir/tokenizer")
@@ -264,7 +263,8 @@ def evaluate(accelerator, objective, recipe: PretrainRecipe, tokenizer, eval_fil
     model = accelerator.unwrap_model(objective)
     model.eval()
     sums = torch.zeros(6, dtype=torch.float64)
-    for batch in loader:
+    batches = math.ceil(limit / recipe.train.per_device_eval_batch_size) if limit else None
+    for batch in progress(loader, total=batches, desc="eval", main=accelerator.is_main_process, leave=False):
         out = model(**_to_device(batch, accelerator.device))
         sums += torch.tensor([float(out[name]) for name in STEP_SUMS[:6]], dtype=torch.float64)
     model.train()

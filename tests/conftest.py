@@ -1,9 +1,11 @@
-"""Shared fixtures: paths to the sample corpus and the read-only real data, and a small
-WordPiece tokenizer trained once per session on the sample corpus."""
+"""Shared fixtures: paths to the sample corpus and the read-only real data, a small
+WordPiece tokenizer trained once per session on the sample corpus, and a tiny random BERT
+export to fine-tune."""
 
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the CLI does: no spinn
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRACKIO_DIR", tempfile.mkdtemp(prefix="bert-recipes-trackio-"))  # not ~/.cache
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample"
@@ -35,6 +38,23 @@ def sample_tokenizer():
     from bert_recipes.tokenizer import train_wordpiece
 
     return train_wordpiece(SAMPLE_TRAIN, vocab_size=2000, min_frequency=2)
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory, sample_tokenizer) -> Path:
+    """A tiny random ``BertForPreTraining`` + WordPiece tokenizer, as a pretraining export."""
+    import torch
+    from transformers import BertConfig, BertForPreTraining
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(sample_tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)
+    model = BertForPreTraining(config)
+    model.config.architectures = ["BertForPreTraining"]
+    path = tmp_path_factory.mktemp("checkpoint") / "tiny-bert"
+    model.save_pretrained(path)
+    sample_tokenizer.save_pretrained(path)
+    return path
 
 
 def tiny_overrides(output_dir, **extra) -> list[str]:

@@ -21,9 +21,13 @@ from .conftest import TINY_RECIPE, tiny_overrides
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
-    """One tiny run shared by this module: evaluations at steps 3 and 6, TensorBoard on."""
+    """One tiny run shared by this module: evaluations at steps 3 and 6, TensorBoard and
+    trackio (when installed; conftest points TRACKIO_DIR at a temporary folder) on."""
+    from accelerate.utils import is_trackio_available
+
     out = tmp_path_factory.mktemp("eco") / "run"
-    overrides = tiny_overrides(out, report_to="[jsonl,tensorboard]", **{"train.eval_steps": 3})
+    trackers = "tensorboard,trackio" if is_trackio_available() else "tensorboard"
+    overrides = tiny_overrides(out, report_to=f"[jsonl,{trackers}]", **{"train.eval_steps": 3})
     assert main(["pretrain", str(TINY_RECIPE), *overrides]) == 0
     return out
 
@@ -258,6 +262,43 @@ def test_tensorboard_event_files_hold_the_loss(tiny_run):
     assert [step for step, _ in scalars["loss"]] == [1, 2, 3, 4, 5, 6]
     assert [v for _, v in scalars["loss"]] == pytest.approx([v for _, v in expected], rel=1e-5)
     assert [step for step, _ in scalars["eval_mlm_accuracy"]] == [3, 6]
+
+
+def test_trackio_run_holds_the_loss_under_the_run_name(tiny_run):
+    pytest.importorskip("trackio", reason="trackio is not installed (pip install -e '.[dev]' installs it)")
+    from trackio.sqlite_storage import SQLiteStorage
+
+    assert "run" in SQLiteStorage.get_runs("bert-recipes")  # named after output_dir, not a random name
+    logs = SQLiteStorage.get_logs("bert-recipes", "run")
+    metrics = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    expected = [(r["step"], r["loss"]) for r in metrics if "loss" in r]
+    got = [(r["step"], r["loss"]) for r in logs if "loss" in r]
+    assert [step for step, _ in got] == [1, 2, 3, 4, 5, 6]
+    assert [v for _, v in got] == pytest.approx([v for _, v in expected], rel=1e-6)
+    assert [r["step"] for r in logs if "eval_mlm_accuracy" in r] == [3, 6]
+    config = SQLiteStorage.get_run_config("bert-recipes", "run")
+    assert config["train.max_steps"] == 6 and config["model.config.hidden_size"] == 32
+
+
+@pytest.mark.parametrize("tracker", ["wandb", "trackio", "tensorboard"])
+def test_a_tracker_that_is_not_installed_is_a_one_line_error(tracker, tmp_path, capsys, monkeypatch):
+    import accelerate.utils
+
+    monkeypatch.setattr(accelerate.utils, f"is_{tracker}_available", lambda: False)
+    code = main(["pretrain", str(TINY_RECIPE), *tiny_overrides(tmp_path / "run", report_to=f"[jsonl,{tracker}]")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err == (f"error: report_to: '{tracker}' needs the {tracker} package; install it with 'pip install "
+                   f"{tracker}' (or pip install -e '.[trackers]') or remove it from report_to")
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_tracker_run_names_follow_the_run_directory(tmp_path):
+    from bert_recipes.training.loop import run_name
+
+    assert run_name("runs/tiny") == "tiny"
+    assert run_name(tmp_path / "runs" / "glue" / "rte" / "seed-42") == "glue/rte/seed-42"
+    assert run_name(tmp_path / "elsewhere") == "elsewhere"
 
 
 # --------------------------------------------------------------------------- continued pretraining

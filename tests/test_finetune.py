@@ -28,22 +28,6 @@ GLUE_RECIPES = REPO / "recipes" / "glue"
 TRAINABLE = [name for name, task in TASKS.items() if task.dev_splits]
 
 
-@pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory, sample_tokenizer) -> Path:
-    """A tiny random ``BertForPreTraining`` + WordPiece tokenizer, as a pretraining export."""
-    from transformers import BertConfig, BertForPreTraining
-
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(sample_tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128)
-    model = BertForPreTraining(config)
-    model.config.architectures = ["BertForPreTraining"]
-    path = tmp_path_factory.mktemp("checkpoint") / "tiny-bert"
-    model.save_pretrained(path)
-    sample_tokenizer.save_pretrained(path)
-    return path
-
-
 def overrides(checkpoint, output_dir, **extra) -> list[str]:
     values = {
         "model.name_or_path": str(checkpoint),

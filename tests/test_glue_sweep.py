@@ -18,7 +18,7 @@ from bert_recipes.glue.sweep import parse_tasks, task_recipe
 from bert_recipes.glue.tasks import TASKS, get_task
 
 from .conftest import REPO
-from .test_finetune import FIXTURES, GLUE_RECIPES, checkpoint, overrides  # noqa: F401  (session fixture)
+from .test_finetune import FIXTURES, GLUE_RECIPES, overrides
 
 ALL = "cola,sst2,mrpc,stsb,qqp,mnli,qnli,rte,wnli"
 LEADERBOARD_FILES = {"CoLA.tsv", "SST-2.tsv", "MRPC.tsv", "STS-B.tsv", "QQP.tsv", "MNLI-m.tsv", "MNLI-mm.tsv",
@@ -26,7 +26,7 @@ LEADERBOARD_FILES = {"CoLA.tsv", "SST-2.tsv", "MRPC.tsv", "STS-B.tsv", "QQP.tsv"
 
 
 @pytest.fixture(scope="module")
-def sweep(checkpoint, tmp_path_factory) -> Path:  # noqa: F811
+def sweep(checkpoint, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("glue") / "sweep"
     # options after the overrides work too
     code = main(["glue", str(GLUE_RECIPES / "base.yaml"), *overrides(checkpoint, out, **{"train.max_steps": 2}),
@@ -90,7 +90,7 @@ def test_submission_zip_has_every_leaderboard_file_with_index_and_prediction(swe
                 assert value in task.tsv_labels, (file_name, value)
 
 
-def test_finished_tasks_are_reused_on_resume(sweep, checkpoint, capsys, tmp_path):  # noqa: F811
+def test_finished_tasks_are_reused_on_resume(sweep, checkpoint, capsys, tmp_path):
     copy = tmp_path / "sweep"
     shutil.copytree(sweep, copy)
     before = (copy / "rte" / "metrics.jsonl").read_text()
@@ -117,7 +117,7 @@ def test_per_task_files_layer_on_the_base_recipe(tmp_path):
     assert (cola.task, cola.train.learning_rate, cola.train.num_train_epochs) == ("cola", 3e-5, 2)
 
 
-def test_task_list_errors(capsys, tmp_path, checkpoint):  # noqa: F811
+def test_task_list_errors(capsys, tmp_path, checkpoint):
     assert parse_tasks("") == list(ALL.split(","))
     assert parse_tasks("RTE,SST-2,cola") == ["cola", "sst2", "rte"]
     for bad, message in (("rte,ax", "predicted with the mnli model"), ("rte,rte", "listed twice"),

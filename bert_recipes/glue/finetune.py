@@ -55,7 +55,7 @@ from ..tokenizer import load_tokenizer
 from ..training.checkpoint import TrainerState, find_resume_checkpoint, load_checkpoint, save_checkpoint
 from ..training.loop import StopRequest, make_accelerator, optimizer_step, prepare_output_dir
 from ..training.optim import build_optimizer, build_scheduler
-from ..training.reporting import Reporter
+from ..training.reporting import Reporter, progress
 from .data import label_mapping, load_glue_split, tokenize_glue
 from .metrics import compute_metrics
 from .recipe import FinetuneRecipe
@@ -503,7 +503,8 @@ def predict(accelerator, model, dataset, collator, batch_size: int) -> np.ndarra
     was_training = unwrapped.training
     unwrapped.eval()
     mine = []
-    for indices in batches[accelerator.process_index::accelerator.num_processes]:
+    mine_batches = batches[accelerator.process_index::accelerator.num_processes]
+    for indices in progress(mine_batches, desc="eval", main=accelerator.is_main_process, leave=False):
         with accelerator.autocast():
             logits = unwrapped(**_batch(features, indices, collator, accelerator.device)).logits
         mine.extend(zip(indices.tolist(), logits.float().cpu().numpy()))

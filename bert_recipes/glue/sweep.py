@@ -27,6 +27,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..recipe import _read_yaml, apply_overrides, deep_merge, load_raw, validate
+from ..training.reporting import progress
 from .data import glue_task_dir
 from .finetune import finetune_seeds
 from .metrics import glue_score, task_score
@@ -99,17 +100,20 @@ def run_glue(base: str | os.PathLike, tasks: list[str], overrides: list[str] | N
     for recipe in recipes.values():
         if recipe.data.glue_dir is not None:
             glue_task_dir(recipe.data.glue_dir, recipe.task)
-    results = {}
-    for name, recipe in recipes.items():
-        logger.info("GLUE %s -> %s", name, recipe.output_dir)
-        result = finetune_seeds(recipe)
-        if result.get("stopped"):
-            return None
-        results[name] = result
-    summary = summarise(results)
-    summary.update(recipe=str(base), output_dir=str(root))
     from accelerate import PartialState
 
+    results = {}
+    with progress(total=len(recipes), desc="GLUE tasks", main=PartialState().is_main_process) as bar:
+        for name, recipe in recipes.items():
+            bar.set_postfix_str(name)
+            logger.info("GLUE %s -> %s", name, recipe.output_dir)
+            result = finetune_seeds(recipe)
+            if result.get("stopped"):
+                return None
+            results[name] = result
+            bar.update(1)
+    summary = summarise(results)
+    summary.update(recipe=str(base), output_dir=str(root))
     if PartialState().is_main_process:
         root.mkdir(parents=True, exist_ok=True)
         if predict_test:

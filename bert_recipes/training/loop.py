@@ -32,11 +32,20 @@ class TrainingError(UserError):
 
 
 def make_accelerator(recipe, project_name: str = "bert-recipes"):
-    """An ``Accelerator`` for the recipe's ``precision`` and ``report_to``, trackers started."""
+    """An ``Accelerator`` for the recipe's ``precision`` and ``report_to``, trackers started.
+
+    Trackers log into the project ``project_name`` under a run named after the run
+    directory (``runs/glue/rte/seed-42`` -> ``glue/rte/seed-42``).
+
+    Raises:
+        UserError: ``report_to`` names a tracker whose package is not installed (Accelerate
+            would silently drop it).
+    """
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
     trackers = trackers_for(recipe.report_to)
+    check_trackers_installed(trackers)
     accelerator = Accelerator(
         cpu=_ranks_without_accelerator(),
         mixed_precision=recipe.precision,
@@ -45,8 +54,32 @@ def make_accelerator(recipe, project_name: str = "bert-recipes"):
     )
     if trackers:
         config = _flatten(recipe.model_dump(mode="json"))
-        accelerator.init_trackers(project_name, config=config)
+        name = run_name(recipe.output_dir)
+        init_kwargs = {"trackio": {"name": name}, "wandb": {"name": name}}
+        accelerator.init_trackers(project_name, config=config,
+                                  init_kwargs={key: value for key, value in init_kwargs.items() if key in trackers})
     return accelerator
+
+
+def check_trackers_installed(trackers: list[str]) -> None:
+    """Raise a one-line ``UserError`` for a tracker in ``report_to`` whose package is missing."""
+    from accelerate.utils import is_tensorboard_available, is_trackio_available, is_wandb_available
+
+    available = {"tensorboard": is_tensorboard_available, "trackio": is_trackio_available, "wandb": is_wandb_available}
+    for name in trackers:
+        if not available[name]():
+            raise UserError(f"report_to: '{name}' needs the {name} package; install it with "
+                            f"'pip install {name}' (or pip install -e '.[trackers]') or remove it from report_to")
+
+
+def run_name(output_dir: str | os.PathLike) -> str:
+    """The tracker run name: the run directory relative to a ``runs/`` folder, else its name."""
+    parts = Path(output_dir).resolve().parts
+    parents = parts[:-1]
+    if "runs" in parents:
+        index = len(parents) - 1 - parents[::-1].index("runs")
+        return "/".join(parts[index + 1:])
+    return parts[-1]
 
 
 def _ranks_without_accelerator() -> bool:

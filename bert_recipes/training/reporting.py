@@ -24,6 +24,27 @@ def trackers_for(report_to: list[str]) -> list[str]:
     return [name for name in report_to if name in TRACKERS]
 
 
+def interactive(main: bool = True) -> bool:
+    """Whether progress bars are drawn: on the main process, when stderr is a terminal."""
+    return main and sys.stderr.isatty()
+
+
+def progress(iterable=None, *, total: int | None = None, desc: str, main: bool = True, leave: bool = True):
+    """A tqdm progress bar (with ETA) over ``iterable``, drawn only where :func:`interactive`.
+
+    Elsewhere (other ranks, CI logs, pipes) the bar is disabled and the iterable is returned
+    as a plain pass-through, so no carriage-return noise reaches log files.
+
+    Args:
+        iterable: what to iterate over (None for a manual bar driven by ``update``).
+        total: the number of items, when ``iterable`` has no ``len`` (None: no ETA).
+        desc: the bar's label, e.g. ``"eval"``.
+        main: whether this process is the main one.
+        leave: keep the finished bar on screen (False for inner bars such as evaluation).
+    """
+    return tqdm(iterable, total=total, desc=desc, dynamic_ncols=True, leave=leave, disable=not interactive(main))
+
+
 def _clean(value):
     if hasattr(value, "item"):
         value = value.item()
@@ -47,7 +68,7 @@ class Reporter:
         self.accelerator = accelerator
         self.main = accelerator.is_main_process
         self.path = Path(output_dir) / "metrics.jsonl"
-        self.interactive = self.main and sys.stderr.isatty()
+        self.interactive = interactive(self.main)
         self.bar = tqdm(total=total_steps, initial=initial_step, desc=desc, dynamic_ncols=True, disable=not self.interactive)
         self.history: list[dict] = []
         self.started = time.time()
