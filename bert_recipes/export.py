@@ -103,6 +103,11 @@ def _write_export(model, tokenizer, recipe, directory: str | os.PathLike, card: 
     tmp = directory.with_name(f".{directory.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.config.architectures = [type(model).__name__]
+    if state_dict is not None:
+        # a state dict gathered from shards has separate copies of tied weights (the MLM
+        # decoder is the word embedding): leave them out, as save_pretrained does for a model
+        tied = getattr(model, "all_tied_weights_keys", None) or {}
+        state_dict = {key: value for key, value in state_dict.items() if key not in tied}
     model.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(str(tmp))
     save_recipe(recipe, tmp)
@@ -190,12 +195,14 @@ def finetuning_card(recipe, task, results: dict, steps: int) -> str:
     return _model_card(metadata, f"BERT fine-tuned on GLUE {task.glue_folder}", body)
 
 
-def export_finetuned(model, tokenizer, recipe, task, directory: str | os.PathLike, results: dict, steps: int) -> Path:
+def export_finetuned(model, tokenizer, recipe, task, directory: str | os.PathLike, results: dict, steps: int,
+                     state_dict: dict | None = None) -> Path:
     """Write the Hub-ready export of a fine-tuned ``BertForSequenceClassification``.
 
     The folder holds the weights, config (``id2label`` with the task's label names),
     tokenizer, ``recipe.yaml``, ``README.md`` (model card with the dev results) and
     ``eval_results.json``; it is written next to ``directory`` and renamed into place.
+    ``state_dict`` as in :func:`export_pretrained`.
     """
     return _write_export(model, tokenizer, recipe, directory, finetuning_card(recipe, task, results, steps),
-                         {"task": task.name, "step": steps, **results})
+                         {"task": task.name, "step": steps, **results}, state_dict)

@@ -24,7 +24,9 @@ from .modeling import BertPreTrainingObjective, build_pretraining_model, trainin
 from .recipe import PretrainRecipe, expand_files, save_recipe
 from .tokenizer import load_tokenizer, save_tokenizer, train_wordpiece
 from .training.checkpoint import TrainerState, find_resume_checkpoint, load_checkpoint, save_checkpoint
-from .training.loop import StopRequest, make_accelerator, optimizer_step, prepare_output_dir
+from .training.loop import (
+    StopRequest, in_lockstep, make_accelerator, optimizer_step, prepare_output_dir, sharded_parameters,
+)
 from .training.optim import build_optimizer, build_scheduler
 from .training.reporting import Reporter, interactive, progress
 from .training.throughput import peak_flops_per_second
@@ -209,13 +211,13 @@ def forward_backward(accelerator, objective, window: list[dict]) -> torch.Tensor
 
 
 def verify_replicas_in_sync(accelerator, model) -> None:
-    """With several processes, check that every rank holds the same parameters.
+    """With several processes (data parallel), check that every rank holds the same parameters.
 
     Raises:
         RuntimeError: the replicas diverged (a bug, never a user error).
     """
-    if accelerator.num_processes == 1:
-        return
+    if accelerator.num_processes == 1 or sharded_parameters(accelerator):
+        return  # FSDP/DeepSpeed: each rank holds its own shard, there are no replicas to compare
     with torch.no_grad():
         local = torch.stack([p.detach().double().sum() for p in model.parameters()]).to(accelerator.device)
     gathered = accelerator.gather(local.unsqueeze(0))
@@ -264,9 +266,13 @@ def evaluate(accelerator, objective, recipe: PretrainRecipe, tokenizer, eval_fil
     model.eval()
     sums = torch.zeros(6, dtype=torch.float64)
     batches = math.ceil(limit / recipe.train.per_device_eval_batch_size) if limit else None
-    for batch in progress(loader, total=batches, desc="eval", main=accelerator.is_main_process, leave=False):
+    first = []  # a rank out of batches while others go on (sharded weights) re-runs one of its own
+    bar = progress(loader, total=batches, desc="eval", main=accelerator.is_main_process, leave=False)
+    for batch, real in in_lockstep(accelerator, bar, lambda: first[0] if first else placeholder_batch(tokenizer)):
         out = model(**_to_device(batch, accelerator.device))
-        sums += torch.tensor([float(out[name]) for name in STEP_SUMS[:6]], dtype=torch.float64)
+        if real:
+            first = first or [batch]
+            sums += torch.tensor([float(out[name]) for name in STEP_SUMS[:6]], dtype=torch.float64)
     model.train()
     mlm_loss_sum, nsp_loss_sum, mlm_correct, nsp_correct, masked, sequences = (
         accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu().tolist()
@@ -281,6 +287,19 @@ def evaluate(accelerator, objective, recipe: PretrainRecipe, tokenizer, eval_fil
         "eval_nsp_accuracy": nsp_correct / sequences,
         "eval_perplexity": math.exp(min(mlm_loss, 50.0)),
         "eval_sequences": int(sequences),
+    }
+
+
+def placeholder_batch(tokenizer) -> dict:
+    """A one-sequence batch ``[CLS] [MASK] [SEP]`` (shapes [1, 3]; NSP label [1]) for a
+    forward pass whose outputs are discarded (see :func:`~bert_recipes.training.loop.in_lockstep`)."""
+    input_ids = torch.tensor([[tokenizer.cls_token_id, tokenizer.mask_token_id, tokenizer.sep_token_id]])
+    return {
+        "input_ids": input_ids,
+        "token_type_ids": torch.zeros_like(input_ids),
+        "attention_mask": torch.ones_like(input_ids),
+        "labels": torch.tensor([[-100, tokenizer.sep_token_id, -100]]),
+        "next_sentence_label": torch.tensor([0]),
     }
 
 

@@ -53,7 +53,7 @@ from ..pretrain import resolve_batch_size
 from ..recipe import save_recipe
 from ..tokenizer import load_tokenizer
 from ..training.checkpoint import TrainerState, find_resume_checkpoint, load_checkpoint, save_checkpoint
-from ..training.loop import StopRequest, make_accelerator, optimizer_step, prepare_output_dir
+from ..training.loop import StopRequest, in_lockstep, make_accelerator, optimizer_step, prepare_output_dir
 from ..training.optim import build_optimizer, build_scheduler
 from ..training.reporting import Reporter, progress
 from .data import label_mapping, load_glue_split, tokenize_glue
@@ -224,9 +224,10 @@ def finetune(recipe: FinetuneRecipe) -> dict:
                 if first or _comparable(results[task.main_metric]) > _comparable(state.best_metric):
                     state.best_metric = results[task.main_metric]
                     state.extra.update(best_step=state.step, best_results=results)
+                    full_state = accelerator.get_state_dict(model)  # every rank: gathers FSDP/DeepSpeed shards
                     if accelerator.is_main_process:
                         export_finetuned(accelerator.unwrap_model(model), tokenizer, recipe, task, out / "best",
-                                         results, state.step)
+                                         results, state.step, full_state)
                     accelerator.wait_for_everyone()
             stopping = bool(sums[STEP_SUMS.index("stop")] > 0)
             if stopping or (train.save_steps and state.step % train.save_steps == 0 and state.step < total_steps):
@@ -503,11 +504,13 @@ def predict(accelerator, model, dataset, collator, batch_size: int) -> np.ndarra
     was_training = unwrapped.training
     unwrapped.eval()
     mine = []
-    mine_batches = batches[accelerator.process_index::accelerator.num_processes]
-    for indices in progress(mine_batches, desc="eval", main=accelerator.is_main_process, leave=False):
+    my_batches = progress(batches[accelerator.process_index::accelerator.num_processes], desc="eval",
+                          main=accelerator.is_main_process, leave=False)
+    for indices, real in in_lockstep(accelerator, my_batches, lambda: batches[0]):
         with accelerator.autocast():
             logits = unwrapped(**_batch(features, indices, collator, accelerator.device)).logits
-        mine.extend(zip(indices.tolist(), logits.float().cpu().numpy()))
+        if real:
+            mine.extend(zip(indices.tolist(), logits.float().cpu().numpy()))
     unwrapped.train(was_training)
     gathered = sorted(gather_object(mine), key=lambda pair: pair[0])
     outputs = np.stack([value for _, value in gathered]) if gathered else np.zeros((0, unwrapped.config.num_labels))

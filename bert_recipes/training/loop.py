@@ -4,6 +4,7 @@
 - :func:`prepare_output_dir`: refuse to train into another run's directory.
 - :func:`optimizer_step`: clip, skip non-finite steps, step optimizer and scheduler.
 - :class:`StopRequest`: SIGTERM/SIGINT -> save at the next step boundary and exit.
+- :func:`in_lockstep`: evaluation batches when every forward is a collective (FSDP).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import math
 import os
 import shutil
 import signal
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -39,7 +41,7 @@ def make_accelerator(recipe, project_name: str = "bert-recipes"):
 
     Raises:
         UserError: ``report_to`` names a tracker whose package is not installed (Accelerate
-            would silently drop it).
+            would silently drop it), or the Accelerate config asks for FSDP version 1.
     """
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
@@ -52,6 +54,10 @@ def make_accelerator(recipe, project_name: str = "bert-recipes"):
         log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=recipe.output_dir, logging_dir=str(Path(recipe.output_dir) / "logs")),
     )
+    check_fsdp_version(accelerator)
+    if accelerator.is_main_process:
+        logger.info("accelerate: %s, %d process(es), device %s, mixed precision %s", accelerator.distributed_type.value,
+                    accelerator.num_processes, accelerator.device.type, accelerator.mixed_precision)
     if trackers:
         config = _flatten(recipe.model_dump(mode="json"))
         name = run_name(recipe.output_dir)
@@ -72,6 +78,14 @@ def check_trackers_installed(trackers: list[str]) -> None:
                             f"'pip install {name}' (or pip install -e '.[trackers]') or remove it from report_to")
 
 
+def check_fsdp_version(accelerator) -> None:
+    """Refuse FSDP1 in one line: evaluation runs the unwrapped model, which only FSDP2
+    (``fully_shard``, sharding in place) can run; FSDP1 wraps and flattens the parameters."""
+    if accelerator.distributed_type == "FSDP" and not accelerator.is_fsdp2:
+        raise UserError("accelerate config: fsdp_config.fsdp_version 1 is not supported; use fsdp_version: 2 "
+                        "(as recipes/accelerate/fsdp.yaml does)")
+
+
 def run_name(output_dir: str | os.PathLike) -> str:
     """The tracker run name: the run directory relative to a ``runs/`` folder, else its name."""
     parts = Path(output_dir).resolve().parts
@@ -80,6 +94,35 @@ def run_name(output_dir: str | os.PathLike) -> str:
         index = len(parents) - 1 - parents[::-1].index("runs")
         return "/".join(parts[index + 1:])
     return parts[-1]
+
+
+def sharded_parameters(accelerator) -> bool:
+    """Whether the prepared model's parameters are sharded across ranks (FSDP, DeepSpeed),
+    so that every forward pass all-gathers them: a collective every rank must join."""
+    return accelerator.num_processes > 1 and accelerator.distributed_type in ("FSDP", "DEEPSPEED")
+
+
+def in_lockstep(accelerator, batches: Iterable, placeholder: Callable[[], object]) -> Iterator[tuple[object, bool]]:
+    """Yield ``(batch, True)`` for this rank's batches, padded so that all ranks run the same
+    number of forward passes when parameters are sharded.
+
+    Evaluation data is split unevenly across ranks (a rank may get one batch more, or none).
+    With FSDP/DeepSpeed each forward all-gathers the weights, so a rank that stopped early
+    would leave the others waiting forever. Here ranks agree before each batch whether any
+    rank still has one; a rank that has run out yields ``(placeholder(), False)``: run it
+    and discard the outputs. Without sharding, batches pass through with no communication.
+    """
+    if not sharded_parameters(accelerator):
+        for batch in batches:
+            yield batch, True
+        return
+    iterator = iter(batches)
+    while True:
+        batch = next(iterator, None)
+        has_batch = torch.tensor([0 if batch is None else 1], device=accelerator.device)
+        if int(accelerator.reduce(has_batch, reduction="sum")) == 0:
+            return
+        yield (batch, True) if batch is not None else (placeholder(), False)
 
 
 def _ranks_without_accelerator() -> bool:
