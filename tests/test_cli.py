@@ -62,6 +62,17 @@ def test_show_prints_the_resolved_recipe(capsys):
     assert shown["data"]["masked_lm_prob"] == 0.15  # defaults are filled in
 
 
+def test_overrides_may_follow_the_options(capsys):
+    glue_base = REPO / "recipes" / "glue" / "base.yaml"
+    assert main(["show", str(glue_base), "train.max_steps=5", "--kind", "finetune", "task=rte", "train.max_steps=9"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert (shown["task"], shown["train"]["max_steps"]) == ("rte", 9)  # in command-line order: the last one wins
+    with pytest.raises(SystemExit) as exit_info:
+        main(["show", str(TINY_RECIPE), "--bogus"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
 def test_recipes_lists_shipped_files(capsys):
     assert main(["recipes"]) == 0
     out = capsys.readouterr().out
