@@ -280,6 +280,30 @@ def test_trackio_run_holds_the_loss_under_the_run_name(tiny_run):
     assert config["train.max_steps"] == 6 and config["model.config.hidden_size"] == 32
 
 
+def test_wandb_offline_gets_every_logged_value(tmp_path, monkeypatch):
+    pytest.importorskip("wandb", reason="wandb is optional and not installed (pip install wandb)")
+    from wandb.sdk.wandb_run import Run
+
+    monkeypatch.setenv("WANDB_MODE", "offline")  # no account, no network
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    calls, log = [], Run.log
+
+    def spy(self, data, step=None, *args, **kwargs):  # the W&B API boundary, as Accelerate calls it
+        calls.append({"run": self.name, "project": self.project, "step": step, **data,
+                      "config": dict(self.config)})
+        return log(self, data, step, *args, **kwargs)
+
+    monkeypatch.setattr(Run, "log", spy)
+    run = tmp_path / "runs" / "wb"
+    assert main(["pretrain", str(TINY_RECIPE), *tiny_overrides(run, report_to="[jsonl,wandb]", **{"train.max_steps": 3})]) == 0
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(c["step"], c.get("loss")) for c in calls] == [(r["step"], r.get("loss")) for r in metrics]
+    assert {(c["run"], c["project"]) for c in calls} == {("wb", "bert-recipes")}
+    assert calls[0]["config"]["train.max_steps"] == 3
+    assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))  # the offline run file to `wandb sync`
+
+
 @pytest.mark.parametrize("tracker", ["wandb", "trackio", "tensorboard"])
 def test_a_tracker_that_is_not_installed_is_a_one_line_error(tracker, tmp_path, capsys, monkeypatch):
     import accelerate.utils
