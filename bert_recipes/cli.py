@@ -145,14 +145,18 @@ def cmd_pretrain(args) -> int:
         check_push_target(args.push_to_hub)  # before hours of training, not after
     final = pretrain(recipe)
     if final is not None:
-        print(f"checkpoint: {final}")
+        if _is_main_process():
+            print(f"checkpoint: {final}")
         if args.push_to_hub and _is_main_process():
             from .hub import push_to_hub
 
             print(f"pushed to the Hub: {push_to_hub(final, args.push_to_hub, private=args.hub_private)}")
-    elif args.push_to_hub and _is_main_process():
+        return 0
+    if args.push_to_hub and _is_main_process():
         print("not pushed to the Hub: the run stopped before its last step (resume it with --push-to-hub)")
-    return 0
+    from .training.loop import stopped_exit_code
+
+    return stopped_exit_code()
 
 
 def _is_main_process() -> bool:

@@ -109,6 +109,10 @@ def _write_export(model, tokenizer, recipe, directory: str | os.PathLike, card: 
         tied = getattr(model, "all_tied_weights_keys", None) or {}
         state_dict = {key: value for key, value in state_dict.items() if key not in tied}
     model.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
+    # a trained WordPiece tokenizer has no length limit; truncation=True must stop at the model's
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit and (tokenizer.model_max_length is None or tokenizer.model_max_length > limit):
+        tokenizer.model_max_length = limit
     tokenizer.save_pretrained(str(tmp))
     save_recipe(recipe, tmp)
     (tmp / "README.md").write_text(card, encoding="utf-8")

@@ -1,4 +1,5 @@
-"""Push an export folder (``final/``, a fine-tuned ``best/``) to the Hugging Face Hub.
+"""Push an export folder (``final/``, a fine-tuned ``best/``) to the Hugging Face Hub, and
+tell local folders from Hub ids when loading (:func:`local_or_hub`).
 
 ``push_to_hub(folder, repo_id)`` creates the model repository if needed
 (``HfApi.create_repo(exist_ok=True)``) and uploads the folder in one commit
@@ -25,6 +26,31 @@ def _offline() -> bool:
 
     env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
     return env or bool(constants.HF_HUB_OFFLINE)
+
+
+def local_or_hub(name_or_path: str, key: str) -> tuple[str, bool]:
+    """``(path, is_local)`` for a ``name_or_path`` value: an existing folder, or a Hub id.
+
+    A value that can only be a path (absolute, ``./``, ``../``, ``~``, more than one ``/``,
+    or whose first component is an existing local folder, like ``runs/x``) but does not
+    exist is an error at once, instead of a minute of Hub retries ending in "not a repo".
+
+    Raises:
+        UserError: ``{key}: local folder '...' not found``.
+    """
+    path = os.path.expanduser(name_or_path)
+    if os.path.isdir(path):
+        return path, True
+    parts = name_or_path.replace("\\", "/").split("/")
+    looks_local = (
+        os.path.isabs(path) or name_or_path.startswith((".", "~")) or len(parts) > 2
+        or (len(parts) == 2 and os.path.isdir(parts[0]))
+    )
+    if looks_local:
+        what = "is a file, not a folder" if os.path.exists(path) else "not found"
+        raise UserError(f"{key}: local folder '{name_or_path}' {what} (expected an export folder with config.json, "
+                        "e.g. runs/tiny/final from `make pretrain`, or a Hub id such as google-bert/bert-base-uncased)")
+    return name_or_path, False
 
 
 def check_push_target(repo_id: str, token: str | None = None, key: str = "--push-to-hub") -> None:

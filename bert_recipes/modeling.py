@@ -14,7 +14,6 @@ one large batch would compute.
 
 from __future__ import annotations
 
-import os
 
 import torch
 import torch.nn.functional as F
@@ -37,10 +36,12 @@ def load_pretrained(cls, name_or_path: str, *, key: str = "model.name_or_path", 
     Raises:
         UserError: one line when the checkpoint cannot be loaded.
     """
-    local = os.path.isdir(os.path.expanduser(name_or_path))
+    from .hub import local_or_hub
+
+    path, local = local_or_hub(name_or_path, key)
     try:
         return cls.from_pretrained(
-            os.path.expanduser(name_or_path),
+            path,
             local_files_only=local,
             dtype=torch.float32,  # from_pretrained keeps the checkpoint dtype otherwise
             trust_remote_code=trust_remote_code,

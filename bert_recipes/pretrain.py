@@ -20,6 +20,7 @@ import torch
 from .data.loader import build_pretraining_dataloader
 from .errors import UserError
 from .export import export_pretrained
+from .hub import local_or_hub
 from .modeling import BertPreTrainingObjective, build_pretraining_model, training_flops_per_token
 from .recipe import PretrainRecipe, expand_files, save_recipe
 from .tokenizer import load_tokenizer, save_tokenizer, train_wordpiece
@@ -43,6 +44,9 @@ def pretrain(recipe: PretrainRecipe) -> Path | None:
     Raises:
         UserError: bad files, an occupied output_dir, an unloadable checkpoint, ...
     """
+    for key, source in (("model.name_or_path", recipe.model.name_or_path), ("tokenizer.name_or_path", recipe.tokenizer.name_or_path)):
+        if source:
+            local_or_hub(source, key)  # a missing folder fails before anything is written
     accelerator = make_accelerator(recipe)
     recipe = resolve_batch_size(recipe, accelerator.num_processes, log=accelerator.is_main_process)
     from accelerate.utils import set_seed
@@ -223,7 +227,8 @@ def verify_replicas_in_sync(accelerator, model) -> None:
     gathered = accelerator.gather(local.unsqueeze(0))
     if not bool((gathered == gathered[0]).all()):
         raise RuntimeError("model replicas diverged across ranks")
-    logger.info("parameters identical on all %d ranks", accelerator.num_processes)
+    if accelerator.is_main_process:
+        logger.info("parameters identical on all %d ranks", accelerator.num_processes)
 
 
 def interval_metrics(sums: torch.Tensor, elapsed: float, config, peak: float | None, world: int, recipe) -> dict:

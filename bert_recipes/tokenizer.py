@@ -99,11 +99,11 @@ def load_tokenizer(name_or_path: str, *, key: str = "tokenizer.name_or_path", tr
     """
     from transformers import AutoTokenizer
 
-    local = os.path.isdir(os.path.expanduser(name_or_path))
+    from .hub import local_or_hub
+
+    path, local = local_or_hub(name_or_path, key)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            os.path.expanduser(name_or_path), local_files_only=local, trust_remote_code=trust_remote_code
-        )
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         where = "local folder" if local else "Hub id (offline, or no such repository?)"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__

@@ -9,7 +9,7 @@ import pytest
 
 from bert_recipes.cli import main
 
-from .conftest import SAMPLE_TRAIN, TINY_RECIPE, tiny_overrides
+from .conftest import REPO, SAMPLE_TRAIN, TINY_RECIPE, tiny_overrides
 
 
 def pretrain(tmp_path, files, *extra, **overrides) -> int:
@@ -72,3 +72,24 @@ def test_single_sentence_documents_and_one_document_corpus_warn(tmp_path, caplog
     with caplog.at_level(logging.WARNING, logger="bert_recipes"):
         assert pretrain(tmp_path / "b", [one], **{"data.document_split": "file"}) == 0
     assert "too few documents for next-sentence prediction" in caplog.text
+
+
+@pytest.mark.parametrize("command,key,value", [
+    ("finetune", "model.name_or_path", "runs/nothere"),  # 'runs' exists: a path, not a Hub id
+    ("finetune", "model.name_or_path", "./nothere"),
+    ("pretrain", "model.name_or_path", "/no/such/bert"),
+    ("pretrain", "tokenizer.name_or_path", "~/no-such-tokenizer"),
+])
+def test_a_missing_local_model_folder_fails_at_once(tmp_path, capsys, monkeypatch, command, key, value):
+    """No Hub round trip (a minute of retries when the Hub is unreachable) and nothing written."""
+    import huggingface_hub
+
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: pytest.fail("the Hub was asked"))
+    recipe = REPO / "recipes" / ("glue/sample.yaml" if command == "finetune" else "pretrain/tiny.yaml")
+    assert main([command, str(recipe), f"output_dir={tmp_path / 'out'}", f"{key}={value}"]) == 2
+    assert error_line(capsys) == (f"error: {key}: local folder '{value}' not found (expected an export folder with "
+                                  "config.json, e.g. runs/tiny/final from `make pretrain`, or a Hub id such as "
+                                  "google-bert/bert-base-uncased)")
+    assert not (tmp_path / "out").exists()

@@ -130,6 +130,18 @@ def test_fill_mask_pipeline(tiny_run, hf_warnings):
     assert all(k.startswith(("cls.seq_relationship.", "bert.pooler.")) for k in reported.get("UNEXPECTED", ())), reported
 
 
+def test_exported_tokenizer_truncates_at_the_model_length(tiny_run):
+    from transformers import AutoTokenizer, pipeline
+
+    final = tiny_run / "final"
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    assert tokenizer.model_max_length == 64  # max_position_embeddings of the tiny run
+    long_text = "the whale " * 300
+    assert len(tokenizer(long_text, truncation=True)["input_ids"]) == 64
+    fill = pipeline("fill-mask", model=str(final), tokenizer_kwargs={"truncation": True})
+    assert len(fill("[MASK] " + long_text, top_k=2)) == 2  # no size mismatch at position 64
+
+
 def test_model_card_is_hub_metadata(tiny_run):
     final = tiny_run / "final"
     text = (final / "README.md").read_text()

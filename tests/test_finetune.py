@@ -251,7 +251,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues_exactly(checkpoint, tmp
 
     monkeypatch.setattr(finetune_module, "Reporter", _SigtermAt(finetune_module.Reporter, at=3))
     run = tmp_path / "stopped"
-    assert main([*base, *overrides(checkpoint, run, **{"data.glue_dir": SAMPLE_GLUE}), *args]) == 0
+    assert main([*base, *overrides(checkpoint, run, **{"data.glue_dir": SAMPLE_GLUE}), *args]) == 128 + signal.SIGTERM
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["checkpoint-00000004"]
     assert not (run / "results.json").exists()
     monkeypatch.undo()

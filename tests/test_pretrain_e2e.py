@@ -143,7 +143,7 @@ def test_sigterm_saves_and_resumes(tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, output
+    assert proc.returncode == 128 + signal.SIGTERM, output  # stopped, not finished: 143 as a shell reports it
     assert "resume with resume_from=latest" in output
     ckpts = list((run / "checkpoints").glob("checkpoint-*"))
     assert len(ckpts) == 1
@@ -161,6 +161,23 @@ def test_refuses_to_overwrite_another_run(tiny_run, capsys):
     assert err.startswith("error: output_dir:") and "already holds a run" in err
     assert "\n" not in err
     assert (tiny_run / "final" / "model.safetensors").is_file()  # nothing was lost
+
+
+def test_overwrite_never_deletes_the_model_it_reads_nor_a_run_of_another_kind(tiny_run, capsys, checkpoint):
+    sample = REPO / "recipes" / "glue" / "sample.yaml"  # it sets overwrite: true
+    before = sorted(p.name for p in tiny_run.iterdir())
+    code = main(["finetune", str(sample), f"output_dir={tiny_run}", f"model.name_or_path={tiny_run / 'final'}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err == (f"error: output_dir: '{tiny_run}' contains model.name_or_path '{tiny_run / 'final'}', which this "
+                   "run reads; overwrite=true would delete it: choose another output_dir")
+    code = main(["finetune", str(sample), f"output_dir={tiny_run}", f"model.name_or_path={checkpoint}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err == (f"error: output_dir: '{tiny_run}' holds a pretraining run; overwrite=true only replaces a "
+                   "fine-tuning run: choose another output_dir")
+    assert sorted(p.name for p in tiny_run.iterdir()) == before  # nothing was lost
+    assert (tiny_run / "final" / "model.safetensors").is_file()
 
 
 @pytest.mark.slow

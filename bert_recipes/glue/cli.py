@@ -57,6 +57,8 @@ def _quiet_progress_bars() -> None:
 
 
 def cmd_finetune(args) -> int:
+    from accelerate import PartialState
+
     from .finetune import finetune_seeds
     from .recipe import load_finetune_recipe
 
@@ -64,6 +66,10 @@ def cmd_finetune(args) -> int:
     recipe = load_finetune_recipe(args.recipe, args.overrides)
     result = finetune_seeds(recipe)
     if result.get("stopped"):
+        from ..training.loop import stopped_exit_code
+
+        return stopped_exit_code()
+    if not PartialState().is_main_process:
         return 0
     dev = ", ".join(f"{key} {value:.4f}" + (f" ± {result['dev_std'][key]:.4f}" if "dev_std" in result else "")
                     for key, value in result["dev"].items())
@@ -77,6 +83,8 @@ def cmd_finetune(args) -> int:
 def cmd_glue(args) -> int:
     from pathlib import Path
 
+    from accelerate import PartialState
+
     from .sweep import RESULTS_JSON, RESULTS_MD, RESULTS_PNG, parse_tasks, run_glue
 
     rest = argparse.ArgumentParser(prog="bert-recipes glue", add_help=False)
@@ -86,6 +94,10 @@ def cmd_glue(args) -> int:
     _quiet_progress_bars()
     summary = run_glue(args.recipe, parse_tasks(args.tasks), args.overrides, predict_test=args.predict_test)
     if summary is None:
+        from ..training.loop import stopped_exit_code
+
+        return stopped_exit_code()
+    if not PartialState().is_main_process:
         return 0
     root = Path(summary["output_dir"])
     print((root / RESULTS_MD).read_text(encoding="utf-8"), end="")

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 
 from ..errors import DataError, UserError
 from ..export import export_finetuned
+from ..hub import local_or_hub
 from ..modeling import load_pretrained
 from ..pretrain import resolve_batch_size
 from ..recipe import save_recipe
@@ -147,7 +148,7 @@ def finetune(recipe: FinetuneRecipe) -> dict:
     if recipe.resume_from and (out / RESULTS).is_file():
         logger.info("%s: already finished; reusing %s", out, out / RESULTS)
         return json.loads((out / RESULTS).read_text())
-    _check_model_path(recipe.model.name_or_path)
+    local_or_hub(recipe.model.name_or_path, "model.name_or_path")  # a missing folder fails before anything is written
     accelerator = make_accelerator(recipe)
     from accelerate.utils import set_seed
 
@@ -307,10 +308,9 @@ def build_classifier(recipe: FinetuneRecipe, task: GlueTask):
 def _load_config(name_or_path: str, trust_remote_code: bool):
     from transformers import AutoConfig
 
-    local = os.path.isdir(os.path.expanduser(name_or_path))
+    path, local = local_or_hub(name_or_path, "model.name_or_path")
     try:
-        return AutoConfig.from_pretrained(os.path.expanduser(name_or_path), local_files_only=local,
-                                          trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(path, local_files_only=local, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         where = "local folder" if local else "Hub id (offline, or no such repository?)"
         first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
@@ -344,15 +344,6 @@ def _report_loading(info: dict, name_or_path: str) -> None:
     if unexpected:
         logger.warning("%s has %d weight(s) a BertForSequenceClassification does not use: %s", name_or_path,
                        len(unexpected), ", ".join(unexpected[:8]))
-
-
-def _check_model_path(name_or_path: str) -> None:
-    """A path that cannot be a Hub id (``./x``, ``/x``, ``~/x``, ``a/b/c``) must exist."""
-    path = os.path.expanduser(name_or_path)
-    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
-    if looks_local and not os.path.isdir(path):
-        raise UserError(f"model.name_or_path: local folder '{name_or_path}' not found (exports are written by "
-                        "`bert-recipes pretrain`, e.g. `make pretrain` writes runs/tiny/final)")
 
 
 # --------------------------------------------------------------------------- data

@@ -168,6 +168,7 @@ def prepare_output_dir(recipe, accelerator) -> Path:
                 f"output_dir: '{out}' already holds a run ({', '.join(previous)}); "
                 "set resume_from=latest to continue it or overwrite=true to replace it"
             )
+        _check_overwrite_is_safe(recipe, out)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             for name in (*RUN_MARKERS, "tokenizer", "logs", "summary.json"):
@@ -181,6 +182,42 @@ def prepare_output_dir(recipe, accelerator) -> Path:
         out.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     return out
+
+
+def _run_kind(recipe_or_raw) -> str:
+    """``fine-tuning`` for a GLUE recipe (it has a ``task``), else ``pretraining``."""
+    has_task = "task" in recipe_or_raw if isinstance(recipe_or_raw, dict) else hasattr(recipe_or_raw, "task")
+    return "fine-tuning" if has_task else "pretraining"
+
+
+def _check_overwrite_is_safe(recipe, out: Path) -> None:
+    """``overwrite: true`` never deletes what the run reads, nor a run of the other kind.
+
+    Raises:
+        UserError: the model or tokenizer to load lies inside ``out``, or ``out`` holds a
+            pretraining run and this is a fine-tuning run (or the reverse).
+    """
+    import yaml
+
+    sources = {"model.name_or_path": recipe.model.name_or_path}
+    if hasattr(recipe, "tokenizer_name_or_path"):  # fine-tuning
+        sources["tokenizer_name_or_path"] = recipe.tokenizer_name_or_path
+    else:
+        sources["tokenizer.name_or_path"] = recipe.tokenizer.name_or_path
+    root = out.resolve()
+    for key, source in sources.items():
+        if source and os.path.isdir(os.path.expanduser(source)):
+            path = Path(os.path.expanduser(source)).resolve()
+            if path == root or root in path.parents:
+                raise UserError(f"output_dir: '{out}' contains {key} '{source}', which this run reads; "
+                                "overwrite=true would delete it: choose another output_dir")
+    try:
+        previous = yaml.safe_load((out / "recipe.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return
+    if isinstance(previous, dict) and _run_kind(previous) != _run_kind(recipe):
+        raise UserError(f"output_dir: '{out}' holds a {_run_kind(previous)} run; overwrite=true only replaces a "
+                        f"{_run_kind(recipe)} run: choose another output_dir")
 
 
 def optimizer_step(accelerator, model, optimizer, scheduler, loss_value: float, max_grad_norm: float, state, max_bad: int) -> float:
@@ -222,8 +259,11 @@ def optimizer_step(accelerator, model, optimizer, scheduler, loss_value: float, 
 class StopRequest:
     """Turns SIGTERM and SIGINT into a flag checked at step boundaries.
 
-    A second signal of the same kind restores the default handler's behaviour.
+    A second signal of the same kind restores the default handler's behaviour. The last
+    signal that stopped a run is kept for the command's exit code (:func:`stopped_exit_code`).
     """
+
+    last_signal: str | None = None
 
     def __init__(self):
         self.requested: str | None = None
@@ -241,7 +281,7 @@ class StopRequest:
         if self.requested:
             signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
             raise KeyboardInterrupt
-        self.requested = signal.Signals(signum).name
+        self.requested = StopRequest.last_signal = signal.Signals(signum).name
         logger.warning("%s received: saving a checkpoint at the next step boundary", self.requested)
 
     def __exit__(self, *exc) -> None:
@@ -250,3 +290,11 @@ class StopRequest:
 
     def flag(self, device) -> torch.Tensor:
         return torch.tensor(1.0 if self.requested else 0.0, device=device)
+
+
+def stopped_exit_code() -> int:
+    """The exit code of a run stopped by a signal after saving its checkpoint: 128 + the
+    signal number, as a shell reports a process ended by it (SIGINT 130, SIGTERM 143), so
+    that ``make pretrain && make finetune`` or a job script does not go on as if it had finished."""
+    name = StopRequest.last_signal or "SIGTERM"
+    return 128 + int(getattr(signal, name))
