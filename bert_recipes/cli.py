@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -190,10 +191,22 @@ def cmd_recipes(_args) -> int:
     if not root.is_dir():
         raise UserError("recipes: no recipes/ folder next to the package or in the current directory")
     for path in sorted(root.rglob("*.yaml")):
-        first = path.read_text(encoding="utf-8").splitlines()[:1]
-        about = first[0].lstrip("# ").strip() if first and first[0].startswith("#") else ""
-        print(f"{str(path.relative_to(root.parent)):<44} {about}")
+        print(f"{str(path.relative_to(root.parent)):<44} {_about(path)}")
     return 0
+
+
+def _about(path: Path, limit: int = 150) -> str:
+    """The first sentence of a recipe's leading comment block (at most ``limit`` characters)."""
+    lines = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("#").strip())
+    text = " ".join(" ".join(lines).split())
+    sentence = re.split(r"(?<!\bal\.)(?<!e\.g\.)(?<!i\.e\.)(?<=\.)\s+", text, maxsplit=1)[0]  # not after "et al."
+    if len(sentence) > limit:
+        sentence = sentence[:limit].rsplit(" ", 1)[0].rstrip(",;:") + " ..."
+    return sentence
 
 
 def cmd_tokenizer(args) -> int:

@@ -78,6 +78,8 @@ def test_recipes_lists_shipped_files(capsys):
     out = capsys.readouterr().out
     for name in ("pretrain/tiny.yaml", "pretrain/mini.yaml", "pretrain/bert-base-phase1.yaml", "pretrain/bert-large-phase2.yaml"):
         assert name in out
+    for line in out.splitlines():  # whole first sentences, or a visible cut
+        assert line.endswith((".", " ...")), line
 
 
 def test_tokenizer_train(tmp_path, capsys):
