@@ -44,11 +44,26 @@ def _setup_logging() -> None:
         pass
 
 
+def _type_name(ann) -> str:
+    """A recipe key's type for --help: ``int``, ``int | null``, ``no|fp16|bf16``, ``list[str]``."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if origin is typing.Literal:
+        return "|".join(str(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin is not None:
+        return f"{getattr(origin, '__name__', str(origin))}[{', '.join(_type_name(a) for a in args)}]"
+    return getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+
+
 def _keys_help(schema) -> str:
     """One line per recipe key: dotted name, type and default."""
     from pydantic import BaseModel
 
-    lines = []
+    rows = []
 
     def walk(model, prefix):
         for name, field in model.model_fields.items():
@@ -56,11 +71,13 @@ def _keys_help(schema) -> str:
             if isinstance(ann, type) and issubclass(ann, BaseModel):
                 walk(ann, f"{prefix}{name}.")
                 continue
-            kind = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
-            default = field.default if field.default is not None else "null"
-            lines.append(f"  {prefix}{name:<34} {kind:<28} default: {default}")
+            default = field.get_default(call_default_factory=True)
+            rows.append((prefix + name, _type_name(ann), "null" if default is None else default))
 
     walk(schema, "")
+    width = max(len(key) for key, _, _ in rows)
+    kinds = max(len(kind) for _, kind, _ in rows)
+    lines = [f"  {key:<{width}}  {kind:<{kinds}}  default: {default}" for key, kind, default in rows]
     return "recipe keys (override any with key.path=value):\n" + "\n".join(lines)
 
 

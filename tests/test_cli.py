@@ -97,3 +97,11 @@ def test_help_lists_recipe_keys(capsys):
         main(["pretrain", "--help"])
     out = capsys.readouterr().out
     assert "data.max_predictions_per_seq" in out and "train.gradient_accumulation_steps" in out
+    rows = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ") and "default:" in line}
+    assert rows["precision"].split()[1:] == ["no|bf16|fp16", "default:", "no"]  # the allowed values
+    assert rows["train.max_steps"].split()[1:] == ["int", "|", "null", "default:", "null"]
+    assert len({line.index("default:") for line in rows.values()}) == 1  # one column, nested keys too
+    for command, key in (("finetune", "data.glue_dir"), ("glue", "train.learning_rate")):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert key in capsys.readouterr().out

@@ -29,6 +29,7 @@ def add_parser(sub) -> None:
         description="RECIPE is the base recipe (e.g. recipes/glue/base.yaml); <its folder>/<task>.yaml adds each "
         "task's own keys when present.\nexample: bert-recipes glue recipes/glue/base.yaml --tasks cola,sst2,mrpc "
         "model.name_or_path=runs/tiny/final data.glue_dir=../shared/data/glue",
+        epilog=_keys_help(FinetuneRecipe).replace("recipe keys", "recipe keys (task and output_dir are set per task)", 1),
     )
     p.add_argument("recipe", help="base recipe YAML file")
     # REMAINDER: options may follow the overrides too (re-parsed in cmd_glue).
