@@ -353,7 +353,22 @@ def validate(schema: type[BaseModel], raw: dict, source: str):
     try:
         return schema.model_validate(raw)
     except ValidationError as err:
-        raise RecipeError(_format_error(schema, source, err)) from None
+        raise RecipeError(_wrong_kind(schema, raw, source) or _format_error(schema, source, err)) from None
+
+
+def _wrong_kind(schema: type[BaseModel], raw: dict, source: str) -> str | None:
+    """Say so when the file is another kind of file than the command takes."""
+    if "compute_environment" in raw or "distributed_type" in raw:
+        return (f"{source}: an Accelerate launch config, not a recipe; use it as `accelerate launch --config_file "
+                f"{source} -m bert_recipes pretrain RECIPE.yaml`")
+    data, model = raw.get("data") or {}, raw.get("model") or {}
+    finetuning = "task" in raw or (isinstance(data, dict) and "glue_dir" in data)
+    pretraining = (isinstance(data, dict) and "train_files" in data) or (isinstance(model, dict) and "config" in model)
+    if schema is PretrainRecipe and finetuning and not pretraining:
+        return f"{source}: a GLUE fine-tuning recipe (it has task/data.glue_dir); run it with `bert-recipes finetune {source}`"
+    if schema is not PretrainRecipe and pretraining and not finetuning:
+        return f"{source}: a pretraining recipe (it has data.train_files/model.config); run it with `bert-recipes pretrain {source}`"
+    return None
 
 
 def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None, schema: type[BaseModel] = PretrainRecipe):

@@ -30,6 +30,14 @@ def test_user_errors_are_one_line(capsys, tmp_path):
     assert not (tmp_path / "o" / "final").exists()
     err = run_error(capsys, ["pretrain", str(TINY_RECIPE), "data.max_predictions_per_seq=200"])
     assert "max_predictions_per_seq (200)" in err
+    # the wrong kind of file for the command
+    rte, ddp = REPO / "recipes" / "glue" / "rte.yaml", REPO / "recipes" / "accelerate" / "ddp.yaml"
+    assert run_error(capsys, ["pretrain", str(rte)]) == (
+        f"error: {rte}: a GLUE fine-tuning recipe (it has task/data.glue_dir); run it with `bert-recipes finetune {rte}`")
+    assert run_error(capsys, ["finetune", str(TINY_RECIPE)]) == (
+        f"error: {TINY_RECIPE}: a pretraining recipe (it has data.train_files/model.config); run it with "
+        f"`bert-recipes pretrain {TINY_RECIPE}`")
+    assert run_error(capsys, ["pretrain", str(ddp)]).startswith(f"error: {ddp}: an Accelerate launch config, not a recipe")
 
 
 def test_no_traceback_from_the_installed_command(tmp_path):

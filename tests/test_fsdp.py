@@ -18,11 +18,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from .conftest import REPO, TINY_RECIPE, tiny_overrides
+from .conftest import REPO, SAMPLE_EVAL, TINY_RECIPE, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
 CONFIGS = REPO / "recipes" / "accelerate"
+SAMPLE_EVAL_FILE = Path(SAMPLE_EVAL[0])
 ENV = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
 COMMON = ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
 
@@ -65,9 +66,16 @@ def assert_same_weights(a: Path, b: Path) -> None:
 def test_fsdp_pretraining_matches_ddp_with_uneven_evaluation_and_resumes_exactly(tmp_path, sample_tokenizer):
     tokenizer = tmp_path / "tokenizer"
     sample_tokenizer.save_pretrained(tokenizer)
+    # documents are dealt to the ranks by index modulo 2: rank 0 gets the two long ones, rank 1
+    # the two short ones, so with one sequence per batch rank 0 has many more eval batches
+    held_out = (SAMPLE_EVAL_FILE.read_text(encoding="utf-8").split("\n\n"))
+    long_text = " ".join(" ".join(held_out).split())
+    half = len(long_text) // 2
+    short = "The cat sat on the mat. It was warm there."
+    eval_file = tmp_path / "uneven.txt"
+    eval_file.write_text("\n\n".join([long_text[:half], short, long_text[half:], short]) + "\n", encoding="utf-8")
     extra = {"train.max_steps": 6, "train.save_steps": 3, "train.eval_steps": 3, "train.save_total_limit": 3,
-             "tokenizer.name_or_path": str(tokenizer),
-             # every held-out sequence, one per batch: the ranks get 11 and 10 batches
+             "tokenizer.name_or_path": str(tokenizer), "data.eval_files": f"[{eval_file}]",
              "data.max_eval_samples": "null", "train.per_device_eval_batch_size": 1}
     ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
     launch("ddp", ["pretrain", str(TINY_RECIPE), *tiny_overrides(ddp, **extra)])
@@ -76,7 +84,7 @@ def test_fsdp_pretraining_matches_ddp_with_uneven_evaluation_and_resumes_exactly
     expected, got = records(ddp), records(fsdp)
     evals = [r for r in got if "eval_mlm_loss" in r]
     assert [r["step"] for r in evals] == [3, 6]
-    assert evals[0]["eval_sequences"] % 2 == 1  # an odd count: the split across the 2 ranks is uneven
+    assert evals[0]["eval_sequences"] >= 6  # the long documents give rank 0 several batches, rank 1 two
     assert_same_records(got, expected, rel=1e-5)
     assert_same_weights(fsdp / "final", ddp / "final")  # the export gathers the shards
 

@@ -301,7 +301,7 @@ def build_classifier(recipe: FinetuneRecipe, task: GlueTask):
     model.config.id2label, model.config.label2id = task.id2label, task.label2id
     model.config.problem_type = "regression" if task.is_regression else "single_label_classification"
     model.config.finetuning_task = task.name
-    _report_loading(info, spec.name_or_path)
+    _report_loading(info, spec.name_or_path, resuming=bool(recipe.resume_from))
     return model
 
 
@@ -331,13 +331,14 @@ def _reorder_head(model, mapping: dict[int, int]) -> None:
     logger.info("checkpoint classifier reordered to the task's label order by name")
 
 
-def _report_loading(info: dict, name_or_path: str) -> None:
+def _report_loading(info: dict, name_or_path: str, resuming: bool = False) -> None:
     fresh = sorted(k for k in info["missing_keys"] if k.startswith("classifier."))
     fresh += sorted(k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", ()))
     other_missing = sorted(k for k in info["missing_keys"] if not k.startswith("classifier."))
     unexpected = sorted(k for k in info["unexpected_keys"] if not k.startswith("cls."))
     if fresh:
-        logger.info("classifier head initialised fresh (%s)", ", ".join(sorted(set(fresh))))
+        logger.info("classifier head initialised fresh (%s)%s", ", ".join(sorted(set(fresh))),
+                    "; a resumed run then loads its checkpoint's" if resuming else "")
     if other_missing:
         logger.warning("%s lacks %d weight(s), initialised fresh: %s", name_or_path, len(other_missing),
                        ", ".join(other_missing[:8]))
