@@ -283,7 +283,13 @@ def load_raw(path: str | os.PathLike, _seen: tuple = ()) -> dict:
     if not isinstance(base, str):
         raise RecipeError(f"{path}: key 'base' must be a path to a recipe file, got {type(base).__name__}")
     base_path = (path.parent / base) if not os.path.isabs(base) else Path(base)
-    return deep_merge(load_raw(base_path, _seen + (resolved,)), data)
+    try:
+        parent = load_raw(base_path, _seen + (resolved,))
+    except RecipeError as exc:
+        if str(exc).startswith(f"{path}:"):  # a cycle back to this file: already named
+            raise
+        raise RecipeError(f"{path}: base '{base}': {exc}") from None
+    return deep_merge(parent, data)
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:

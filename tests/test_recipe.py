@@ -87,6 +87,10 @@ def test_missing_recipe_and_base_cycle(tmp_path):
     write(tmp_path, "b.yaml", "base: a.yaml\n")
     with pytest.raises(RecipeError, match="inheritance cycle"):
         load_recipe(tmp_path / "a.yaml")
+    child = write(tmp_path, "child.yaml", "base: missing.yaml\n")
+    with pytest.raises(RecipeError) as error:  # the error names the recipe that points at the missing base
+        load_recipe(child)
+    assert str(error.value) == f"{child}: base 'missing.yaml': {tmp_path / 'missing.yaml'}: recipe file not found"
 
 
 def test_expand_files(tmp_path):
