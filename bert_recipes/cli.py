@@ -140,12 +140,11 @@ def _add_optional_commands(sub) -> None:
 
 
 def _guess_schema(path: str, kind: str | None):
-    from .recipe import PretrainRecipe, load_raw
+    from .recipe import PretrainRecipe, is_finetuning_recipe, load_raw
 
     if kind == "pretrain":
         return PretrainRecipe
-    raw = load_raw(path)
-    if kind == "finetune" or "task" in raw or "predict_test" in raw or "glue_dir" in (raw.get("data") or {}):
+    if kind == "finetune" or is_finetuning_recipe(load_raw(path)):
         from .glue.recipe import FinetuneRecipe
 
         return FinetuneRecipe

@@ -362,13 +362,20 @@ def validate(schema: type[BaseModel], raw: dict, source: str):
         raise RecipeError(_wrong_kind(schema, raw, source) or _format_error(schema, source, err)) from None
 
 
+def is_finetuning_recipe(raw: dict) -> bool:
+    """Whether a raw (or dumped) recipe is a GLUE fine-tuning one: it has ``task``,
+    ``predict_test`` or ``data.glue_dir``, keys no pretraining recipe has."""
+    data = raw.get("data")
+    return "task" in raw or "predict_test" in raw or (isinstance(data, dict) and "glue_dir" in data)
+
+
 def _wrong_kind(schema: type[BaseModel], raw: dict, source: str) -> str | None:
     """Say so when the file is another kind of file than the command takes."""
     if "compute_environment" in raw or "distributed_type" in raw:
         return (f"{source}: an Accelerate launch config, not a recipe; use it as `accelerate launch --config_file "
                 f"{source} -m bert_recipes pretrain RECIPE.yaml`")
     data, model = raw.get("data") or {}, raw.get("model") or {}
-    finetuning = "task" in raw or (isinstance(data, dict) and "glue_dir" in data)
+    finetuning = is_finetuning_recipe(raw)
     pretraining = (isinstance(data, dict) and "train_files" in data) or (isinstance(model, dict) and "config" in model)
     if schema is PretrainRecipe and finetuning and not pretraining:
         return f"{source}: a GLUE fine-tuning recipe (it has task/data.glue_dir); run it with `bert-recipes finetune {source}`"

@@ -184,10 +184,11 @@ def prepare_output_dir(recipe, accelerator) -> Path:
     return out
 
 
-def _run_kind(recipe_or_raw) -> str:
-    """``fine-tuning`` for a GLUE recipe (it has a ``task``), else ``pretraining``."""
-    has_task = "task" in recipe_or_raw if isinstance(recipe_or_raw, dict) else hasattr(recipe_or_raw, "task")
-    return "fine-tuning" if has_task else "pretraining"
+def _run_kind(raw: dict) -> str:
+    """``fine-tuning`` or ``pretraining``, for a recipe as a dict."""
+    from ..recipe import is_finetuning_recipe
+
+    return "fine-tuning" if is_finetuning_recipe(raw) else "pretraining"
 
 
 def _check_overwrite_is_safe(recipe, out: Path) -> None:
@@ -215,9 +216,10 @@ def _check_overwrite_is_safe(recipe, out: Path) -> None:
         previous = yaml.safe_load((out / "recipe.yaml").read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError):
         return
-    if isinstance(previous, dict) and _run_kind(previous) != _run_kind(recipe):
+    this = _run_kind(recipe.model_dump())
+    if isinstance(previous, dict) and _run_kind(previous) != this:
         raise UserError(f"output_dir: '{out}' holds a {_run_kind(previous)} run; overwrite=true only replaces a "
-                        f"{_run_kind(recipe)} run: choose another output_dir")
+                        f"{this} run: choose another output_dir")
 
 
 def optimizer_step(accelerator, model, optimizer, scheduler, loss_value: float, max_grad_norm: float, state, max_bad: int) -> float:
