@@ -53,6 +53,21 @@ def local_or_hub(name_or_path: str, key: str) -> tuple[str, bool]:
     return name_or_path, False
 
 
+def load_local_or_hub(loader, name_or_path: str, key: str, *, what: str = "", **kwargs):
+    """``loader(path, local_files_only=..., **kwargs)`` (a ``from_pretrained``) on a local
+    folder or a Hub id, see :func:`local_or_hub`.
+
+    Raises:
+        UserError: one line, ``{key}: cannot load {what}local folder|Hub id '...': <reason>``.
+    """
+    path, local = local_or_hub(name_or_path, key)
+    try:
+        return loader(path, local_files_only=local, **kwargs)
+    except (OSError, ValueError) as exc:
+        where = "local folder" if local else "Hub id (offline, or no such repository?)"
+        raise UserError(f"{key}: cannot load {what}{where} '{name_or_path}': {_first_line(exc)}") from None
+
+
 def check_push_target(repo_id: str, token: str | None = None, key: str = "--push-to-hub") -> None:
     """Fail fast, before any training, when a push could not work.
 

@@ -14,12 +14,10 @@ one large batch would compute.
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import UserError
 
 
 def bert_config(recipe, vocab_size: int):
@@ -36,21 +34,13 @@ def load_pretrained(cls, name_or_path: str, *, key: str = "model.name_or_path", 
     Raises:
         UserError: one line when the checkpoint cannot be loaded.
     """
-    from .hub import local_or_hub
+    from .hub import load_local_or_hub
 
-    path, local = local_or_hub(name_or_path, key)
-    try:
-        return cls.from_pretrained(
-            path,
-            local_files_only=local,
-            dtype=torch.float32,  # from_pretrained keeps the checkpoint dtype otherwise
-            trust_remote_code=trust_remote_code,
-            **kwargs,
-        )
-    except (OSError, ValueError, EnvironmentError) as exc:
-        where = "local folder" if local else "Hub id (offline, or no such repository?)"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-        raise UserError(f"{key}: cannot load {where} '{name_or_path}': {first}") from None
+    return load_local_or_hub(
+        cls.from_pretrained, name_or_path, key,
+        dtype=torch.float32,  # from_pretrained keeps the checkpoint dtype otherwise
+        trust_remote_code=trust_remote_code, **kwargs,
+    )
 
 
 def build_pretraining_model(recipe, tokenizer):

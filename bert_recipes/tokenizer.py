@@ -99,15 +99,10 @@ def load_tokenizer(name_or_path: str, *, key: str = "tokenizer.name_or_path", tr
     """
     from transformers import AutoTokenizer
 
-    from .hub import local_or_hub
+    from .hub import load_local_or_hub
 
-    path, local = local_or_hub(name_or_path, key)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        where = "local folder" if local else "Hub id (offline, or no such repository?)"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-        raise UserError(f"{key}: cannot load tokenizer from {where} '{name_or_path}': {first}") from None
+    tokenizer = load_local_or_hub(AutoTokenizer.from_pretrained, name_or_path, key, what="tokenizer from ",
+                                  trust_remote_code=trust_remote_code)
     return _checked(tokenizer, f"{key} '{name_or_path}'")
 
 

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from ..errors import DataError, UserError
 from ..export import export_finetuned
-from ..hub import local_or_hub
+from ..hub import load_local_or_hub, local_or_hub
 from ..modeling import load_pretrained
 from ..pretrain import resolve_batch_size
 from ..recipe import save_recipe
@@ -308,13 +308,8 @@ def build_classifier(recipe: FinetuneRecipe, task: GlueTask):
 def _load_config(name_or_path: str, trust_remote_code: bool):
     from transformers import AutoConfig
 
-    path, local = local_or_hub(name_or_path, "model.name_or_path")
-    try:
-        return AutoConfig.from_pretrained(path, local_files_only=local, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        where = "local folder" if local else "Hub id (offline, or no such repository?)"
-        first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
-        raise UserError(f"model.name_or_path: cannot load {where} '{name_or_path}': {first}") from None
+    return load_local_or_hub(AutoConfig.from_pretrained, name_or_path, "model.name_or_path",
+                             trust_remote_code=trust_remote_code)
 
 
 def _generic_labels(config) -> bool:
