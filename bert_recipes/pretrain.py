@@ -271,12 +271,12 @@ def evaluate(accelerator, objective, recipe: PretrainRecipe, tokenizer, eval_fil
     model.eval()
     sums = torch.zeros(6, dtype=torch.float64)
     batches = math.ceil(limit / recipe.train.per_device_eval_batch_size) if limit else None
-    first = []  # a rank out of batches while others go on (sharded weights) re-runs one of its own
+    spare = None  # a rank out of batches while others go on (sharded weights) re-runs one of its own
     bar = progress(loader, total=batches, desc="eval", main=accelerator.is_main_process, leave=False)
-    for batch, real in in_lockstep(accelerator, bar, lambda: first[0] if first else placeholder_batch(tokenizer)):
+    for batch, real in in_lockstep(accelerator, bar, lambda: spare if spare is not None else placeholder_batch(tokenizer)):
         out = model(**_to_device(batch, accelerator.device))
         if real:
-            first = first or [batch]
+            spare = batch
             sums += torch.tensor([float(out[name]) for name in STEP_SUMS[:6]], dtype=torch.float64)
     model.train()
     mlm_loss_sum, nsp_loss_sum, mlm_correct, nsp_correct, masked, sequences = (

@@ -29,7 +29,8 @@ def interactive(main: bool = True) -> bool:
     return main and sys.stderr.isatty()
 
 
-def progress(iterable=None, *, total: int | None = None, desc: str, main: bool = True, leave: bool = True):
+def progress(iterable=None, *, total: int | None = None, desc: str, main: bool = True, leave: bool = True,
+             initial: int = 0):
     """A tqdm progress bar (with ETA) over ``iterable``, drawn only where :func:`interactive`.
 
     Elsewhere (other ranks, CI logs, pipes) the bar is disabled and the iterable is returned
@@ -41,8 +42,10 @@ def progress(iterable=None, *, total: int | None = None, desc: str, main: bool =
         desc: the bar's label, e.g. ``"eval"``.
         main: whether this process is the main one.
         leave: keep the finished bar on screen (False for inner bars such as evaluation).
+        initial: the count already done (a resumed run).
     """
-    return tqdm(iterable, total=total, desc=desc, dynamic_ncols=True, leave=leave, disable=not interactive(main))
+    return tqdm(iterable, total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=leave,
+                disable=not interactive(main))
 
 
 def _clean(value):
@@ -69,7 +72,7 @@ class Reporter:
         self.main = accelerator.is_main_process
         self.path = Path(output_dir) / "metrics.jsonl"
         self.interactive = interactive(self.main)
-        self.bar = tqdm(total=total_steps, initial=initial_step, desc=desc, dynamic_ncols=True, disable=not self.interactive)
+        self.bar = progress(total=total_steps, initial=initial_step, desc=desc, main=self.main)
         self.history: list[dict] = []
         self.started = time.time()
 
