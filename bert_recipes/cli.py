@@ -108,7 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="write collated training batches as JSON lines", formatter_class=raw)
     _recipe_args(p)
     p.add_argument("--batches", type=int, default=2, help="number of batches (default 2)")
-    p.add_argument("--out", required=True, help="output .jsonl file")
+    p.add_argument("--out", required=True, help="output file (.jsonl, or text with --text)")
+    p.add_argument("--rank", type=int, default=0, help="show what process RANK of --world-size trains on (default 0)")
+    p.add_argument("--world-size", type=int, default=1, help="number of processes (default 1)")
+    p.add_argument("--text", action="store_true",
+                   help="one readable line per example: label | A | B, masked words as [MASK](original)")
 
     p = sub.add_parser("show", help="print the fully resolved recipe")
     _recipe_args(p)
@@ -189,8 +193,10 @@ def cmd_inspect(args) -> int:
 
     if args.batches < 1:
         raise UserError(f"--batches: expected a positive integer, got {args.batches}")
+    if args.world_size < 1 or not 0 <= args.rank < args.world_size:
+        raise UserError(f"--rank/--world-size: expected 0 <= rank < world size, got rank {args.rank} of {args.world_size}")
     recipe = load_recipe(args.recipe, args.overrides)
-    count = write_batches(recipe, args.batches, args.out)
+    count = write_batches(recipe, args.batches, args.out, rank=args.rank, world_size=args.world_size, text=args.text)
     print(f"wrote {count} examples from {args.batches} batches to {args.out}")
     return 0
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .data.loader import build_pretraining_dataloader
+from .data.loader import build_eval_batches, build_pretraining_dataloader
 from .errors import UserError
 from .export import export_pretrained
 from .hub import local_or_hub
@@ -255,22 +255,21 @@ def interval_metrics(sums: torch.Tensor, elapsed: float, config, peak: float | N
 def evaluate(accelerator, objective, recipe: PretrainRecipe, tokenizer, eval_files: list[str]) -> dict:
     """MLM accuracy, NSP accuracy, losses and perplexity on the held-out files.
 
-    The same ``data.max_eval_samples`` instances (split across ranks) are built every time
-    (fixed seed), so evaluations along a run are comparable. Runs on the unwrapped model,
+    The same ``data.max_eval_samples`` instances are built every time (fixed seed) and
+    whatever the number of processes (each rank takes every world_size-th), so evaluations
+    along a run and across world sizes are comparable. Runs on the unwrapped model,
     so ranks with different batch counts never wait on each other.
     """
-    world = accelerator.num_processes
-    limit = math.ceil(recipe.data.max_eval_samples / world) if recipe.data.max_eval_samples else None
-    # held-out instances in stream order (no shuffle buffer to fill); a Hub dataset's eval split
-    data = recipe.data.model_copy(update={"shuffle_buffer_size": 0, "dataset_split": recipe.data.eval_dataset_split or recipe.data.dataset_split})
-    loader = build_pretraining_dataloader(
+    # the same held-out instances whatever the number of processes; a Hub dataset's eval split
+    data = recipe.data.model_copy(update={"dataset_split": recipe.data.eval_dataset_split or recipe.data.dataset_split})
+    loader = build_eval_batches(
         data, tokenizer, eval_files, batch_size=recipe.train.per_device_eval_batch_size, seed=recipe.seed,
-        rank=accelerator.process_index, world_size=world, infinite=False, max_samples=limit, num_workers=0,
+        rank=accelerator.process_index, world_size=accelerator.num_processes, max_samples=recipe.data.max_eval_samples,
     )
     model = accelerator.unwrap_model(objective)
     model.eval()
     sums = torch.zeros(6, dtype=torch.float64)
-    batches = math.ceil(limit / recipe.train.per_device_eval_batch_size) if limit else None
+    batches = len(loader)
     spare = None  # a rank out of batches while others go on (sharded weights) re-runs one of its own
     bar = progress(loader, total=batches, desc="eval", main=accelerator.is_main_process, leave=False)
     for batch, real in in_lockstep(accelerator, bar, lambda: spare if spare is not None else placeholder_batch(tokenizer)):

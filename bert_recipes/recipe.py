@@ -114,8 +114,14 @@ class DataConfig(_Strict):
     text_column: str = "text"
     document_split: Literal["auto", "file", "blank_line", "record"] = "auto"
     document_start_regex: Optional[str] = None
+    sentence_split: Literal["punkt", "line"] = "punkt"
+    corpus_access: Literal["auto", "index", "stream"] = "auto"
+    index_cache_dir: Optional[str] = None
+    preprocessing_num_workers: Optional[int] = Field(None, ge=1)
+    interleave_documents: int = Field(16, ge=1)
     max_seq_length: int = Field(128, ge=8)
     short_seq_prob: float = Field(0.1, ge=0.0, le=1.0)
+    short_seq_scope: Literal["document", "instance"] = "document"
     masked_lm_prob: float = Field(0.15, gt=0.0, lt=1.0)
     max_predictions_per_seq: int = Field(20, ge=1)
     whole_word_mask: bool = False

@@ -15,6 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRACKIO_DIR", tempfile.mkdtemp(prefix="bert-recipes-trackio-"))  # not ~/.cache
+os.environ.setdefault("BERT_RECIPES_CACHE", tempfile.mkdtemp(prefix="bert-recipes-cache-"))  # document indexes
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample"

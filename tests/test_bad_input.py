@@ -60,18 +60,19 @@ def test_non_utf8_bytes_and_a_megabyte_line_train(tmp_path):
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
 
 
-def test_single_sentence_documents_and_one_document_corpus_warn(tmp_path, caplog):
+def test_single_sentence_documents_warn_and_a_one_document_corpus_is_refused(tmp_path, caplog, capsys):
     singles = tmp_path / "singles.txt"
     singles.write_text("\n\n".join(f"Document {i} has exactly one sentence about topic {i}." for i in range(12)) + "\n")
     with caplog.at_level(logging.WARNING, logger="bert_recipes"):
         assert pretrain(tmp_path, [singles, *SAMPLE_TRAIN[:1]], **{"data.shuffle_buffer_size": 0, "train.max_steps": 40}) == 0
-    assert "documents (data shard 0 of 1) have a single sentence" in caplog.text
+    assert "have a single sentence" in caplog.text and "every instance from them is random-next" in caplog.text
     caplog.clear()
+    capsys.readouterr()
     one = tmp_path / "one.txt"
     one.write_text(" ".join(f"Sentence number {i} talks about the harbour." for i in range(60)) + "\n")
-    with caplog.at_level(logging.WARNING, logger="bert_recipes"):
-        assert pretrain(tmp_path / "b", [one], **{"data.document_split": "file"}) == 0
-    assert "too few documents for next-sentence prediction" in caplog.text
+    assert pretrain(tmp_path / "b", [one], **{"data.document_split": "file"}) == 2
+    assert "data.train_files: the corpus is one document, so next-sentence prediction" in error_line(capsys)
+    assert not (tmp_path / "b" / "run" / "checkpoints").exists()
 
 
 @pytest.mark.parametrize("command,key,value", [

@@ -113,3 +113,35 @@ def test_help_lists_recipe_keys(capsys):
         with pytest.raises(SystemExit):
             main([command, "--help"])
         assert key in capsys.readouterr().out
+
+
+def test_inspect_rank_of_world_size_and_text_view(tmp_path):
+    common = [str(TINY_RECIPE), "train.per_device_train_batch_size=4", f"output_dir={tmp_path}/run", "--batches", "2"]
+    outs = []
+    for rank in (0, 1):
+        out = tmp_path / f"rank{rank}.jsonl"
+        assert main(["inspect", *common, "--rank", str(rank), "--world-size", "2", "--out", str(out)]) == 0
+        outs.append([json.loads(line)["input_ids"] for line in out.read_text().splitlines()])
+    assert len(outs[0]) == len(outs[1]) == 8 and outs[0] != outs[1]  # each rank its own documents
+    text = tmp_path / "batches.txt"
+    assert main(["inspect", *common, "--text", "--out", str(text)]) == 0
+    lines = text.read_text().splitlines()
+    assert len(lines) == 8
+    for line in lines:
+        label, a, b = line.split(" | ")
+        assert label in ("IsNext", "RandomNext") and a.startswith("A: ") and b.startswith("B: ")
+        assert "[CLS]" not in line and "[SEP]" not in line and "[PAD]" not in line
+    assert "[MASK](" in text.read_text()
+    assert main(["inspect", *common, "--rank", "2", "--world-size", "2", "--out", str(text)]) == 2
+
+
+def test_readable_example_shows_masked_words_with_their_originals():
+    from bert_recipes.inspect_batches import readable_example
+    from tests.data_fixtures import make_vocab_tokenizer
+
+    tok = make_vocab_tokenizer(extra_words=["walk", "##ing", "the", "dog"])
+    ids = tok.convert_tokens_to_ids(["[CLS]", "the", "[MASK]", "##ing", "[SEP]", "dog", ".", "[SEP]"])
+    labels = [-100, -100, tok.convert_tokens_to_ids("walk"), -100, -100, tok.convert_tokens_to_ids("the"), -100, -100]
+    ids[5] = tok.convert_tokens_to_ids("dog")  # a 10% "random" replacement: shown(original)
+    line = readable_example(tok, ids, [0, 0, 0, 0, 0, 1, 1, 1], labels, 1)
+    assert line == "RandomNext | A: the [MASK](walk)ing | B: dog(the) ."

@@ -29,7 +29,7 @@ def vocab():
 
 
 sentence = st.lists(st.integers(5, V - 1), min_size=1, max_size=40)
-documents = st.lists(st.lists(sentence, min_size=1, max_size=8), min_size=1, max_size=4)
+documents = st.lists(st.lists(sentence, min_size=1, max_size=8), min_size=2, max_size=4)
 
 
 @st.composite
@@ -62,6 +62,7 @@ def test_instances_and_masking_properties(docs, s, seed):
     mv = vocab()
     for key, doc in enumerate(docs):
         buffer.add_document(key, doc, rng)
+    for key, doc in enumerate(docs):
         cursor, count = builder.start(key, doc, rng), 0
         flat = [t for sent in doc for t in sent]
         while (pair := builder.next_instance(cursor, buffer, rng)) is not None:
@@ -101,7 +102,7 @@ def text_documents(draw):
         words = draw(st.lists(st.sampled_from(WORDS), min_size=1, max_size=30))
         return " ".join(words) + draw(st.sampled_from([".", "!", "?", ""]))
 
-    return [[sentence_text() for _ in range(draw(st.integers(1, 6)))] for _ in range(draw(st.integers(1, 4)))]
+    return [[sentence_text() for _ in range(draw(st.integers(1, 6)))] for _ in range(draw(st.integers(2, 4)))]
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -83,7 +83,7 @@ def builder(max_seq_length=64, short_seq_prob=0.0, random_next_prob=0.5):
 
 
 def test_instances_structure_labels_and_origins():
-    docs = make_docs(6, 40, (3, 12))
+    docs = make_docs(6, 200, (3, 12))
     rng = np.random.default_rng(1)
     pairs = all_instances(docs, builder(), RandomNextBuffer(100, 61), rng)
     labels = [p.next_sentence_label for _, p in pairs]
@@ -98,6 +98,7 @@ def test_instances_structure_labels_and_origins():
         else:  # B is contiguous text of another document
             (other,) = {t // 10_000 for t in b}
             assert other != key and b == list(range(b[0], b[-1] + 1))
+            assert pair.a_document == key and pair.b_document == other
 
 
 def test_every_sentence_is_used_and_unused_segments_are_put_back():
@@ -131,17 +132,34 @@ def test_a_700_token_sentence_fits_max_seq_length_128():
     assert all(len(split(p)[0]) >= 1 and len(split(p)[1]) >= 1 for _, p in pairs)
 
 
-def test_single_sentence_document_is_random_next_and_same_document_fallback_is_counted():
+def test_single_sentence_document_is_random_next_and_never_from_its_own_document():
     b = builder()
     buffer = RandomNextBuffer(10, 61)
     rng = np.random.default_rng(5)
     doc = [[11, 12, 13]]
     buffer.add_document(7, doc, rng)
-    pair = b.next_instance(b.start(7, doc, rng), buffer, rng)
-    assert pair.next_sentence_label == 1 and b.same_document_fallbacks == 1  # only itself to draw from
+    assert b.next_instance(b.start(7, doc, rng), buffer, rng) is None  # only itself to draw from: skipped
+    assert b.skipped_chunks == 1
     buffer.add_document(8, [[21, 22]], rng)
     pair = b.next_instance(b.start(7, doc, rng), buffer, rng)
-    assert split(pair) == ([11, 12, 13], [21, 22]) and b.same_document_fallbacks == 1
+    assert split(pair) == ([11, 12, 13], [21, 22]) and pair.next_sentence_label == 1 and b.skipped_chunks == 1
+
+
+def test_short_seq_target_is_drawn_once_per_document_or_per_instance():
+    docs = make_docs(40, 60, (2, 6))
+    for scope in ("document", "instance"):
+        b = InstanceBuilder(max_seq_length=64, short_seq_prob=0.5, random_next_prob=0.5, cls_token_id=CLS,
+                            sep_token_id=SEP, short_seq_scope=scope)
+        pairs = all_instances(docs, b, RandomNextBuffer(100, 61), np.random.default_rng(8))
+        targets = {}
+        for key, pair in pairs:
+            targets.setdefault(key, set()).add(pair.target_length)
+        if scope == "document":  # Google: one target_seq_length per document
+            assert all(len(t) == 1 for t in targets.values())
+            short = np.mean([t != {61} for t in targets.values()])
+            assert 0.25 < short < 0.75  # P = 0.5 per document
+        else:
+            assert np.mean([len(t) > 1 for t in targets.values()]) > 0.9
 
 
 def test_random_next_buffer_is_bounded_and_samples_other_documents():
@@ -151,11 +169,11 @@ def test_random_next_buffer_is_bounded_and_samples_other_documents():
     buffer.add_document(0, big, rng)
     assert len(buffer.entries) == 4  # at most half the capacity per document
     assert all(sum(map(len, sentences)) <= 10 for _, sentences in buffer.entries)
-    assert buffer.sample(0, rng) is None  # nothing but document 0
+    assert buffer.random_b(0, 5, rng) is None  # nothing but document 0
     for key in range(1, 20):
         buffer.add_document(key, [[key * 100, key * 100 + 1]], rng)
     assert len(buffer.entries) == 8
-    assert all(buffer.sample(5, rng)[0][0] // 100 != 5 for _ in range(100))
+    assert all(buffer.random_b(5, 1, rng)[0][0] // 100 != 5 for _ in range(100))
     state = buffer.state_dict()
     restored = RandomNextBuffer(8, 10)
     restored.load_state_dict(state)

@@ -105,13 +105,19 @@ def test_nsp_balance_random_b_from_other_documents_isnext_b_follows_a(tmp_path, 
         assert any(0 <= sb - ea <= 64 for ea in ends_of_a for sb in starts_of_b), "B does not follow A"
 
 
-def test_single_document_corpus_works_and_warns_once(tmp_path, vocab_tokenizer, caplog):  # noqa: F811
-    path = write_blank_line_corpus(tmp_path / "one.txt", [make_doc(0, 40, 6, random.Random(0))])
+def test_one_document_corpus_refuses_nsp_and_builds_isnext_only_without_it(tmp_path, vocab_tokenizer, caplog):  # noqa: F811
+    path = str(write_blank_line_corpus(tmp_path / "one.txt", [make_doc(0, 40, 6, random.Random(0))]))
+    with pytest.raises(DataError, match=r"^data.train_files: the corpus is one document, .* data.random_next_prob=0"):
+        PretrainingStream(cfg([path]), vocab_tokenizer, [path], seed=0)
+    table = token_doc_table(vocab_tokenizer)
     with caplog.at_level(logging.WARNING, logger="bert_recipes"):
-        items = take(PretrainingStream(cfg([str(path)]), vocab_tokenizer, [str(path)], seed=0), 200)
-    assert len(items) == 200 and {x["next_sentence_label"] for x in items} == {0, 1}
-    warnings = [r for r in caplog.records if "too few documents" in r.getMessage()]
-    assert len(warnings) == 1
+        items = take(PretrainingStream(cfg([path], random_next_prob=0.0), vocab_tokenizer, [path], seed=0), 200)
+    assert len(items) == 200 and {x["next_sentence_label"] for x in items} == {0}  # never a "random" B from itself
+    for item in items:
+        a, b = segments({**item, "input_ids": original_ids(item)})
+        assert doc_of(a, table) == doc_of(b, table) == {0}
+    # a one-sentence chunk (the document's last sentence) would need another document: skipped, said once
+    assert len([r for r in caplog.records if "no other document" in r.getMessage()]) == 1
 
 
 def test_single_sentence_documents_are_used_and_counted(tmp_path, vocab_tokenizer, caplog):  # noqa: F811
@@ -234,11 +240,11 @@ def test_two_workers_cover_the_corpus_once(tmp_path, vocab_tokenizer):  # noqa: 
 
 
 def test_a_shard_without_documents_is_an_error_when_infinite(tmp_path, vocab_tokenizer):  # noqa: F811
-    path = str(write_blank_line_corpus(tmp_path / "a.txt", [make_doc(0, 5, 5, random.Random(0))]))
-    c = cfg([path], document_split="file")
-    assert take(PretrainingStream(c, vocab_tokenizer, [path], seed=0, rank=1, world_size=2, infinite=False)) == []
-    with pytest.raises(DataError, match=r"data.train_files: data shard 1 of 2 .* got no text"):
-        take(PretrainingStream(c, vocab_tokenizer, [path], seed=0, rank=1, world_size=2), 1)
+    paths = [str(write_blank_line_corpus(tmp_path / f"{k}.txt", [make_doc(k, 5, 5, random.Random(k))])) for k in (0, 1)]
+    c = cfg(paths, document_split="file")
+    assert take(PretrainingStream(c, vocab_tokenizer, paths, seed=0, rank=2, world_size=3, infinite=False)) == []
+    with pytest.raises(DataError, match=r"data.train_files: data shard 2 of 3 .* got no text: 2 file\(s\) hold 2 "):
+        take(PretrainingStream(c, vocab_tokenizer, paths, seed=0, rank=2, world_size=3), 1)
 
 
 # ----------------------------------------------------------------------------- resume
@@ -251,10 +257,14 @@ def state_roundtrip(state):
     return torch.load(buffer, weights_only=True)
 
 
-@pytest.mark.parametrize("num_workers, document_split", [(0, "blank_line"), (2, "blank_line"), (0, "file")])
-def test_exact_resume(tmp_path, vocab_tokenizer, num_workers, document_split):  # noqa: F811
+@pytest.mark.parametrize("num_workers, document_split, access", [
+    (0, "blank_line", "index"), (2, "blank_line", "index"), (0, "file", "index"), (2, "blank_line", "stream"),
+    (0, "file", "stream"),
+])
+def test_exact_resume(tmp_path, vocab_tokenizer, num_workers, document_split, access):  # noqa: F811
     files, _ = corpus(tmp_path, n_files=3, docs_per_file=4, sentences=(3, 10))
-    c = cfg(files, whole_word_mask=True, short_seq_prob=0.3, document_split=document_split)
+    c = cfg(files, whole_word_mask=True, short_seq_prob=0.3, document_split=document_split, corpus_access=access,
+            interleave_documents=3)
 
     def loader():
         return build_pretraining_dataloader(c, vocab_tokenizer, files, batch_size=4, seed=7, num_workers=num_workers)
@@ -269,6 +279,8 @@ def test_exact_resume(tmp_path, vocab_tokenizer, num_workers, document_split):  
             next(iterator)
         state = state_roundtrip(interrupted.state_dict())
         del iterator, interrupted
+        if access == "index":  # small: positions of open documents, not their tokens
+            assert len(str(state)) < 60_000
         resumed = loader()
         resumed.load_state_dict(state)
         for expected, got in zip(reference[stop:], take(resumed, total - stop)):
@@ -309,7 +321,7 @@ def test_empty_files(tmp_path, vocab_tokenizer):  # noqa: F811
     files = [str(empty[0]), str(blank)]
     with pytest.raises(DataError, match="data.train_files: no text to build pretraining instances from in 2 file"):
         take(PretrainingStream(cfg(files), vocab_tokenizer, files, seed=0), 1)
-    good = str(write_blank_line_corpus(tmp_path / "good.txt", [make_doc(0, 6, 5, random.Random(0))]))
+    good = str(write_blank_line_corpus(tmp_path / "good.txt", [make_doc(k, 6, 5, random.Random(k)) for k in (0, 1)]))
     assert take(PretrainingStream(cfg(files + [good]), vocab_tokenizer, files + [good], seed=0), 3)
 
 

@@ -85,8 +85,12 @@ def test_export_round_trip_identical_logits(tiny_run):
     ids = torch.tensor([[2, 10, 11, 12, 4, 13, 3, 14, 15, 3]])
     with torch.no_grad():
         a, b = exported(input_ids=ids), fresh(input_ids=ids)
-    assert torch.equal(a.prediction_logits, b.prediction_logits)
-    assert torch.equal(a.seq_relationship_logits, b.seq_relationship_logits)
+    for name, value in exported.state_dict().items():  # bit-identical weights
+        assert torch.equal(value, fresh.state_dict()[name]), name
+    # the same weights in two allocations may take different CPU kernel paths (alignment):
+    # logits agree to float32 rounding, not always bit for bit
+    torch.testing.assert_close(a.prediction_logits, b.prediction_logits, rtol=0, atol=1e-6)
+    torch.testing.assert_close(a.seq_relationship_logits, b.seq_relationship_logits, rtol=0, atol=1e-6)
 
     fill = pipeline("fill-mask", model=str(final), tokenizer=str(final))
     predictions = fill("the river runs to the [MASK] .")

@@ -196,8 +196,10 @@ def iter_hub_records(cfg, split: str) -> Iterator[str]:
 # --------------------------------------------------------------------------- documents
 
 
-def group_documents(records: Iterator[str], mode: str, start: Optional[re.Pattern]) -> Iterator[list[str]]:
-    """Group raw records into documents, each a list of paragraphs (lines joined by spaces).
+def group_documents(records: Iterator[str], mode: str, start: Optional[re.Pattern],
+                    per_line: bool = False) -> Iterator[list[str]]:
+    """Group raw records into documents, each a list of paragraphs (lines joined by spaces;
+    with ``per_line``, every line is a paragraph of its own: ``sentence_split: line``).
 
     ``mode`` is an effective split (``file``, ``blank_line`` or ``record``). A blank line
     ends a paragraph (and, in ``blank_line`` mode, a document); the end of a record ends a
@@ -224,6 +226,8 @@ def group_documents(records: Iterator[str], mode: str, start: Optional[re.Patter
                 if doc:
                     yield doc
                 doc = [_join([line])]
+            elif per_line:
+                doc.append(_join([line]))
             else:
                 lines.append(line)
         if lines:
@@ -253,8 +257,10 @@ class RawDocument:
     file_position: int = 0
     file_first_index: int = 0
 
-    def sentences(self) -> list[str]:
-        """The document's sentences (Punkt on each paragraph)."""
+    def sentences(self, sentence_split: str = "punkt") -> list[str]:
+        """The document's sentences: Punkt on each paragraph, or (``line``) one per line."""
+        if sentence_split == "line":
+            return list(self.paragraphs or ())
         return [s for p in self.paragraphs or () for s in split_sentences(p)]
 
 
@@ -300,6 +306,7 @@ def iter_raw_documents(
         :class:`RawDocument` for every document with ``index >= start``.
     """
     start_re = compile_document_start(cfg.document_start_regex)
+    per_line = cfg.sentence_split == "line"
     index = start_file_index
     for position, (number, read, mode) in enumerate(_sources(files, cfg, order, hub_split)):
         if position < start_file:
@@ -307,11 +314,12 @@ def iter_raw_documents(
         first = index
         if mode == "file" and start_re is None:  # exactly one document per file: read only if kept
             if index >= start:
-                paragraphs = [p for doc in group_documents(read(), mode, None) for p in doc] if keep(index) else None
+                paragraphs = ([p for doc in group_documents(read(), mode, None, per_line) for p in doc]
+                              if keep(index) else None)
                 yield RawDocument(index, number << 32, paragraphs, position, first)
             index += 1
             continue
-        for ordinal, paragraphs in enumerate(group_documents(read(), mode, start_re)):
+        for ordinal, paragraphs in enumerate(group_documents(read(), mode, start_re, per_line)):
             if index >= start:
                 yield RawDocument(index, number << 32 | ordinal, paragraphs if keep(index) else None, position, first)
             index += 1
@@ -323,7 +331,7 @@ def iter_documents(files: list[str], cfg, **kwargs) -> Iterator[list[str]]:
     Empty documents are skipped. ``kwargs`` go to :func:`iter_raw_documents`.
     """
     for raw in iter_raw_documents(files, cfg, **kwargs):
-        sentences = raw.sentences()
+        sentences = raw.sentences(cfg.sentence_split)
         if sentences:
             yield sentences
 

@@ -6,8 +6,9 @@ A document is a list of sentences, each a list of token ids. The builder walks i
 
 - ``max_num_tokens = max_seq_length - 3`` (room for [CLS] A [SEP] B [SEP]);
 - ``target_seq_length = max_num_tokens``, or with probability ``short_seq_prob`` a random
-  int in ``[2, max_num_tokens]``. Google draws it once per document; here it is drawn
-  again for every chunk, because a document may be a whole book (``document_split: file``);
+  int in ``[2, max_num_tokens]``, drawn once when the document starts, as Google does
+  (``short_seq_scope: document``); ``short_seq_scope: instance`` draws it again after
+  every instance (a deliberate deviation for book-length documents);
 - sentences accumulate into a chunk until ``target_seq_length`` tokens or the document end;
 - ``a_end`` is uniform in ``[1, len(chunk) - 1]``; A = ``chunk[:a_end]``;
 - B = ``chunk[a_end:]`` (``next_sentence_label`` 0, IsNext), or, with probability
@@ -17,12 +18,12 @@ A document is a list of sentences, each a list of token ids. The builder walks i
 - :func:`truncate_seq_pair` trims the longer segment, from the front or the back at random,
   until ``len(A) + len(B) <= max_num_tokens``. No instance ever exceeds ``max_seq_length``.
 
-Google picks the random document from the whole corpus, which a stream cannot hold. The
-:class:`RandomNextBuffer` keeps a bounded sample of token chunks from documents already
-read, each tagged with its document key; random B comes from an entry of another
-document. When there is none (a one-document corpus or shard), B comes from the same
-document at a random sentence, as Google's code does after 10 failed draws, and
-:attr:`InstanceBuilder.same_document_fallbacks` counts it.
+Random B segments come from a *source* with ``random_b(exclude, target_b_length, rng)``:
+:class:`~.reader.IndexedCorpus` draws the document uniformly from the whole corpus (as
+Google); for streams without random access (Hub datasets, compressed files) the
+:class:`RandomNextBuffer` keeps a bounded sample of chunks from documents already read.
+B never comes from A's document: when no other document exists, the chunk is skipped and
+:attr:`InstanceBuilder.skipped_chunks` counts it (Google would use A's own document).
 """
 
 from __future__ import annotations
@@ -74,6 +75,16 @@ def truncate_seq_pair(
     )
 
 
+def _take(sentences: list[list[int]], target: int) -> list[int]:
+    """Sentences concatenated until at least ``target`` tokens (Google's B loop)."""
+    tokens: list[int] = []
+    for sentence in sentences:
+        tokens.extend(sentence)
+        if len(tokens) >= target:
+            break
+    return tokens
+
+
 class RandomNextBuffer:
     """Bounded sample of token chunks from past documents, the source of random B segments.
 
@@ -110,18 +121,21 @@ class RandomNextBuffer:
             else:
                 self.entries[int(rng.integers(self.capacity))] = entry
 
-    def sample(self, exclude_key: int, rng: np.random.Generator) -> Optional[list[list[int]]]:
-        """Sentences of a random entry whose document key differs from ``exclude_key``, or None."""
+    def random_b(self, exclude_key: int, target_b_length: int,
+                 rng: np.random.Generator) -> Optional[tuple[list[int], int]]:
+        """``(tokens, document_key)`` of a random entry of another document, taking its
+        sentences until ``target_b_length`` tokens; None when there is no other document."""
         if not self.entries:
             return None
         for _ in range(RANDOM_DOCUMENT_TRIES):
             key, sentences = self.entries[int(rng.integers(len(self.entries)))]
             if key != exclude_key:
-                return sentences
+                return _take(sentences, target_b_length), key
         others = [entry for entry in self.entries if entry[0] != exclude_key]
         if not others:
             return None
-        return others[int(rng.integers(len(others)))][1]
+        key, sentences = others[int(rng.integers(len(others)))]
+        return _take(sentences, target_b_length), key
 
     def state_dict(self) -> dict:
         """Entries by slot (``{"0": [key, sentences], ...}``), sharing the immutable entries."""
@@ -162,11 +176,16 @@ class PairInstance:
         input_ids: int64 ``[L]``: ``[CLS] A [SEP] B [SEP]``, ``L <= max_seq_length``.
         token_type_ids: int64 ``[L]``: 0 for ``[CLS] A [SEP]``, 1 for ``B [SEP]``.
         next_sentence_label: 0 when B follows A in the document, 1 when B is random.
+        a_document, b_document: the documents of A and B (equal for IsNext).
+        target_length: the ``target_seq_length`` the instance was built under.
     """
 
     input_ids: np.ndarray
     token_type_ids: np.ndarray
     next_sentence_label: int
+    a_document: int = -1
+    b_document: int = -1
+    target_length: int = 0
 
 
 class InstanceBuilder:
@@ -177,16 +196,18 @@ class InstanceBuilder:
         short_seq_prob: probability of a shorter random target length.
         random_next_prob: probability of a random B (Google: 0.5).
         cls_token_id, sep_token_id: the tokenizer's [CLS] and [SEP] ids.
+        short_seq_scope: ``document`` (Google: one target per document) or ``instance``.
     """
 
     def __init__(self, *, max_seq_length: int, short_seq_prob: float, random_next_prob: float,
-                 cls_token_id: int, sep_token_id: int):
+                 cls_token_id: int, sep_token_id: int, short_seq_scope: str = "document"):
         self.max_num_tokens = max_seq_length - 3
         self.short_seq_prob = short_seq_prob
         self.random_next_prob = random_next_prob
         self.cls_token_id = cls_token_id
         self.sep_token_id = sep_token_id
-        self.same_document_fallbacks = 0
+        self.per_instance = short_seq_scope == "instance"
+        self.skipped_chunks = 0
 
     def target_length(self, rng: np.random.Generator) -> int:
         """``max_num_tokens``, or with probability ``short_seq_prob`` uniform in ``[2, max_num_tokens]``."""
@@ -195,48 +216,48 @@ class InstanceBuilder:
         return self.max_num_tokens
 
     def start(self, key: int, sentences: list[list[int]], rng: np.random.Generator) -> DocumentCursor:
-        """A cursor at the first sentence of a document (non-empty sentences only)."""
+        """A cursor at the first sentence of a document (non-empty sentences only); draws its target."""
         return DocumentCursor(key, sentences, 0, self.target_length(rng))
 
-    def next_instance(self, cursor: DocumentCursor, buffer: RandomNextBuffer,
-                      rng: np.random.Generator) -> Optional[PairInstance]:
-        """The next instance of the document, advancing ``cursor``; None at the document end."""
-        doc, first, length = cursor.sentences, cursor.i, 0
+    def next_instance(self, cursor: DocumentCursor, source, rng: np.random.Generator) -> Optional[PairInstance]:
+        """The next instance of the document, advancing ``cursor``; None at the document end.
+
+        ``source.random_b(exclude, target_b_length, rng)`` gives random-next B segments.
+        """
+        doc = cursor.sentences
         while cursor.i < len(doc):
-            length += len(doc[cursor.i])
-            if cursor.i == len(doc) - 1 or length >= cursor.target:
-                instance, unused = self._pair(doc[first : cursor.i + 1], cursor, buffer, rng)
-                cursor.i += 1 - unused
+            first, length = cursor.i, 0
+            while cursor.i < len(doc):
+                length += len(doc[cursor.i])
+                if cursor.i == len(doc) - 1 or length >= cursor.target:
+                    break
+                cursor.i += 1
+            instance, unused = self._pair(doc[first : cursor.i + 1], cursor, source, rng)
+            cursor.i += 1 - unused
+            if self.per_instance:
                 cursor.target = self.target_length(rng)
+            if instance is not None:
                 return instance
-            cursor.i += 1
         return None
 
-    def _random_b(self, cursor: DocumentCursor, buffer: RandomNextBuffer, target_b_length: int,
-                  rng: np.random.Generator) -> list[int]:
-        source = buffer.sample(cursor.key, rng)
-        if source is None:  # Google's fallback: the same document, from a random sentence
-            self.same_document_fallbacks += 1
-            source = cursor.sentences[int(rng.integers(len(cursor.sentences))):]
-        tokens_b: list[int] = []
-        for sentence in source:
-            tokens_b.extend(sentence)
-            if len(tokens_b) >= target_b_length:
-                break
-        return tokens_b
-
-    def _pair(self, chunk: list[list[int]], cursor: DocumentCursor, buffer: RandomNextBuffer,
-              rng: np.random.Generator) -> tuple[PairInstance, int]:
+    def _pair(self, chunk: list[list[int]], cursor: DocumentCursor, source,
+              rng: np.random.Generator) -> tuple[Optional[PairInstance], int]:
         a_end = int(rng.integers(1, len(chunk))) if len(chunk) >= 2 else 1
         tokens_a = list(chain.from_iterable(chunk[:a_end]))
         if len(chunk) == 1 or rng.random() < self.random_next_prob:
-            tokens_b = self._random_b(cursor, buffer, cursor.target - len(tokens_a), rng)
+            drawn = source.random_b(cursor.key, cursor.target - len(tokens_a), rng)
+            if drawn is None:  # no other document: never a "random" B from A's own document
+                self.skipped_chunks += 1
+                return None, 0
+            tokens_b, b_document = drawn
             label, unused = 1, len(chunk) - a_end
         else:
-            tokens_b = list(chain.from_iterable(chunk[a_end:]))
+            tokens_b, b_document = list(chain.from_iterable(chunk[a_end:])), cursor.key
             label, unused = 0, 0
         tokens_a, tokens_b = truncate_seq_pair(tokens_a, tokens_b, self.max_num_tokens, rng)
-        return self._assemble(tokens_a, tokens_b, label), unused
+        pair = self._assemble(tokens_a, tokens_b, label)
+        pair.a_document, pair.b_document, pair.target_length = cursor.key, b_document, cursor.target
+        return pair, unused
 
     def _assemble(self, tokens_a: list[int], tokens_b: list[int], label: int) -> PairInstance:
         length = len(tokens_a) + len(tokens_b) + 3

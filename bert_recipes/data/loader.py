@@ -4,26 +4,25 @@
 fly, following create_pretraining_data.py of google-research/bert, without a
 preprocessing pass over the corpus:
 
-    documents (corpus.py) -> sentences -> token ids (tokenizer, batched per document)
-    -> NSP pairs (instances.py) -> MLM masking (masking.py) -> shuffle buffer -> instances
+    document index (index.py; a cached byte scan) -> a shard's documents in the corpus-wide
+    permutation (sources.py) -> sentences -> token ids (reader.py) -> NSP pairs with random
+    B from the whole corpus (instances.py) -> MLM masking (masking.py) -> shuffle buffer
 
-Sharding: with ``S = world_size * num_workers`` shards, shard ``s = rank * num_workers +
-worker_id`` owns the documents whose index in the pass's enumeration is ``s`` modulo ``S``.
-Every shard enumerates all documents (cheap), but only sentence-splits and tokenizes its
-own. One pass of all shards covers the corpus exactly once. Each pass shuffles the file
-order with ``(seed, pass)``; with ``infinite=True`` every shard cycles forever.
+Sharding: ``S = world_size * num_workers`` shards; shard ``s = rank * num_workers +
+worker_id`` reads only its own documents (positions ``s mod S`` of each pass's
+permutation). One pass of all shards covers the corpus exactly once; with
+``infinite=True`` every shard goes on to the next pass (a new permutation).
 
-Random B segments come from a bounded :class:`~.instances.RandomNextBuffer` of earlier
-documents. The stream reads one document ahead (its sentences enter the buffer before the
-current document is used), so even the first document of a shard has another document to
-draw from.
+Access: ``data.corpus_access: auto`` indexes local files (text, JSON Lines, parquet) and
+falls back to front-to-back streaming (:class:`~.sources.StreamedSource`) for a Hub
+dataset or files that cannot be read by position (compressed, JSON arrays); ``index`` and
+``stream`` force one.
 
 State: everything that determines the rest of the stream is in :meth:`state_dict` (plain
-lists, dicts and ints): the pass number, the position in the document enumeration, the
-numpy RNG state, the document being consumed and the one read ahead (as token ids), the
-random-next buffer and the shuffle buffer. Large values are shared, never copied, and the
-containers are keyed by slot, so torchdata's per-batch incremental worker snapshots only
-carry what changed.
+lists, dicts and ints): the pass, the source's position (for the indexed source a few
+ints per open document, which is read again on resume), the numpy RNG state and the
+shuffle buffer. Containers are keyed by slot, so torchdata's per-batch incremental worker
+snapshots carry only what changed.
 """
 
 from __future__ import annotations
@@ -39,18 +38,19 @@ import torch
 
 from ..errors import DataError
 from .collator import PretrainingCollator
-from .corpus import RawDocument, iter_raw_documents
-from .instances import DocumentCursor, InstanceBuilder, PairInstance, RandomNextBuffer
+from .index import build_index, random_access_problem
+from .instances import InstanceBuilder, PairInstance
 from .masking import MaskingVocab, create_masked_lm_predictions
+from .reader import IndexedCorpus
+from .sources import IndexedSource, StreamedSource, new_stats
 
 logger = logging.getLogger("bert_recipes")
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 _SEED_MASK = (1 << 63) - 1
-
-
-def _new_stats() -> dict:
-    return {"documents": 0, "owned": 0, "with_text": 0, "single_sentence": 0, "instances": 0}
+# the first documents a shard opens are checked for single-sentence documents (early warning)
+EARLY_CHECK_DOCUMENTS = 200
+SINGLE_SENTENCE_WARN_SHARE = 0.1
 
 
 @dataclass
@@ -60,28 +60,37 @@ class _StreamState:
     shard: int
     num_shards: int
     rng: np.random.Generator
-    buffer: RandomNextBuffer
+    position: dict
     epoch: int = 0
-    file_position: int = 0
-    file_first_index: int = 0
-    next_document: int = 0
     emitted: int = 0
-    stats: dict = field(default_factory=_new_stats)
-    current: Optional[DocumentCursor] = None
-    lookahead: Optional[list] = None  # [key, sentences], never modified
-    shuffle: list = field(default_factory=list)  # [input_ids, token_type_ids, labels, nsp], never modified
+    stats: dict = field(default_factory=new_stats)
+    shuffle: list = field(default_factory=list)  # [input_ids, token_type_ids, labels, nsp, (origin)], never modified
 
 
-def _as_dict(item: list) -> dict:
-    return {"input_ids": item[0], "token_type_ids": item[1], "labels": item[2], "next_sentence_label": item[3]}
-
-
-def check_files(files: list[str], cfg) -> None:
+def check_files(files: list[str], cfg, key: str = "data.train_files") -> None:
     """Raise :class:`DataError` when there is no source, or every file is empty (0 bytes)."""
     if not files and not cfg.dataset_name:
-        raise DataError("data.train_files: no files to read (and no data.dataset_name)")
+        raise DataError(f"{key}: no files to read (and no data.dataset_name)")
     if files and all(os.path.getsize(f) == 0 for f in files):
-        raise DataError(f"data.train_files: all {len(files)} file(s) are empty (e.g. {files[0]})")
+        raise DataError(f"{key}: all {len(files)} file(s) are empty (e.g. {files[0]})")
+
+
+def use_index(files: list[str], cfg) -> bool:
+    """Whether ``files`` are read by position (see the module docstring).
+
+    Raises:
+        DataError: ``corpus_access: index`` for a source that cannot be read by position.
+    """
+    if cfg.corpus_access == "stream":
+        return False
+    problems = ["a Hub dataset"] if not files else [f"{p} {why}" for p in files if (why := random_access_problem(p))]
+    if not problems:
+        return True
+    if cfg.corpus_access == "index":
+        raise DataError(f"data.corpus_access: index needs local uncompressed text, JSON Lines or parquet files, but "
+                        f"{problems[0]}; decompress it or use corpus_access: stream")
+    logger.info("data: streaming front to back (random-next B from a buffer of recent documents): %s", problems[0])
+    return False
 
 
 class PretrainingStream(torch.utils.data.IterableDataset):
@@ -91,10 +100,13 @@ class PretrainingStream(torch.utils.data.IterableDataset):
         cfg: the :class:`~bert_recipes.recipe.DataConfig`.
         tokenizer: a fast BERT tokenizer ([CLS] [SEP] [MASK] [PAD] [UNK]).
         files: expanded local files; empty to stream ``cfg.dataset_name``.
-        seed: determines file orders, instance building, masking and shuffling.
+        seed: determines document orders, instance building, masking and shuffling.
         rank, world_size: this process among the data-parallel ranks.
         infinite: cycle over the data forever; else stop after one pass.
         max_samples: stop after this many instances (split over DataLoader workers).
+        with_origin: add ``a_document``, ``b_document`` (document ids: for indexed files
+            the position in corpus order, files as given) and ``target_length``.
+        key: the recipe key the files come from, for error messages.
 
     Yields:
         dicts with ``input_ids``, ``token_type_ids``, ``labels`` (lists of ints, length
@@ -102,36 +114,53 @@ class PretrainingStream(torch.utils.data.IterableDataset):
         ``next_sentence_label`` (0 = IsNext, 1 = random).
 
     Raises:
-        DataError: no source or all files empty (here); no text at all, or a shard without
+        DataError: no source, all files empty, unreadable files, or a one-document corpus
+            with next-sentence prediction (here); no text at all, or a shard without
             documents in an infinite stream (when a pass ends); a state saved with a
             different number of shards (on resume).
     """
 
     def __init__(self, cfg, tokenizer, files: list[str], *, seed: int, rank: int = 0, world_size: int = 1,
-                 infinite: bool = True, max_samples: Optional[int] = None):
+                 infinite: bool = True, max_samples: Optional[int] = None, with_origin: bool = False,
+                 key: str = "data.train_files"):
         super().__init__()
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
-        check_files(list(files), cfg)
-        self.cfg = cfg
-        self.tokenizer = tokenizer
-        self.files = list(files)
-        self.seed = int(seed)
-        self.rank = rank
-        self.world_size = world_size
-        self.infinite = infinite
-        self.max_samples = max_samples
+        check_files(list(files), cfg, key)
+        self.cfg, self.tokenizer, self.files, self.key = cfg, tokenizer, list(files), key
+        self.seed, self.rank, self.world_size = int(seed), rank, world_size
+        self.infinite, self.max_samples, self.with_origin = infinite, max_samples, with_origin
         self.vocab = MaskingVocab.from_tokenizer(tokenizer)
         self.builder = InstanceBuilder(
-            max_seq_length=cfg.max_seq_length,
-            short_seq_prob=cfg.short_seq_prob,
-            random_next_prob=cfg.random_next_prob,
-            cls_token_id=tokenizer.cls_token_id,
-            sep_token_id=tokenizer.sep_token_id,
+            max_seq_length=cfg.max_seq_length, short_seq_prob=cfg.short_seq_prob,
+            random_next_prob=cfg.random_next_prob, cls_token_id=tokenizer.cls_token_id,
+            sep_token_id=tokenizer.sep_token_id, short_seq_scope=cfg.short_seq_scope,
         )
+        self._warned: set[str] = set()
+        self.corpus: Optional[IndexedCorpus] = None
+        if use_index(self.files, cfg):
+            index = build_index(self.files, cfg, show_progress=None if rank == 0 else False)
+            self.corpus = IndexedCorpus(index, tokenizer, cfg.text_column)
+            self._check_index(index)
+            self.source = IndexedSource(self.corpus, self.builder, self.seed, cfg.interleave_documents)
+        else:
+            self.source = StreamedSource(self.files, cfg, self.builder, self.seed, self._tokenize)
         self._pending: Optional[dict] = None
         self._live: Optional[_StreamState] = None
-        self._warned: set[str] = set()
+
+    def _check_index(self, index) -> None:
+        """One-document corpora and single-sentence documents, reported before training."""
+        n = index.num_documents
+        if n == 0:
+            raise DataError(f"{self.key}: no text to build pretraining instances from in {self._where()} (all blank)")
+        if n == 1 and self.cfg.random_next_prob > 0:
+            raise DataError(
+                f"{self.key}: the corpus is one document, so next-sentence prediction has no other document for "
+                "random-next B segments; split it (data.document_split: blank_line, data.document_start_regex) "
+                "or add documents, or set data.random_next_prob=0 (IsNext pairs only)"
+            )
+        if index.sentence_split == "line" and self.rank == 0:
+            self._warn_single_sentence(index.single_unit_documents(), n, "in the corpus")
 
     # ------------------------------------------------------------------ sharding
 
@@ -150,16 +179,17 @@ class PretrainingStream(torch.utils.data.IterableDataset):
         worker, workers = self._worker()
         return self.max_samples // workers + (1 if worker < self.max_samples % workers else 0)
 
-    def _file_order(self, epoch: int) -> list[int]:
-        rng = np.random.default_rng([self.seed & _SEED_MASK, epoch])
-        return [int(i) for i in rng.permutation(len(self.files))]
+    def document_files(self) -> np.ndarray:
+        """int ``[N]``: the file (position in ``files``) of each document id (indexed corpora)."""
+        if self.corpus is None:
+            raise ValueError("document ids map to files only for indexed corpora")
+        return self.corpus.index.doc_file
 
     # ------------------------------------------------------------------ state
 
     def _fresh_state(self, shard: int, num_shards: int) -> _StreamState:
         rng = np.random.default_rng([self.seed & _SEED_MASK, shard, num_shards])
-        return _StreamState(shard, num_shards, rng, RandomNextBuffer(self.cfg.random_next_buffer_size,
-                                                                     self.cfg.max_seq_length - 3))
+        return _StreamState(shard, num_shards, rng, self.source.new_position())
 
     def _restored_state(self, state: dict, shard: int, num_shards: int) -> _StreamState:
         if (state["shard"], state["num_shards"]) != (shard, num_shards):
@@ -170,13 +200,9 @@ class PretrainingStream(torch.utils.data.IterableDataset):
             )
         st = self._fresh_state(shard, num_shards)
         st.rng.bit_generator.state = state["rng"]
-        st.buffer.load_state_dict(state["random_next"])
+        st.position = self.source.restore_position(state["source"])
         st.epoch, st.emitted = int(state["epoch"]), int(state["emitted"])
-        st.file_position, st.file_first_index = int(state["file_position"]), int(state["file_first_index"])
-        st.next_document = int(state["next_document"])
-        st.stats = {**_new_stats(), **state["stats"]}
-        st.current = DocumentCursor.from_state(state["current"])
-        st.lookahead = state["lookahead"] or None
+        st.stats = {**new_stats(), **state["stats"]}
         st.shuffle = [state["shuffle"][str(i)] for i in range(len(state["shuffle"]))]
         return st
 
@@ -187,25 +213,30 @@ class PretrainingStream(torch.utils.data.IterableDataset):
             return dict(self._pending) if self._pending else {"version": STATE_VERSION}
         return {
             "version": STATE_VERSION,
+            "access": "index" if self.corpus is not None else "stream",
             "shard": st.shard,
             "num_shards": st.num_shards,
             "epoch": st.epoch,
-            "file_position": st.file_position,
-            "file_first_index": st.file_first_index,
-            "next_document": st.next_document,
             "emitted": st.emitted,
             "stats": dict(st.stats),
             "rng": st.rng.bit_generator.state,
-            "current": st.current.state_dict() if st.current is not None else None,
-            "lookahead": st.lookahead,
-            "random_next": st.buffer.state_dict(),
+            "source": self.source.position_state(st.position),
             "shuffle": {str(i): item for i, item in enumerate(st.shuffle)},
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume from :meth:`state_dict` at the next ``iter()`` (a state without position restarts)."""
+        """Resume from :meth:`state_dict` at the next ``iter()`` (a state without position restarts).
+
+        Raises:
+            DataError: a state of another format version or corpus access mode.
+        """
         if state.get("version") != STATE_VERSION:
-            raise DataError(f"data state: unsupported version {state.get('version')!r} (expected {STATE_VERSION})")
+            raise DataError(f"data state: unsupported version {state.get('version')!r} (expected {STATE_VERSION}); "
+                            "it was saved by another version of bert-recipes")
+        access = "index" if self.corpus is not None else "stream"
+        if "epoch" in state and state["access"] != access:
+            raise DataError(f"data.corpus_access: the saved data state was read with corpus_access {state['access']}, "
+                            f"this run uses {access}; resume with the same data settings")
         self._pending = state if "epoch" in state else None
         self._live = None
 
@@ -229,7 +260,7 @@ class PretrainingStream(torch.utils.data.IterableDataset):
         for item in self._instances(st):
             if size == 0:
                 st.emitted += 1
-                yield _as_dict(item)
+                yield self._as_dict(item)
             elif len(st.shuffle) < size:
                 st.shuffle.append(item)
                 continue
@@ -237,7 +268,7 @@ class PretrainingStream(torch.utils.data.IterableDataset):
                 slot = int(st.rng.integers(size))
                 out, st.shuffle[slot] = st.shuffle[slot], item
                 st.emitted += 1
-                yield _as_dict(out)
+                yield self._as_dict(out)
             if limit is not None and st.emitted >= limit:
                 return
         while st.shuffle and (limit is None or st.emitted < limit):  # finite stream: drain
@@ -246,123 +277,92 @@ class PretrainingStream(torch.utils.data.IterableDataset):
             st.shuffle[slot] = st.shuffle[-1]
             st.shuffle.pop()
             st.emitted += 1
-            yield _as_dict(out)
+            yield self._as_dict(out)
+
+    def _as_dict(self, item: list) -> dict:
+        out = {"input_ids": item[0], "token_type_ids": item[1], "labels": item[2], "next_sentence_label": item[3]}
+        if self.with_origin:
+            out["a_document"], out["b_document"], out["target_length"] = item[4]
+        return out
 
     def _instances(self, st: _StreamState) -> Iterator[list]:
-        """Masked instances in document order, pass after pass; updates ``st`` before each yield."""
-        documents = self._documents(st)
+        """Masked instances, pass after pass; ``st`` is up to date before each yield."""
         while True:
-            if st.current is not None:
-                pair = self.builder.next_instance(st.current, st.buffer, st.rng)
-                if pair is not None:
-                    st.stats["instances"] += 1
-                    self._warn_same_document(st)
-                    yield self._masked(pair, st.rng)
-                    continue
-                st.current = None
-            if st.lookahead is None:
-                st.lookahead = self._next_document(st, documents)
-            if st.lookahead is None:  # the pass is over
-                self._end_pass(st)
-                if not self.infinite:
-                    return
-                st.epoch, st.file_position, st.file_first_index, st.next_document = st.epoch + 1, 0, 0, 0
-                st.stats = _new_stats()
-                documents = self._documents(st)
-                continue
-            key, sentences = st.lookahead
-            st.current = self.builder.start(key, sentences, st.rng)
-            st.lookahead = self._next_document(st, documents)
-
-    def _documents(self, st: _StreamState) -> Iterator[RawDocument]:
-        return iter_raw_documents(
-            self.files,
-            self.cfg,
-            order=self._file_order(st.epoch),
-            start=st.next_document,
-            start_file=st.file_position,
-            start_file_index=st.file_first_index,
-            keep=lambda index: index % st.num_shards == st.shard,
-        )
-
-    def _next_document(self, st: _StreamState, documents: Iterator[RawDocument]) -> Optional[list]:
-        """The shard's next non-empty document as ``[key, sentences]`` (entered into the
-        random-next buffer), or None at the end of the pass."""
-        for raw in documents:
-            st.next_document, st.file_position, st.file_first_index = raw.index + 1, raw.file_position, raw.file_first_index
-            st.stats["documents"] += 1
-            if raw.paragraphs is None:
-                continue
-            st.stats["owned"] += 1
-            sentences = self._tokenize(raw.sentences())
-            if not sentences:
-                continue
-            st.stats["with_text"] += 1
-            st.stats["single_sentence"] += len(sentences) == 1
-            st.buffer.add_document(raw.key, sentences, st.rng)
-            return [raw.key, sentences]
-        return None
+            for pair in self.source.instances(st.position, st.rng, st.epoch, st.shard, st.num_shards, st.stats):
+                st.stats["instances"] += 1
+                self._early_checks(st)
+                yield self._masked(pair, st.rng)
+            self._end_pass(st)
+            if not self.infinite:
+                return
+            st.epoch += 1
+            st.position = self.source.new_position()
+            st.stats = new_stats()
 
     def _tokenize(self, sentences: list[str]) -> list[list[int]]:
         """Token ids per sentence (one batched tokenizer call), empty ones dropped."""
         if not sentences:
             return []
-        encoded = self.tokenizer(
-            sentences, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False,
-            verbose=False,
-        )["input_ids"]
+        encoded = self.tokenizer(sentences, add_special_tokens=False, return_attention_mask=False,
+                                 return_token_type_ids=False, verbose=False)["input_ids"]
         return [ids for ids in encoded if ids]
 
     def _masked(self, pair: PairInstance, rng: np.random.Generator) -> list:
         input_ids, labels = create_masked_lm_predictions(
-            pair.input_ids,
-            self.vocab,
-            rng,
-            masked_lm_prob=self.cfg.masked_lm_prob,
-            max_predictions_per_seq=self.cfg.max_predictions_per_seq,
-            whole_word_mask=self.cfg.whole_word_mask,
+            pair.input_ids, self.vocab, rng, masked_lm_prob=self.cfg.masked_lm_prob,
+            max_predictions_per_seq=self.cfg.max_predictions_per_seq, whole_word_mask=self.cfg.whole_word_mask,
         )
-        return [input_ids.tolist(), pair.token_type_ids.tolist(), labels.tolist(), pair.next_sentence_label]
+        item = [input_ids.tolist(), pair.token_type_ids.tolist(), labels.tolist(), pair.next_sentence_label]
+        if self.with_origin:
+            item.append([pair.a_document, pair.b_document, pair.target_length])
+        return item
 
     # ------------------------------------------------------------------ diagnostics
 
     def _where(self) -> str:
         return f"{len(self.files)} file(s)" if self.files else f"dataset '{self.cfg.dataset_name}'"
 
+    def _warn_single_sentence(self, single: int, total: int, where: str) -> None:
+        if "single_sentence" in self._warned or not total or single / total < SINGLE_SENTENCE_WARN_SHARE:
+            return
+        self._warned.add("single_sentence")
+        logger.warning(
+            "data: %d of %d documents %s have a single sentence; as in google-research/bert they are used, but "
+            "every instance from them is random-next (NSP label 1); check data.document_split / data.sentence_split",
+            single, total, where,
+        )
+
+    def _early_checks(self, st: _StreamState) -> None:
+        stats = st.stats
+        if stats["with_text"] >= EARLY_CHECK_DOCUMENTS and st.shard == 0 and st.epoch == 0:
+            self._warn_single_sentence(stats["single_sentence"], stats["with_text"], f"of the first {stats['with_text']}")
+        if self.builder.skipped_chunks and "skipped" not in self._warned:
+            self._warned.add("skipped")
+            logger.warning("data: a one-sentence chunk had no other document to draw a random-next B segment from "
+                           "(data shard %d of %d) and was skipped; add documents", st.shard, st.num_shards)
+
     def _end_pass(self, st: _StreamState) -> None:
         stats = st.stats
-        if stats["single_sentence"] and "single_sentence" not in self._warned:
-            self._warned.add("single_sentence")
-            logger.warning(
-                "data: %d of %d documents (data shard %d of %d) have a single sentence; as in "
-                "google-research/bert they are used, but only for random-next (NSP label 1) instances",
-                stats["single_sentence"], stats["with_text"], st.shard, st.num_shards,
-            )
+        if st.shard == 0:
+            self._warn_single_sentence(stats["single_sentence"], stats["with_text"], f"({self._where()})")
         if stats["instances"]:
             return
-        if stats["documents"] == 0 or (stats["with_text"] == 0 and stats["owned"] == stats["documents"]):
-            raise DataError(f"data.train_files: no text to build pretraining instances from in {self._where()} "
+        streamed_all_empty = stats["documents"] == 0 or (stats["with_text"] == 0 and stats["owned"] == stats["documents"])
+        if self.corpus is None and streamed_all_empty:
+            raise DataError(f"{self.key}: no text to build pretraining instances from in {self._where()} "
                             f"({stats['documents']} document(s), all empty)")
         if self.infinite:
+            total = self.corpus.num_documents if self.corpus is not None else stats["documents"]
             raise DataError(
-                f"data.train_files: data shard {st.shard} of {st.num_shards} (world_size x dataloader workers) "
-                f"got no text: {self._where()} hold {stats['documents']} document(s), {stats['owned']} of them "
-                f"for this shard; use more documents (data.document_split) or fewer data.dataloader_num_workers"
-            )
-
-    def _warn_same_document(self, st: _StreamState) -> None:
-        if self.builder.same_document_fallbacks and "same_document" not in self._warned:
-            self._warned.add("same_document")
-            logger.warning(
-                "data: the corpus has too few documents for next-sentence prediction: a random-next B segment "
-                "came from the same document (data shard %d of %d sees no other document yet); add documents "
-                "or use data.document_split: blank_line", st.shard, st.num_shards,
+                f"{self.key}: data shard {st.shard} of {st.num_shards} (world_size x dataloader workers) "
+                f"got no text: {self._where()} hold {total} document(s), {stats['owned']} of them for this "
+                "shard; use more documents (data.document_split) or fewer data.dataloader_num_workers"
             )
 
 
 def build_pretraining_dataloader(cfg, tokenizer, files: list[str], *, batch_size: int, seed: int, rank: int = 0,
                                  world_size: int = 1, infinite: bool = True, max_samples: Optional[int] = None,
-                                 num_workers: Optional[int] = None):
+                                 num_workers: Optional[int] = None, key: str = "data.train_files"):
     """A ``torchdata.stateful_dataloader.StatefulDataLoader`` over a :class:`PretrainingStream`.
 
     Yields dicts of ``torch.long`` tensors: ``input_ids``, ``token_type_ids``,
@@ -381,7 +381,7 @@ def build_pretraining_dataloader(cfg, tokenizer, files: list[str], *, batch_size
 
     workers = cfg.dataloader_num_workers if num_workers is None else num_workers
     stream = PretrainingStream(cfg, tokenizer, files, seed=seed, rank=rank, world_size=world_size,
-                               infinite=infinite, max_samples=max_samples)
+                               infinite=infinite, max_samples=max_samples, key=key)
     collator = PretrainingCollator(tokenizer, pad_to_multiple_of=cfg.pad_to_multiple_of,
                                    max_seq_length=cfg.max_seq_length)
     if workers > 0:  # tokenizers' Rust thread pool does not survive fork; say so once, quietly
@@ -395,4 +395,26 @@ def build_pretraining_dataloader(cfg, tokenizer, files: list[str], *, batch_size
                                   generator=generator)
 
 
-__all__ = ["PretrainingStream", "build_pretraining_dataloader", "check_files"]
+def build_eval_batches(cfg, tokenizer, files: list[str], *, batch_size: int, seed: int, rank: int = 0,
+                       world_size: int = 1, max_samples: Optional[int] = None) -> list[dict]:
+    """This rank's held-out batches: the same instances whatever the number of processes.
+
+    One single-shard pass over ``files`` (no shuffle buffer, at most ``max_samples``
+    instances, seeded with ``seed``) is built on every rank; rank ``r`` of ``w`` takes
+    instances ``r, r + w, ...``, collated into batches of ``batch_size`` (dicts of
+    ``torch.long`` tensors as :func:`build_pretraining_dataloader`). Ranks may get one batch
+    more or less than others.
+
+    Raises:
+        DataError: see :class:`PretrainingStream` (naming ``data.eval_files``).
+    """
+    eval_cfg = cfg.model_copy(update={"shuffle_buffer_size": 0})
+    stream = PretrainingStream(eval_cfg, tokenizer, files, seed=seed, infinite=False, max_samples=max_samples,
+                               key="data.eval_files")
+    mine = [item for i, item in enumerate(stream) if i % world_size == rank]
+    collator = PretrainingCollator(tokenizer, pad_to_multiple_of=cfg.pad_to_multiple_of,
+                                   max_seq_length=cfg.max_seq_length)
+    return [collator(mine[i : i + batch_size]) for i in range(0, len(mine), batch_size)]
+
+
+__all__ = ["PretrainingStream", "build_eval_batches", "build_pretraining_dataloader", "check_files", "use_index"]

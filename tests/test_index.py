@@ -1,0 +1,207 @@
+"""The document index (bert_recipes.data.index) and random access (bert_recipes.data.reader)."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import random
+
+import numpy as np
+import pytest
+
+from bert_recipes.data import index as index_module
+from bert_recipes.data.index import build_index, random_access_problem
+from bert_recipes.data.reader import IndexedCorpus
+from bert_recipes.errors import DataError
+from bert_recipes.recipe import DataConfig
+
+from tests.data_fixtures import make_doc, vocab_tokenizer, write_blank_line_corpus  # noqa: F401
+
+
+def cfg(files, **kw):
+    return DataConfig(train_files=files, **kw)
+
+
+def texts(index, tokenizer=None):
+    """Every document's sentences, in corpus order."""
+    corpus = IndexedCorpus(index, tokenizer)
+    return [corpus.sentences(d) for d in range(index.num_documents)]
+
+
+GOOGLE = "One. Two and two.\nThree is here.\n\nFour.\n  \nFive?\r\nSix.\n"
+
+
+def test_blank_line_documents_punkt_and_line_sentences(tmp_path):
+    path = tmp_path / "g.txt"
+    path.write_bytes(GOOGLE.encode())
+    punkt = build_index([str(path)], cfg([str(path)]), cache_dir=tmp_path / "c")
+    assert texts(punkt) == [["One.", "Two and two.", "Three is here."], ["Four."], ["Five?", "Six."]]
+    assert punkt.num_documents == 3 and list(np.diff(punkt.doc_units)) == [1, 1, 1]  # a paragraph per unit
+    line = build_index([str(path)], cfg([str(path)], sentence_split="line"), cache_dir=tmp_path / "c")
+    # Google's input format: one sentence per line, never re-split ("One. Two and two." stays whole)
+    assert texts(line) == [["One. Two and two.", "Three is here."], ["Four."], ["Five?", "Six."]]
+    assert list(np.diff(line.doc_units)) == [2, 1, 2] and line.single_unit_documents() == 1
+
+
+def test_file_mode_regex_headings_and_byte_ranges(tmp_path):
+    a, b, empty = tmp_path / "a.txt", tmp_path / "b.txt", tmp_path / "e.txt"
+    a.write_text(" = Alpha = \nText one.\n\nMore text.\n = Beta = \nBeta text.\n", encoding="utf-8")
+    b.write_bytes(b"Caf\xc3\xa9 ok.\n\xff\xfe bad bytes.\n")
+    empty.write_text("", encoding="utf-8")
+    files = [str(a), str(empty), str(b)]
+    whole = build_index(files, cfg(files, document_split="file"), cache_dir=tmp_path / "c")
+    assert whole.num_documents == 2 and list(whole.doc_file) == [0, 2]
+    assert texts(whole)[1] == ["Café ok.", "\ufffd\ufffd bad bytes."]  # invalid UTF-8 replaced, not fatal
+    heads = build_index(files, cfg(files, document_split="file", document_start_regex=r"^ = [^=].* = $"),
+                        cache_dir=tmp_path / "c")
+    assert texts(heads) == [["= Alpha =", "Text one.", "More text."], ["= Beta =", "Beta text."],
+                            ["Café ok.", "\ufffd\ufffd bad bytes."]]
+    data = a.read_bytes()
+    first, last = heads.units_of(1)
+    assert data[heads.unit_start[first] : heads.unit_end[last - 1]] == b" = Beta = \nBeta text.\n"
+
+
+def test_json_lines_and_parquet_records(tmp_path):
+    jsonl = tmp_path / "r.jsonl"
+    jsonl.write_text(json.dumps({"text": "Rec one. Has two."}) + "\n\n" + json.dumps({"text": "Rec two."}) + "\n")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parquet = tmp_path / "r.parquet"
+    pq.write_table(pa.table({"text": [f"Row {i}. Second." for i in range(7)]}), parquet, row_group_size=3)
+    files = [str(jsonl), str(parquet)]
+    index = build_index(files, cfg(files), cache_dir=tmp_path / "c")
+    docs = texts(index)
+    assert docs[:2] == [["Rec one.", "Has two."], ["Rec two."]]
+    assert docs[2:] == [[f"Row {i}.", "Second."] for i in range(7)]
+    with pytest.raises(DataError, match=r"^data.text_column: column 'body' not found in .*r.jsonl \(columns: text\)"):
+        build_index([str(jsonl)], cfg([str(jsonl)], text_column="body"), cache_dir=tmp_path / "c")
+    with pytest.raises(DataError, match=r"^data.text_column: column 'body' not found in .*r.parquet"):
+        build_index([str(parquet)], cfg([str(parquet)], text_column="body"), cache_dir=tmp_path / "c")
+
+
+def test_sources_without_random_access_are_named(tmp_path):
+    array = tmp_path / "a.json"
+    array.write_text('[{"text": "x"}]')
+    assert random_access_problem(str(array)) == "is a JSON array, not JSON Lines"
+    assert random_access_problem(str(tmp_path / "x.txt.gz")) == "is compressed"
+    plain = tmp_path / "p.txt"
+    plain.write_text("x")
+    assert random_access_problem(str(plain)) is None
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+def counting_scans(monkeypatch):
+    calls = []
+    real = index_module.scan_file
+
+    def scan(path, settings):
+        calls.append(path)
+        return real(path, settings)
+
+    monkeypatch.setattr(index_module, "scan_file", scan)
+    return calls
+
+
+def test_cache_is_reused_and_invalidated_by_a_change(tmp_path, monkeypatch):
+    files = []
+    for k in range(3):
+        path = tmp_path / f"{k}.txt"
+        path.write_text(f"Doc {k} one.\nTwo.\n\nDoc {k} b.\n", encoding="utf-8")
+        files.append(str(path))
+    calls = counting_scans(monkeypatch)
+    c = cfg(files)
+    first = build_index(files, c, cache_dir=tmp_path / "cache", num_proc=1)
+    assert sorted(calls) == sorted(files)
+    again = build_index(files, c, cache_dir=tmp_path / "cache", num_proc=1)
+    assert len(calls) == 3 and np.array_equal(first.unit_start, again.unit_start)  # nothing re-scanned
+    build_index(files, cfg(files, sentence_split="line"), cache_dir=tmp_path / "cache", num_proc=1)
+    assert len(calls) == 6  # other split settings: another key
+    os.utime(files[1], ns=(1, 1))  # mtime changed
+    with open(files[2], "a", encoding="utf-8") as f:
+        f.write("\nDoc 2 c is new.\n")
+    changed = build_index(files, c, cache_dir=tmp_path / "cache", num_proc=1)
+    assert sorted(calls[6:]) == sorted(files[1:])
+    assert changed.num_documents == first.num_documents + 1
+    assert texts(changed)[-1] == ["Doc 2 c is new."]
+
+
+def test_unreadable_cache_entry_is_rebuilt(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_text("One.\n\nTwo.\n", encoding="utf-8")
+    build_index([str(path)], cfg([str(path)]), cache_dir=tmp_path / "cache")
+    (entry,) = (tmp_path / "cache").glob("*.npz")
+    entry.write_bytes(b"not a zip")
+    assert build_index([str(path)], cfg([str(path)]), cache_dir=tmp_path / "cache").num_documents == 2
+
+
+def _build_in_child(files, cache, log, queue):
+    real = index_module.scan_file
+
+    def scan(path, settings):
+        with open(log, "a") as f:
+            f.write(path + "\n")
+        return real(path, settings)
+
+    index_module.scan_file = scan
+    index = build_index(files, DataConfig(train_files=files), cache_dir=cache, num_proc=1)
+    queue.put((index.unit_start.tolist(), index.doc_units.tolist()))
+
+
+def test_concurrent_builds_scan_each_file_once(tmp_path):
+    rng = random.Random(0)
+    files = [str(write_blank_line_corpus(tmp_path / f"{k}.txt", [make_doc(k, 30, 8, rng) for _ in range(20)]))
+             for k in range(4)]
+    log, cache = tmp_path / "scans.log", tmp_path / "cache"
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    ranks = [context.Process(target=_build_in_child, args=(files, cache, log, queue)) for _ in range(3)]
+    for p in ranks:
+        p.start()
+    results = [queue.get(timeout=60) for _ in ranks]
+    for p in ranks:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert results[0] == results[1] == results[2]
+    assert sorted(log.read_text().split()) == sorted(files)  # three ranks, one scan per file
+    assert len(list(cache.glob("*.npz"))) == 4 and not list(cache.glob(".*tmp*"))
+
+
+def test_parallel_scan_equals_serial_scan(tmp_path):
+    rng = random.Random(1)
+    files = [str(write_blank_line_corpus(tmp_path / f"{k}.txt", [make_doc(k, 5, 4, rng) for _ in range(6)]))
+             for k in range(5)]
+    serial = build_index(files, cfg(files), cache_dir=tmp_path / "a", num_proc=1)
+    parallel = build_index(files, cfg(files), cache_dir=tmp_path / "b", num_proc=2)
+    for name in ("doc_file", "doc_units", "unit_start", "unit_end"):
+        assert np.array_equal(getattr(serial, name), getattr(parallel, name))
+
+
+# ----------------------------------------------------------------------------- random access
+
+
+def test_random_b_is_uniform_over_other_documents_and_reads_only_what_it_needs(tmp_path, vocab_tokenizer):  # noqa: F811
+    rng = random.Random(2)
+    docs = [make_doc(k, 20, 6, rng) for k in range(10)]
+    path = str(write_blank_line_corpus(tmp_path / "c.txt", docs))
+    index = build_index([path], cfg([path], sentence_split="line"), cache_dir=tmp_path / "cache")
+    corpus = IndexedCorpus(index, vocab_tokenizer)
+    draws = np.random.default_rng(0)
+    counts = np.zeros(10)
+    starts = np.zeros(20)
+    for _ in range(4000):
+        tokens, doc = corpus.random_b(3, 10, draws)
+        counts[doc] += 1
+        sentences = corpus.document(doc)
+        first = next(i for i, s in enumerate(sentences) if tokens[: len(s)] == s)  # B starts at a sentence
+        starts[first] += 1
+        assert len(tokens) >= 10 or first >= 18
+    assert counts[3] == 0  # never A's own document
+    expected = 4000 / 9
+    assert np.all(np.abs(counts[np.arange(10) != 3] - expected) < 5 * np.sqrt(expected))
+    assert np.all(np.abs(starts - 200) < 5 * np.sqrt(200))  # the start sentence is uniform (Google: randint)
+    # a B segment reads a few lines, not its document: ~7 words * 7 bytes per sentence, two sentences
+    assert corpus.bytes_read["random_next"] / 4000 < 2.5 * 60
