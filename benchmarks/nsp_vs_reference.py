@@ -32,9 +32,12 @@ max_predictions_per_seq 20, seeds 0..S-1. Every instance's claimed A (and B) doc
 checked against its tokens: the unmasked A (and B) segment must occur contiguously in the
 claimed document's token stream ("origin check").
 
-Metrics (pooled over seeds; "se" is a binomial / normal standard error over instances,
-which understates the noise of quantities clustered by document, so the between-seed
-standard error is also given where it matters):
+Metrics (pooled over seeds; "±" is a binomial / normal standard error over instances,
+which understates the noise of quantities clustered by document: a document's instances
+share its target length and its B draws. The between-seed standard error (std of the
+per-seed values / sqrt(seeds)) is therefore also given where it matters, and the last
+column, z = (ours - reference) / sqrt(se_ours^2 + se_ref^2), is to be read on those rows;
+|z| > 3 there is a difference, not noise):
 
 1. random-next B from A's book, vs the uniform expectation mean over those instances of
    (docs_in_book(A) - 1) / (N - 1); also per book of A.
@@ -45,10 +48,15 @@ standard error is also given where it matters):
    min(max_predictions, max(1, round(0.15 * length))).
 6. NSP share (label 1 = random next).
 7. Spearman correlation of emitted order vs A's document position (reference: after its final
-   instance shuffle; ours: after its shuffle buffer, ``--shuffle-buffer``).
-8. instances/s in one process from the text file: reference = one uninstrumented
-   ``create_training_instances`` call (read + WordPiece + build + mask + shuffle; the vocab
-   load excluded); ours = building the stream and iterating one pass (tokenizer load excluded).
+   instance shuffle; ours: after its shuffle buffer, ``--shuffle-buffer``). With no order at
+   all its per-seed spread is 1/sqrt(instances) for a full instance shuffle, and about
+   1/sqrt(documents) for a random document order with a local shuffle (both are shown).
+8. instances per wall second and per CPU second of this process, from the text file:
+   reference = one uninstrumented ``create_training_instances`` call (read + WordPiece +
+   build + mask + final shuffle; the vocab load excluded); ours = building the stream and
+   iterating one pass, median over seeds (tokenizer load excluded; the first seed also
+   builds the document index). The two are timed at different moments on a shared machine:
+   compare the CPU-second figures.
 
 Writes ``benchmarks/out/nsp_vs_reference.json`` and prints a table. When the reference
 repository, the MiniLM package or the corpus is missing it prints why and exits 0; when our
@@ -282,10 +290,13 @@ def metrics(per_seed: list[list[dict]], book_of: list[str], books: list[str], ma
     lengths = sorted(r["length"] for r in all_records)
     out["length"] = {f"p{int(q * 100)}": quantile(lengths, q) for q in QUANTILES}
     out["length"]["mean"] = statistics.fmean(lengths)
-    out["length_le_64"] = share(sum(x <= 64 for x in lengths), n)
+    out["length_le_64"] = {**share(sum(x <= 64 for x in lengths), n), "between_seeds": between_seeds(
+        [sum(r["length"] <= 64 for r in recs) / len(recs) for recs in per_seed if recs])}
 
     # (4) short targets: per instance and per document (one document per seed and A)
-    out["short_target_instances"] = share(sum(r["target"] < max_num_tokens for r in all_records), n)
+    out["short_target_instances"] = {**share(sum(r["target"] < max_num_tokens for r in all_records), n), "between_seeds":
+                                     between_seeds([sum(r["target"] < max_num_tokens for r in recs) / len(recs)
+                                                    for recs in per_seed if recs])}
     doc_targets = defaultdict(set)
     for s, recs in enumerate(per_seed):
         for r in recs:
@@ -298,7 +309,9 @@ def metrics(per_seed: list[list[dict]], book_of: list[str], books: list[str], ma
     masked = [r["masked"] for r in all_records]
     mean = statistics.fmean(masked)
     out["masked_per_instance"] = {"mean": mean, "se": statistics.pstdev(masked) / math.sqrt(n), "std": statistics.pstdev(masked),
-                                  "distribution": dict(sorted(Counter(masked).items()))}
+                                  "distribution": dict(sorted(Counter(masked).items())),
+                                  "between_seeds": between_seeds([statistics.fmean(r["masked"] for r in recs)
+                                                                  for recs in per_seed if recs])}
     out["masked_equals_formula"] = share(
         sum(r["masked"] == min(max_predictions, max(1, int(round(r["length"] * masked_lm_prob)))) for r in all_records), n)
 
@@ -308,8 +321,13 @@ def metrics(per_seed: list[list[dict]], book_of: list[str], books: list[str], ma
 
     # (7) order vs A's document
     rhos = [spearman(list(range(len(recs))), [r["a"] for r in recs]) for recs in per_seed]
-    out["spearman_order_vs_a_document"] = {**between_seeds(rhos),
-                                           "null_se_per_seed": 1 / math.sqrt(max(1, statistics.fmean(len(r) for r in per_seed) - 1))}
+    out["spearman_order_vs_a_document"] = {
+        **between_seeds(rhos),
+        # no order at all: instances independent (a full shuffle) or documents independent
+        # (a random document order with a local shuffle: the sample is the documents)
+        "null_se_per_seed": 1 / math.sqrt(max(1, statistics.fmean(len(r) for r in per_seed) - 1)),
+        "null_se_per_seed_documents": 1 / math.sqrt(max(1, n_docs - 1)),
+    }
     return out
 
 
@@ -335,11 +353,12 @@ def run_reference_side(args, data, cfg_kw) -> dict:
         instrumented_s = time.perf_counter() - t0
         draws.append(info["document_draws"])
         if seed < args.timing_seeds:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             plain = harness.run_plain(ref, [data["path"]], full, seed=seed, **kw)
-            elapsed = time.perf_counter() - t0
-            timings.append({"seed": seed, "instances": len(plain), "seconds": elapsed,
-                            "instances_per_s": len(plain) / elapsed, "instrumented_cached_seconds": instrumented_s})
+            elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
+            timings.append({"seed": seed, "instances": len(plain), "seconds": elapsed, "cpu_seconds": cpu,
+                            "instances_per_s": len(plain) / elapsed, "instances_per_cpu_s": len(plain) / cpu,
+                            "instrumented_cached_seconds": instrumented_s})
             problem = harness.verify_unperturbed(plain, instances)
             verification = problem if problem else verification
             if problem:
@@ -357,7 +376,9 @@ def run_reference_side(args, data, cfg_kw) -> dict:
     result["throughput"] = {"what": "one uninstrumented create_training_instances call: read file, FullTokenizer "
                                     "WordPiece, build, mask, final shuffle (vocab load excluded)",
                             "runs": timings,
-                            "instances_per_s": statistics.median(t["instances_per_s"] for t in timings) if timings else None}
+                            "instances_per_s": statistics.median(t["instances_per_s"] for t in timings) if timings else None,
+                            "instances_per_cpu_s": statistics.median(t["instances_per_cpu_s"] for t in timings)
+                            if timings else None}
     result["reference_commit"] = ref.commit
     return result
 
@@ -368,6 +389,18 @@ def ours_api_missing(DataConfig, PretrainingStream) -> str | None:
     if "with_origin" not in inspect.signature(PretrainingStream.__init__).parameters:
         missing.append("PretrainingStream(with_origin=...)")
     return f"our API lacks {', '.join(missing)} (not landed yet)" if missing else None
+
+
+def _ours_pass(PretrainingStream, cfg, tokenizer, data, seed, timings) -> list[dict]:
+    t0, c0 = time.perf_counter(), time.process_time()
+    stream = PretrainingStream(cfg, tokenizer, [data["path"]], seed=seed, rank=0, world_size=1,
+                               infinite=False, with_origin=True)
+    examples = list(stream)
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
+    timings.append({"seed": seed, "instances": len(examples), "seconds": elapsed, "cpu_seconds": cpu,
+                    "instances_per_s": len(examples) / elapsed, "instances_per_cpu_s": len(examples) / cpu})
+    print(f"  ours seed {seed}: {len(examples)} instances ({elapsed:.1f} s)", flush=True)
+    return [ours_record(ex) for ex in examples]
 
 
 def run_ours_side(args, data, cfg_kw) -> dict:
@@ -381,20 +414,24 @@ def run_ours_side(args, data, cfg_kw) -> dict:
         return {"skipped": problem}
     tokenizer = AutoTokenizer.from_pretrained(args.model_path)
     extra = {} if args.shuffle_buffer is None else {"shuffle_buffer_size": args.shuffle_buffer}
+    # the document index of this run's temporary input is cached in the temporary directory
+    cache = os.path.join(os.path.dirname(data["path"]), "index-cache")
+    if "index_cache_dir" in DataConfig.model_fields:
+        extra["index_cache_dir"] = cache
     cfg = DataConfig(train_files=[data["path"]], document_split="blank_line", sentence_split="line", **cfg_kw, **extra)
     per_seed, timings = [], []
-    for seed in range(args.seeds):
-        t0 = time.perf_counter()
-        stream = PretrainingStream(cfg, tokenizer, [data["path"]], seed=seed, rank=0, world_size=1,
-                                   infinite=False, with_origin=True)
-        examples = list(stream)
-        elapsed = time.perf_counter() - t0
-        timings.append({"seed": seed, "instances": len(examples), "seconds": elapsed,
-                        "instances_per_s": len(examples) / elapsed})
-        per_seed.append([ours_record(ex) for ex in examples])
-        print(f"  ours seed {seed}: {len(examples)} instances ({elapsed:.1f} s)", flush=True)
+    saved_cache = os.environ.get("BERT_RECIPES_CACHE")
+    os.environ["BERT_RECIPES_CACHE"] = cache
+    try:
+        for seed in range(args.seeds):
+            per_seed.append(_ours_pass(PretrainingStream, cfg, tokenizer, data, seed, timings))
+    finally:
+        if saved_cache is None:
+            os.environ.pop("BERT_RECIPES_CACHE", None)
+        else:
+            os.environ["BERT_RECIPES_CACHE"] = saved_cache
     sentences = [s for doc in data["documents"] for s in doc]
-    ids = tokenizer(sentences, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(sentences, add_special_tokens=False, verbose=False)["input_ids"]
     streams, k = [], 0
     for doc in data["documents"]:
         streams.append([t for sent in ids[k:k + len(doc)] for t in sent])
@@ -404,8 +441,11 @@ def run_ours_side(args, data, cfg_kw) -> dict:
     result["origin_check_failures"] = origin_failures([r for recs in per_seed for r in recs], DocumentIndex(streams))
     result["shuffle_buffer_size"] = cfg.shuffle_buffer_size
     result["throughput"] = {"what": "PretrainingStream construction + one full pass (infinite=False, with_origin=True), "
-                                    "tokenizer load excluded", "runs": timings,
-                            "instances_per_s": statistics.median(t["instances_per_s"] for t in timings)}
+                                    "tokenizer load excluded; the first seed also builds the document index "
+                                    "(a fresh cache in the temporary directory), later seeds load it; median over seeds",
+                            "runs": timings,
+                            "instances_per_s": statistics.median(t["instances_per_s"] for t in timings),
+                            "instances_per_cpu_s": statistics.median(t["instances_per_cpu_s"] for t in timings)}
     return result
 
 
@@ -462,7 +502,8 @@ def table(results: dict, books: list[str], short_prob: float, max_num_tokens: in
     row("instances (all seeds)", lambda r: str(r["instances"]))
     row("(1) random-next B same book as A", lambda r: _fmt(r["random_next_same_book"]), exp("random_next_same_book"),
         ent("random_next_same_book"))
-    row("    between-seed mean", lambda r: _fmt(r["random_next_same_book"]["between_seeds"], "mean"))
+    row("    between-seed mean", lambda r: _fmt(r["random_next_same_book"]["between_seeds"], "mean"),
+        z=ent("random_next_same_book", "between_seeds", key="mean"))
     for book in books:
         row(f"    A in {book}", lambda r, b=book: _fmt(r["random_next_same_book_by_book_of_a"][b]),
             f"{results[sides[0]]['random_next_same_book_by_book_of_a'][book]['uniform_expectation']:.3f}" if sides else "",
@@ -478,7 +519,11 @@ def table(results: dict, books: list[str], short_prob: float, max_num_tokens: in
         row(f"(3) length {key}", lambda r, k=key: _fmt(r["length"][k], digits=1), z=ent("length", key))
     row("    length mean", lambda r: f"{r['length']['mean']:.1f}")
     row("    share length <= 64", lambda r: _fmt(r["length_le_64"]), z=ent("length_le_64"))
+    row("      between-seed mean", lambda r: _fmt(r["length_le_64"]["between_seeds"], "mean"),
+        z=ent("length_le_64", "between_seeds", key="mean"))
     row("(4) short-target share, instances", lambda r: _fmt(r["short_target_instances"]), z=ent("short_target_instances"))
+    row("      between-seed mean", lambda r: _fmt(r["short_target_instances"]["between_seeds"], "mean"),
+        z=ent("short_target_instances", "between_seeds", key="mean"))
     row("    short-target share, documents", lambda r: _fmt(r["short_target_documents"]), f"{short_expected:.3f}",
         ent("short_target_documents"))
     if "reference" in sides:
@@ -487,11 +532,19 @@ def table(results: dict, books: list[str], short_prob: float, max_num_tokens: in
     row("    documents with >1 target", lambda r: str(r["documents_with_several_targets"]), "0")
     row("(5) masked per instance mean", lambda r: _fmt(r["masked_per_instance"], "mean"),
         z=ent("masked_per_instance", key="mean"))
+    row("      between-seed mean", lambda r: _fmt(r["masked_per_instance"]["between_seeds"], "mean"),
+        z=ent("masked_per_instance", "between_seeds", key="mean"))
     row("    masked == min(20,max(1,round(.15 len)))", lambda r: _fmt(r["masked_equals_formula"]))
     row("(6) NSP random share", lambda r: _fmt(r["nsp_random_share"]), z=ent("nsp_random_share"))
+    row("    between-seed mean", lambda r: _fmt(r["nsp_random_share"]["between_seeds"], "mean"),
+        z=ent("nsp_random_share", "between_seeds", key="mean"))
     row("(7) Spearman(order, A position)", lambda r: _fmt(r["spearman_order_vs_a_document"], "mean"),
-        f"0 ± {results[sides[0]]['spearman_order_vs_a_document']['null_se_per_seed']:.3f}/seed" if sides else "")
-    row("(8) instances/s", lambda r: f"{r['throughput']['instances_per_s']:.0f}" if r["throughput"]["instances_per_s"] else "-")
+        (f"0 ± {results[sides[0]]['spearman_order_vs_a_document']['null_se_per_seed']:.3f}"
+         f" (docs: {results[sides[0]]['spearman_order_vs_a_document']['null_se_per_seed_documents']:.3f})/seed")
+        if sides else "", ent("spearman_order_vs_a_document", key="mean"))
+    row("(8) instances/s (wall)", lambda r: f"{r['throughput']['instances_per_s']:.0f}" if r["throughput"]["instances_per_s"] else "-")
+    row("    instances per CPU-second", lambda r: f"{r['throughput']['instances_per_cpu_s']:.0f}"
+        if r["throughput"]["instances_per_cpu_s"] else "-")
     row("origin check failures", lambda r: str(r["origin_check_failures"]), "0")
     header = ["metric"] + sides + ["uniform / expected"] + (["z ours-ref"] if len(sides) == 2 else [])
     widths = [max(len(str(x[i])) for x in rows + [header]) for i in range(len(header))]
