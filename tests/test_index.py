@@ -205,3 +205,22 @@ def test_random_b_is_uniform_over_other_documents_and_reads_only_what_it_needs(t
     assert np.all(np.abs(starts - 200) < 5 * np.sqrt(200))  # the start sentence is uniform (Google: randint)
     # a B segment reads a few lines, not its document: ~7 words * 7 bytes per sentence, two sentences
     assert corpus.bytes_read["random_next"] / 4000 < 2.5 * 60
+
+
+def test_token_ids_ignore_padding_and_truncation_saved_in_a_tokenizer(tmp_path, vocab_tokenizer):  # noqa: F811
+    """A tokenizer.json may turn on padding and truncation (the MiniLM one does): sentences
+    must still be tokenized whole and unpadded, as the transformers call does."""
+    import copy
+
+    tokenizer = copy.deepcopy(vocab_tokenizer)
+    tokenizer.backend_tokenizer.enable_padding(length=32)
+    tokenizer.backend_tokenizer.enable_truncation(4)
+    rng = random.Random(3)
+    docs = [make_doc(k, 5, 9, rng) for k in range(3)]
+    path = str(write_blank_line_corpus(tmp_path / "c.txt", docs))
+    corpus = IndexedCorpus(build_index([path], cfg([path], sentence_split="line"), cache_dir=tmp_path / "c"), tokenizer)
+    for k, doc in enumerate(docs):
+        expected = vocab_tokenizer(doc, add_special_tokens=False)["input_ids"]
+        assert corpus.document(k) == expected and all(len(ids) == 10 for ids in expected)
+        tokens, _ = corpus.random_b(k, 25, np.random.default_rng(k))
+        assert len(tokens) in (10, 20, 30) and 0 not in tokens  # whole 10-token sentences, no [PAD]

@@ -160,7 +160,7 @@ class PretrainingStream(torch.utils.data.IterableDataset):
                 "or add documents, or set data.random_next_prob=0 (IsNext pairs only)"
             )
         if index.sentence_split == "line" and self.rank == 0:
-            self._warn_single_sentence(index.single_unit_documents(), n, "in the corpus")
+            self._warn_single_sentence(index.single_unit_documents(), n, f"{n} documents in the corpus")
 
     # ------------------------------------------------------------------ sharding
 
@@ -322,20 +322,21 @@ class PretrainingStream(torch.utils.data.IterableDataset):
     def _where(self) -> str:
         return f"{len(self.files)} file(s)" if self.files else f"dataset '{self.cfg.dataset_name}'"
 
-    def _warn_single_sentence(self, single: int, total: int, where: str) -> None:
+    def _warn_single_sentence(self, single: int, total: int, which: str) -> None:
+        """``which`` completes "{single} of {which}", e.g. "40 documents in the corpus"."""
         if "single_sentence" in self._warned or not total or single / total < SINGLE_SENTENCE_WARN_SHARE:
             return
         self._warned.add("single_sentence")
         logger.warning(
-            "data: %d of %d documents %s have a single sentence; as in google-research/bert they are used, but "
-            "every instance from them is random-next (NSP label 1); check data.document_split / data.sentence_split",
-            single, total, where,
+            "data: %d of %s have a single sentence; as in google-research/bert they are used, but every instance "
+            "from them is random-next (NSP label 1); check data.document_split / data.sentence_split", single, which,
         )
 
     def _early_checks(self, st: _StreamState) -> None:
         stats = st.stats
         if stats["with_text"] >= EARLY_CHECK_DOCUMENTS and st.shard == 0 and st.epoch == 0:
-            self._warn_single_sentence(stats["single_sentence"], stats["with_text"], f"of the first {stats['with_text']}")
+            self._warn_single_sentence(stats["single_sentence"], stats["with_text"],
+                                       f"the first {stats['with_text']} documents read")
         if self.builder.skipped_chunks and "skipped" not in self._warned:
             self._warned.add("skipped")
             logger.warning("data: a one-sentence chunk had no other document to draw a random-next B segment from "
@@ -344,7 +345,8 @@ class PretrainingStream(torch.utils.data.IterableDataset):
     def _end_pass(self, st: _StreamState) -> None:
         stats = st.stats
         if st.shard == 0:
-            self._warn_single_sentence(stats["single_sentence"], stats["with_text"], f"({self._where()})")
+            self._warn_single_sentence(stats["single_sentence"], stats["with_text"],
+                                       f"{stats['with_text']} documents of data shard 0 ({self._where()})")
         if stats["instances"]:
             return
         streamed_all_empty = stats["documents"] == 0 or (stats["with_text"] == 0 and stats["owned"] == stats["documents"])

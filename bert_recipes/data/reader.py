@@ -33,6 +33,38 @@ from .corpus import file_kind, split_sentences
 from .index import DocumentIndex
 
 _OPEN_FILES = 64
+# English WordPiece: about 4-5 bytes of text per token; random-next B reads lines in runs of
+# about this many bytes per token still needed (then more if the run falls short)
+BYTES_PER_TOKEN = 5
+
+
+def plain_backend(tokenizer):
+    """A private copy of a fast tokenizer's Rust backend with padding and truncation off
+    (a saved tokenizer.json may enable both), or None for a slow tokenizer."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    from tokenizers import Tokenizer
+
+    plain = Tokenizer.from_str(backend.to_str())
+    plain.no_padding()
+    plain.no_truncation()
+    return plain
+
+
+def tokenize_sentences(tokenizer, sentences: list[str], keep_empty: bool = False, backend=None) -> list[list[int]]:
+    """Token ids per sentence in one batched call, empty ones dropped (kept with
+    ``keep_empty``). With ``backend`` (:func:`plain_backend`) the Rust tokenizer is called
+    directly (the transformers wrapper costs more than the tokenization itself for short
+    batches); the ids are the same."""
+    if not sentences:
+        return []
+    if backend is not None:
+        encoded = [e.ids for e in backend.encode_batch(sentences, add_special_tokens=False)]
+    else:
+        encoded = tokenizer(sentences, add_special_tokens=False, return_attention_mask=False,
+                            return_token_type_ids=False, verbose=False)["input_ids"]
+    return encoded if keep_empty else [ids for ids in encoded if ids]
 
 
 def unit_sentences(text: str, sentence_split: str) -> list[str]:
@@ -57,6 +89,7 @@ class IndexedCorpus:
         self.text_column = text_column
         self.kinds = [file_kind(path) for path in index.files]
         self.bytes_read = {"own": 0, "random_next": 0}
+        self._backend = plain_backend(tokenizer)
         self._fds: OrderedDict = OrderedDict()
         self._row_groups: OrderedDict = OrderedDict()
 
@@ -138,11 +171,7 @@ class IndexedCorpus:
 
     def tokenize(self, sentences: list[str]) -> list[list[int]]:
         """Token ids per sentence (one batched call), empty ones dropped."""
-        if not sentences:
-            return []
-        encoded = self.tokenizer(sentences, add_special_tokens=False, return_attention_mask=False,
-                                 return_token_type_ids=False, verbose=False)["input_ids"]
-        return [ids for ids in encoded if ids]
+        return tokenize_sentences(self.tokenizer, sentences, backend=self._backend)
 
     def document(self, doc: int) -> list[list[int]]:
         """The token ids of a document's sentences (empty sentences dropped)."""
@@ -181,22 +210,39 @@ class IndexedCorpus:
         return None
 
     def _tokens_from(self, doc: int, target_b_length: int, rng: np.random.Generator) -> list[int]:
+        """Google's B loop from a random sentence of ``doc``: whole sentences until at least
+        ``target_b_length`` tokens (at least one sentence). Units are read a few at a time,
+        about as many bytes as the tokens still needed."""
         first, last = self.index.units_of(doc)
         unit = self._start_unit(first, last, rng)
         tokens: list[int] = []
         start_drawn = False
-        while unit < last and (not tokens or len(tokens) < target_b_length):  # at least one sentence (Google)
-            (text,) = self.unit_texts(unit, unit + 1, "random_next")
-            sentences = self.tokenize(unit_sentences(text, self.index.sentence_split))
-            if sentences and not start_drawn:
-                sentences = sentences[int(rng.integers(len(sentences))):]
-                start_drawn = True
-            for sentence in sentences:
-                tokens.extend(sentence)
-                if len(tokens) >= target_b_length:
-                    break
-            unit += 1
+        while unit < last and (not tokens or len(tokens) < target_b_length):
+            end = self._read_ahead(unit, last, target_b_length - len(tokens))
+            per_unit = [unit_sentences(t, self.index.sentence_split) for t in self.unit_texts(unit, end, "random_next")]
+            flat = tokenize_sentences(self.tokenizer, [s for sentences in per_unit for s in sentences], keep_empty=True,
+                                      backend=self._backend)
+            offset = 0
+            for sentences in per_unit:
+                ids = [x for x in flat[offset : offset + len(sentences)] if x]
+                offset += len(sentences)
+                if ids and not start_drawn:
+                    ids = ids[int(rng.integers(len(ids))):]
+                    start_drawn = True
+                for sentence in ids:
+                    tokens.extend(sentence)
+                    if len(tokens) >= target_b_length:
+                        return tokens
+            unit = end
         return tokens
+
+    def _read_ahead(self, unit: int, last: int, tokens_needed: int) -> int:
+        """The end of a run of units from ``unit`` holding about ``tokens_needed`` tokens."""
+        if self.index.sentence_split != "line" or last - unit == 1:
+            return unit + 1
+        budget = max(tokens_needed, 1) * BYTES_PER_TOKEN
+        sizes = self.index.unit_end[unit:last] - self.index.unit_start[unit]
+        return unit + 1 + min(int(np.searchsorted(sizes, budget)), last - unit - 1)
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -204,4 +250,4 @@ class IndexedCorpus:
         self._fds.clear()
 
 
-__all__ = ["IndexedCorpus", "unit_sentences"]
+__all__ = ["IndexedCorpus", "plain_backend", "tokenize_sentences", "unit_sentences"]
