@@ -414,6 +414,7 @@ def run_ours_side(args, data, cfg_kw) -> dict:
         return {"skipped": problem}
     tokenizer = AutoTokenizer.from_pretrained(args.model_path)
     extra = {} if args.shuffle_buffer is None else {"shuffle_buffer_size": args.shuffle_buffer}
+    extra["corpus_access"] = args.corpus_access
     # the document index of this run's temporary input is cached in the temporary directory
     cache = os.path.join(os.path.dirname(data["path"]), "index-cache")
     if "index_cache_dir" in DataConfig.model_fields:
@@ -566,6 +567,8 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--timing-seeds", type=int, default=1, help="reference seeds also run uninstrumented (timed, checked)")
     p.add_argument("--shuffle-buffer", type=int, default=None, help="ours: data.shuffle_buffer_size (default: DataConfig's)")
+    p.add_argument("--corpus-access", choices=["auto", "index", "stream"], default="auto",
+                   help="ours: data.corpus_access (stream: the front-to-back approximation for Hub datasets)")
     p.add_argument("--max-seq-length", type=int, default=128)
     p.add_argument("--short-seq-prob", type=float, default=0.1)
     p.add_argument("--masked-lm-prob", type=float, default=0.15)
