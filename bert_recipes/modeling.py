@@ -63,6 +63,43 @@ def build_pretraining_model(recipe, tokenizer):
     return BertForPreTraining(bert_config(recipe, len(tokenizer)))
 
 
+def block_diagonal_mask(segment_ids: torch.Tensor, attn_implementation: str, dtype: torch.dtype) -> torch.Tensor:
+    """Attention confined to each packed instance: ``[R, 1, L, L]`` from ``segment_ids`` ``[R, L]``.
+
+    Query i may attend to key j when both carry the same segment id; padding (segment 0)
+    attends to padding only, so no query row is empty (an all-masked row would make SDPA
+    return NaN). Boolean (True = attend) for SDPA / flash attention; additive (0 or the
+    dtype's minimum) for the eager implementation.
+    """
+    same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+    if attn_implementation == "eager":
+        return torch.zeros(same.shape, dtype=dtype, device=same.device).masked_fill(~same, torch.finfo(dtype).min)
+    return same
+
+
+def encode(model: nn.Module, input_ids, token_type_ids, attention_mask, position_ids=None, segment_ids=None,
+           cls_index=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The encoder outputs of a ``BertForPreTraining`` / ``BertForSequenceClassification``:
+    ``(sequence_output [R, L, H], pooled_output [N, H])``.
+
+    A plain batch (one instance per row, N = R) goes through ``model.bert`` as it is. A
+    packed batch (``segment_ids``, ``position_ids``, ``cls_index`` from
+    :class:`~bert_recipes.data.packing.PackedCollator`) runs the same modules with positions
+    restarting per instance and a block-diagonal attention mask, and applies the model's
+    own pooler (dense + tanh) to each instance's [CLS] vector.
+    """
+    bert = model.bert
+    if segment_ids is None:
+        out = bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, return_dict=True)
+        return out.last_hidden_state, out.pooler_output
+    mask = block_diagonal_mask(segment_ids, bert.config._attn_implementation, bert.embeddings.word_embeddings.weight.dtype)
+    out = bert(input_ids=input_ids, attention_mask=mask, token_type_ids=token_type_ids, position_ids=position_ids,
+               return_dict=True)
+    hidden = out.last_hidden_state
+    cls = hidden.flatten(0, 1)[cls_index]
+    return hidden, bert.pooler.activation(bert.pooler.dense(cls))
+
+
 class BertPreTrainingObjective(nn.Module):
     """MLM + NSP losses of a ``BertForPreTraining``, as sums for exact normalisation.
 
@@ -73,7 +110,8 @@ class BertPreTrainingObjective(nn.Module):
 
     ``forward`` takes the collator's batch (all ``torch.long``): ``input_ids``,
     ``token_type_ids``, ``attention_mask``, ``labels`` of shape [B, L] and
-    ``next_sentence_label`` of shape [B]. It returns a dict of 0-d tensors:
+    ``next_sentence_label`` of shape [B], or a packed batch (``position_ids``,
+    ``segment_ids`` [R, L], ``cls_index`` [N]; see :func:`encode`). It returns a dict of 0-d tensors:
     ``mlm_loss_sum`` (sum of token cross-entropies in nats over the M masked tokens),
     ``nsp_loss_sum`` (sum over the B sequences), ``num_masked`` (M), ``num_sequences`` (B),
     ``mlm_correct`` and ``nsp_correct`` (argmax hits).
@@ -84,11 +122,10 @@ class BertPreTrainingObjective(nn.Module):
         self.model = model
         self.sparse_mlm_head = sparse_mlm_head
 
-    def forward(self, input_ids, token_type_ids, attention_mask, labels, next_sentence_label, **_unused):
-        encoder = self.model.bert(
-            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, return_dict=True
-        )
-        sequence_output, pooled_output = encoder.last_hidden_state, encoder.pooler_output
+    def forward(self, input_ids, token_type_ids, attention_mask, labels, next_sentence_label, position_ids=None,
+                segment_ids=None, cls_index=None, **_unused):
+        sequence_output, pooled_output = encode(self.model, input_ids, token_type_ids, attention_mask, position_ids,
+                                                segment_ids, cls_index)
         heads = self.model.cls
         if self.sparse_mlm_head:
             masked = labels != -100
@@ -136,4 +173,4 @@ def training_flops_per_token(config, seq_len: int, predictions_per_token: float 
     return 3.0 * forward
 
 
-__all__ = ["BertPreTrainingObjective", "bert_config", "build_pretraining_model", "load_pretrained", "training_flops_per_token"]
+__all__ = ["BertPreTrainingObjective", "bert_config", "block_diagonal_mask", "encode", "build_pretraining_model", "load_pretrained", "training_flops_per_token"]

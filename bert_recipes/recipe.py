@@ -129,6 +129,8 @@ class DataConfig(_Strict):
     random_next_buffer_size: int = Field(1000, ge=1)
     shuffle_buffer_size: int = Field(1000, ge=0)
     pad_to_multiple_of: int = Field(8, ge=1)
+    packing: bool = False
+    packing_window: int = Field(256, ge=1)
     dataloader_num_workers: int = Field(0, ge=0)
     max_eval_samples: Optional[int] = Field(1000, ge=1)
 

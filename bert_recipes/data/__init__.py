@@ -10,7 +10,8 @@ from .collator import PretrainingCollator, padded_length
 from .corpus import iter_documents, iter_raw_documents, split_sentences
 from .instances import InstanceBuilder, RandomNextBuffer, truncate_seq_pair
 from .index import DocumentIndex, build_index
-from .loader import PretrainingStream, build_eval_batches, build_pretraining_dataloader
+from .loader import build_eval_batches, build_pretraining_dataloader
+from .stream import PretrainingStream
 from .reader import IndexedCorpus
 from .masking import MaskingVocab, create_masked_lm_predictions
 

