@@ -1,7 +1,7 @@
 """Packed (padding-free) vs padded batches: the same instances, the same weights, our step.
 
     .venv/bin/python benchmarks/packing.py [--shape tiny|mini|base|phase2] [--batches 6] [--rounds 4]
-        [--threads 1] [--precision no|bf16]
+        [--threads 1] [--precision no|bf16] [--device cpu|cuda]
 
 Method. The instances of ``--batches`` batches come from the real stream of the shape's
 corpus; they are collated twice: in batches of ``batch`` instances padded to the longest
@@ -68,6 +68,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--precision", choices=["no", "bf16"], default="no")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -98,9 +99,12 @@ def main() -> int:
 
     torch.manual_seed(0)
     config = BertConfig(vocab_size=len(tokenizer), max_position_embeddings=512, **shape["model"])
-    objective = BertPreTrainingObjective(BertForPreTraining(config)).train()
+    device = torch.device(args.device)
+    objective = BertPreTrainingObjective(BertForPreTraining(config)).to(device).train()
     optimizer = torch.optim.AdamW(objective.parameters(), lr=1e-5)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if args.precision == "bf16" else nullcontext()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16" else nullcontext()
+    padded = [{k: v.to(device) for k, v in b.items()} for b in padded]
+    packed = [{k: v.to(device) for k, v in b.items()} for b in packed]
 
     def run(batches):
         def one_round(_round):
@@ -116,7 +120,7 @@ def main() -> int:
         return one_round
 
     run(padded[:1])(0)  # warm-up
-    records = alternate({"packed": run(packed), "padded": run(padded)}, args.rounds, torch.device("cpu"))
+    records = alternate({"packed": run(packed), "padded": run(padded)}, args.rounds, device)
     summary = summarise(records, "packed", "padded", "tokens")
     efficiency = {name: sum(int(b["attention_mask"].sum()) for b in batches) / sum(b["attention_mask"].numel()
                   for b in batches) for name, batches in (("padded", padded), ("packed", packed))}
@@ -129,9 +133,9 @@ def main() -> int:
           f"ratio {summary['ratio_median_of_rounds']:.2f}x (rounds {summary['per_round_ratio']}); per CPU-second "
           f"{summary['cpu_time_ratio_median_of_rounds']:.2f}x")
     out = args.out or default_out(f"packing-{args.shape}{'-bf16' if args.precision == 'bf16' else ''}.json")
-    write_json(out, {"shape": args.shape, "precision": args.precision, "threads": args.threads,
+    write_json(out, {"shape": args.shape, "precision": args.precision, "threads": args.threads, "device": args.device,
                      "batches": args.batches, "batch_size": shape["batch"], "seq": shape["seq"],
-                     "efficiency": efficiency, "rows": rows, "summary": summary, "machine": machine_info()})
+                     "efficiency": efficiency, "rows": rows, "summary": summary, "machine": machine_info(device)})
     print(f"  wrote {out}")
     return 0
 

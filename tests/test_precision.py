@@ -1,0 +1,32 @@
+"""``precision: auto`` resolution on faked devices (bert_recipes.training.precision)."""
+
+from __future__ import annotations
+
+import pytest
+
+from bert_recipes.training.precision import cpu_flags, resolve_precision
+
+
+@pytest.mark.parametrize("device, cuda_bf16, flags, expected", [
+    ("cuda", True, None, "bf16"),           # Ampere or newer
+    ("cuda", False, None, "no"),            # V100/T4: fp32, never fp16 automatically
+    ("cpu", None, {"avx2", "avx512_bf16"}, "bf16"),
+    ("cpu", None, {"avx2", "amx_tile", "amx_bf16"}, "bf16"),
+    ("cpu", None, {"avx2", "avx512f"}, "no"),
+    ("mps", None, None, "no"),
+])
+def test_auto_picks_bf16_only_where_it_is_fast(device, cuda_bf16, flags, expected):
+    assert resolve_precision("auto", device, cuda_bf16=cuda_bf16, flags=flags) == expected
+
+
+@pytest.mark.parametrize("explicit", ["no", "bf16", "fp16"])
+def test_an_explicit_precision_is_kept(explicit):
+    assert resolve_precision(explicit, "cpu", flags=set()) == explicit
+    assert resolve_precision(explicit, "cuda", cuda_bf16=False) == explicit
+
+
+def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512_bf16 amx_bf16\n\nprocessor\t: 1\nflags\t\t: fpu\n")
+    assert cpu_flags(info) == {"fpu", "sse2", "avx512_bf16", "amx_bf16"}
+    assert cpu_flags(tmp_path / "absent") == set()
