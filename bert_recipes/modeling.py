@@ -43,6 +43,19 @@ def load_pretrained(cls, name_or_path: str, *, key: str = "model.name_or_path", 
     )
 
 
+def load_config(name_or_path: str, trust_remote_code: bool = False, key: str = "model.name_or_path"):
+    """A checkpoint's config (``AutoConfig``) from a local folder or a Hub id: cheap, for preflights.
+
+    Raises:
+        UserError: one line when the config cannot be loaded.
+    """
+    from transformers import AutoConfig
+
+    from .hub import load_local_or_hub
+
+    return load_local_or_hub(AutoConfig.from_pretrained, name_or_path, key, trust_remote_code=trust_remote_code)
+
+
 def build_pretraining_model(recipe, tokenizer):
     """A ``BertForPreTraining`` for the recipe: from ``model.name_or_path`` or a fresh config.
 
@@ -136,4 +149,5 @@ def training_flops_per_token(config, seq_len: int, predictions_per_token: float 
     return 3.0 * forward
 
 
-__all__ = ["BertPreTrainingObjective", "bert_config", "build_pretraining_model", "load_pretrained", "training_flops_per_token"]
+__all__ = ["BertPreTrainingObjective", "bert_config", "build_pretraining_model", "load_config", "load_pretrained",
+           "training_flops_per_token"]

@@ -15,8 +15,11 @@ import pytest
 import torch
 
 from bert_recipes.cli import main
+from bert_recipes.glue import batching as batching_module
+from bert_recipes.glue import evaluation as evaluation_module
 from bert_recipes.glue import finetune as finetune_module
-from bert_recipes.glue.finetune import BatchPlan, build_classifier
+from bert_recipes.glue.batching import BatchPlan
+from bert_recipes.glue.classifier import build_classifier
 from bert_recipes.glue.recipe import FinetuneRecipe, load_finetune_recipe
 from bert_recipes.glue.tasks import TASKS, get_task
 
@@ -144,22 +147,22 @@ def test_metrics_never_see_test_labels(checkpoint, tmp_path, monkeypatch):
     """References given to the metrics are the dev labels only (never -1), and the test
     split is featurised without a labels column."""
     seen = []
-    real = finetune_module.compute_metrics
+    real = evaluation_module.compute_metrics
 
     def spy(task, predictions, references, split=None):
         seen.append((split, list(references)))
         return real(task, predictions, references, split=split)
 
-    monkeypatch.setattr(finetune_module, "compute_metrics", spy)
+    monkeypatch.setattr(evaluation_module, "compute_metrics", spy)
     loaded = {}
-    real_tokenize = finetune_module.tokenize_glue
+    real_tokenize = batching_module.tokenize_glue
 
     def tokenize_spy(dataset, task, tokenizer, max_seq_length):
         out = real_tokenize(dataset, task, tokenizer, max_seq_length)
         loaded[len(loaded)] = (list(dataset["label"]), out.column_names)
         return out
 
-    monkeypatch.setattr(finetune_module, "tokenize_glue", tokenize_spy)
+    monkeypatch.setattr(batching_module, "tokenize_glue", tokenize_spy)
     assert main(["finetune", str(GLUE_RECIPES / "rte.yaml"), *overrides(checkpoint, tmp_path / "run", predict_test="true")]) == 0
     dev_labels = [0]  # RTE fixture dev: one "entailment" pair
     assert seen and all(split == "validation" and refs == dev_labels for split, refs in seen)

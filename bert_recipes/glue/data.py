@@ -25,7 +25,7 @@ import re
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from ..errors import DataError, UserError
+from ..errors import DataError, UserError, first_line
 from .tasks import GlueTask, get_task
 
 HIDDEN_LABEL = -1
@@ -182,7 +182,7 @@ def load_glue_from_hub(task: "str | GlueTask", split: str):
     try:
         dataset = datasets.load_dataset(task.hub_name, task.hub_config, split=split)
     except Exception as exc:  # network, cache and format failures all end here
-        reason = (str(exc).strip().splitlines() or [""])[0][:200]
+        reason = first_line(exc)[:200]
         raise DataError(
             f"cannot load {where} from the Hugging Face Hub ({type(exc).__name__}: {reason}); "
             "to read the original GLUE TSV files instead, pass glue_dir"

@@ -73,6 +73,10 @@ class GlueTask:
         headerless_columns: column names used for those files.
         aliases: other accepted names (matched case-insensitively).
         predicted_with: for AX: the task whose model predicts it (``"mnli"``).
+        split_metrics: for a task with several dev splits, the metric key of each
+            (MNLI: ``validation_matched`` -> ``accuracy_m``).
+        leaderboard_columns: the leaderboard's columns for the task when it has several
+            (MNLI: ``MNLI-m``, ``MNLI-mm``, one per metric); default one, ``glue_folder``.
     """
 
     name: str
@@ -92,7 +96,19 @@ class GlueTask:
     headerless_columns: tuple[str, ...] = ()
     aliases: tuple[str, ...] = ()
     predicted_with: Optional[str] = None
+    split_metrics: dict[str, str] = field(default_factory=dict)
+    leaderboard_columns: tuple[str, ...] = ()
     hub_name: str = field(default="nyu-mll/glue")
+
+    @property
+    def entry_names(self) -> tuple[str, ...]:
+        """Leaderboard column names: ``("CoLA",)``, ``("MNLI-m", "MNLI-mm")``."""
+        return self.leaderboard_columns or (self.glue_folder,)
+
+    @property
+    def scored(self) -> bool:
+        """Whether the task counts in the GLUE score (AX, a diagnostic, does not)."""
+        return bool(self.dev_splits)
 
     @property
     def hub_config(self) -> str:
@@ -219,6 +235,8 @@ _register(GlueTask(
     test_splits=("test_matched", "test_mismatched"),
     leaderboard_files={"test_matched": "MNLI-m.tsv", "test_mismatched": "MNLI-mm.tsv"},
     aliases=("multinli",),
+    split_metrics={"validation_matched": "accuracy_m", "validation_mismatched": "accuracy_mm"},
+    leaderboard_columns=("MNLI-m", "MNLI-mm"),
 ))
 _register(GlueTask(
     name="qnli", glue_folder="QNLI",
@@ -314,6 +332,19 @@ def get_task(name: "str | GlueTask") -> GlueTask:
     raise UserError(f"unknown GLUE task '{name}'{hint} (known: {', '.join(TASKS)})")
 
 
+def predicted_by(task: GlueTask) -> list[GlueTask]:
+    """The test-only tasks whose test set ``task``'s model predicts (MNLI: AX)."""
+    return [other for other in TASKS.values() if other.predicted_with == task.name]
+
+
+def submission_entry(task: GlueTask, split: str) -> str:
+    """The submission entry name of a test split: ``sst2``, ``mnli-m``, ``mnli-mm``, ``ax``."""
+    for name, (task_name, test_split) in _LEADERBOARD_ENTRIES.items():
+        if (task_name, test_split) == (task.name, split):
+            return name
+    return task.name
+
+
 def leaderboard_entry(name: str) -> tuple[GlueTask, str]:
     """Resolve a leaderboard entry name to ``(task, test split)``.
 
@@ -336,4 +367,4 @@ def leaderboard_entry(name: str) -> tuple[GlueTask, str]:
     return task, task.test_splits[0]
 
 
-__all__ = ["GlueTask", "TASKS", "get_task", "leaderboard_entry", "task_names"]
+__all__ = ["GlueTask", "TASKS", "get_task", "leaderboard_entry", "predicted_by", "submission_entry", "task_names"]
