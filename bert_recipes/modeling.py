@@ -104,9 +104,9 @@ class BertPreTrainingObjective(nn.Module):
         sequence_output, pooled_output = encoder.last_hidden_state, encoder.pooler_output
         heads = self.model.cls
         if self.sparse_mlm_head:
-            masked = labels != -100
-            mlm_logits = heads.predictions(sequence_output[masked])  # [M, V]
-            mlm_targets = labels[masked]  # [M]
+            positions = (labels.flatten() != -100).nonzero().squeeze(1)  # [M], row-major: ONE host sync (its size)
+            mlm_logits = heads.predictions(sequence_output.flatten(0, 1).index_select(0, positions))  # [M, V]
+            mlm_targets = labels.flatten().index_select(0, positions)  # [M]
         else:
             mlm_logits = heads.predictions(sequence_output).flatten(0, 1)  # [B*L, V]
             mlm_targets = labels.flatten()
