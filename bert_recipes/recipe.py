@@ -43,17 +43,17 @@ def _as_list(value: Any) -> Any:
 
 
 class BertArchitecture(Strict):
-    """BertConfig fields; ``vocab_size`` comes from the tokenizer."""
+    """BertConfig fields, in BertConfig's order; ``vocab_size`` comes from the tokenizer."""
 
     hidden_size: int = Field(768, gt=0)
     num_hidden_layers: int = Field(12, gt=0)
     num_attention_heads: int = Field(12, gt=0)
     intermediate_size: int = Field(3072, gt=0)
-    max_position_embeddings: int = Field(512, gt=0)
-    type_vocab_size: int = Field(2, gt=0)
     hidden_act: str = "gelu"
     hidden_dropout_prob: float = Field(0.1, ge=0.0, lt=1.0)
     attention_probs_dropout_prob: float = Field(0.1, ge=0.0, lt=1.0)
+    max_position_embeddings: int = Field(512, gt=0)
+    type_vocab_size: int = Field(2, gt=0)
     initializer_range: float = Field(0.02, gt=0.0)
     layer_norm_eps: float = Field(1e-12, gt=0.0)
 

@@ -216,11 +216,6 @@ def compute_metrics(
     return {key: accuracy(preds, refs)}
 
 
-def main_metric(task: "str | GlueTask") -> str:
-    """The key used to pick the best checkpoint (MNLI: ``accuracy_m``; MRPC/QQP: ``f1``)."""
-    return get_task(task).main_metric
-
-
 def task_score(task: "str | GlueTask", metrics: Mapping[str, float]) -> list[float]:
     """The leaderboard entries of one task's results.
 
@@ -275,7 +270,6 @@ __all__ = [
     "compute_metrics",
     "f1_positive",
     "glue_score",
-    "main_metric",
     "matthews_correlation",
     "regression_predictions",
     "task_score",

@@ -95,8 +95,6 @@ class StepSums:
     def __add__(self, other: "StepSums | None") -> "StepSums":
         return self if other is None else StepSums(self.names, self.values + other.values)
 
-    __radd__ = __add__
-
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.values[self.names.index(name)]
 
