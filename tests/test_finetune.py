@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import signal
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -351,3 +352,17 @@ def test_sample_recipe_and_show_use_the_finetune_schema(capsys):
     listed = capsys.readouterr().out
     for name in (*TRAINABLE, "base", "sample"):
         assert f"glue/{name}.yaml" in listed
+
+
+def test_preflight_refuses_before_an_old_run_is_deleted(task_runs, capsys, tmp_path):
+    """overwrite=true with a checkpoint whose labels conflict (or whose positions are too
+    few): the one-line error comes before anything of the old run is deleted."""
+    old = tmp_path / "old"
+    shutil.copytree(task_runs["rte"], old)
+    before = sorted(p.name for p in old.iterdir())
+    sst2_model = task_runs["sst2"] / "best"  # id2label: negative, positive
+    for extra in ({}, {"model.name_or_path": str(task_runs["rte"] / "best"), "data.max_seq_length": 4096}):
+        code = main(["finetune", str(GLUE_RECIPES / "rte.yaml"), *overrides(sst2_model, old, overwrite="true", **extra)])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and err.startswith("error: ") and "\n" not in err, err
+        assert sorted(p.name for p in old.iterdir()) == before
