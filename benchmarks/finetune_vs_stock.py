@@ -13,7 +13,8 @@ OURS (what ``bert_recipes.glue.finetune`` runs): ``tokenize_glue`` (no padding),
 colleague's ``BatchPlan`` with ``group_by_length`` (transformers' LengthGroupedSampler
 scheme: shuffle, sort by length inside mega-batches of 50 batches, shuffle the batches),
 ``DataCollatorWithPadding(pad_to_multiple_of=8)``, ``build_classifier`` (SDPA), fused AdamW
-from ``build_optimizer``, the loop's ``forward_backward`` and ``optimizer_step``.
+from ``build_optimizer``, and the real training loop (``bert_recipes.training.loop.train``
+over a ``FinetuneJob`` whose steps are the benchmark's batches, with evaluation off).
 
 STOCK (``run_glue.py`` with ``--pad_to_max_length``, the Trainer's defaults): every sentence
 tokenised with ``padding="max_length", max_length=128``; ``default_data_collator``; random
@@ -45,13 +46,17 @@ from common import (REPO, alternate, bert_base_uncased_path, default_out, machin
                     stock_optimizer, stock_optimizer_spec, stock_update, write_json)
 
 from bert_recipes.glue.data import load_glue_split, tokenize_glue  # noqa: E402
-from bert_recipes.glue.finetune import BatchPlan, _batch, build_classifier, forward_backward  # noqa: E402
+from bert_recipes.glue.batching import BatchPlan, collate_batch  # noqa: E402
+from bert_recipes.glue.classifier import build_classifier  # noqa: E402
+from bert_recipes.glue.finetune import FinetuneJob  # noqa: E402
 from bert_recipes.glue.recipe import load_finetune_recipe  # noqa: E402
 from bert_recipes.glue.tasks import get_task  # noqa: E402
 from bert_recipes.tokenizer import load_tokenizer, train_wordpiece  # noqa: E402
 from bert_recipes.training.checkpoint import TrainerState  # noqa: E402
-from bert_recipes.training.loop import optimizer_step  # noqa: E402
+from bert_recipes.training import loop  # noqa: E402
+from bert_recipes.training.loop import Run  # noqa: E402
 from bert_recipes.training.optim import build_optimizer, build_scheduler  # noqa: E402
+from pretrain_vs_stock import Records  # noqa: E402
 
 GOAL = 1.3
 LOSS_TOLERANCE = 1e-5
@@ -79,6 +84,20 @@ def model_path() -> tuple[str, str]:
     BertForSequenceClassification(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder, "random bert-mini (4 layers, hidden 256, 4 heads): the MiniLM package is not installed"
+
+
+class BenchmarkJob(FinetuneJob):
+    """``FinetuneJob`` with the benchmark's batch order (step k trains ``order[k]``) and no evaluation."""
+
+    def __init__(self, *args, order: list, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.order = order
+
+    def window(self, step: int) -> list[dict]:
+        return [collate_batch(self.splits["train"], self.order[step], self.collator, self.device)]
+
+    def evaluates_at(self, step: int) -> bool:
+        return False
 
 
 def stock_features(dataset, tokenizer, task, max_length: int):
@@ -146,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
     first = ours_batches[0]
     model.eval(), stock.eval()
     with torch.no_grad():
-        batch = _batch(ours_data, first, collator, device)
+        batch = collate_batch(ours_data, first, collator, device)
         labels = batch.pop("labels")
         ours_loss = float(torch.nn.functional.cross_entropy(model(**batch).logits.float(), labels))
         padded = default_data_collator([stock_data[int(i)] for i in first])
@@ -158,19 +177,19 @@ def main(argv: list[str] | None = None) -> dict:
     optimizer = build_optimizer(model, train)
     scheduler = build_scheduler(optimizer, train, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
-    state = TrainerState()
+    loop_recipe = recipe.model_copy(update={"train": train.model_copy(update={"save_steps": 0, "logging_steps": 10**9})})
+    run = Run(accelerator, model, optimizer, scheduler, loop_recipe, Path(tempfile.mkdtemp(prefix="bench-run-")),
+              TrainerState(), Records())
+    order = [ours_batches[0], *ours_batches]  # the untimed warm-up step, then the epoch
+    job = BenchmarkJob(run, task, tokenizer, {"train": ours_data}, collator, plan, 0, order=order)
     s_optimizer, s_optimizer_info = stock_optimizer(stock, spec, train.weight_decay)
     s_scheduler = get_scheduler("linear", optimizer=s_optimizer, num_warmup_steps=train.warmup_for(total_steps),
                                 num_training_steps=total_steps)
 
-    def ours_step(indices) -> tuple[int, int]:
-        window = [_batch(ours_data, indices, collator, device)]
-        sums = forward_backward(accelerator, model, window, task)
-        sums = accelerator.reduce(sums.to(device), reduction="sum").cpu().double()
-        optimizer_step(accelerator, model, optimizer, scheduler, float(sums[0] / sums[1]), train.max_grad_norm, state,
-                       train.max_consecutive_nonfinite_steps)
-        state.step += 1
-        return int(sums[1]), int(sums[3])
+    def ours_steps(count: int) -> None:
+        """The next ``count`` steps of ``order`` through the real loop."""
+        job.total_steps = run.state.step + count
+        loop.train(job, run)
 
     def stock_step(batch) -> tuple[int, int]:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -178,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
         return len(batch["labels"]), batch["input_ids"].numel()
 
     start = time.perf_counter()
-    ours_step(ours_batches[0])  # untimed warm-up step of each (first-call costs)
+    ours_steps(1)  # untimed warm-up step of each (first-call costs)
     stock_step(next(iter(loader)))
     warmup_s = time.perf_counter() - start
 
@@ -189,12 +208,8 @@ def main(argv: list[str] | None = None) -> dict:
     padded_tokens = {"ours": 0, "stock": 0}
 
     def ours_round(r: int) -> dict:
-        examples = 0
-        for indices in chunks[r]:
-            e, p = ours_step(indices)
-            examples += e
-            padded_tokens["ours"] += p
-        return {"items": examples}
+        ours_steps(len(chunks[r]))
+        return {"items": sum(len(indices) for indices in chunks[r])}
 
     def stock_round(r: int) -> dict:
         examples = 0
@@ -205,6 +220,8 @@ def main(argv: list[str] | None = None) -> dict:
         return {"items": examples}
 
     records = alternate({"ours": ours_round, "stock": stock_round}, args.rounds, device)
+    padded_tokens["ours"] = sum(collate_batch(ours_data, indices, collator, "cpu")["input_ids"].numel()
+                                for chunk in chunks for indices in chunk)
     total = {name: (sum(r["items"] for r in recs), sum(r["elapsed"] for r in recs)) for name, recs in records.items()}
     rates = {name: items / elapsed for name, (items, elapsed) in total.items()}
     per_round = [o["items"] / o["elapsed"] / (s["items"] / s["elapsed"]) for o, s in zip(records["ours"], records["stock"])]

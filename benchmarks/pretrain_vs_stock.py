@@ -11,13 +11,15 @@ non-padding tokens per second (collation + forward + backward + clipping + optim
 with tokens per CPU-second as a cross-check on a loaded machine. Shapes: ``tiny`` (the
 tiny recipe: 2 layers, hidden 128, batch 16) and ``bert-base`` (12 layers, hidden 768,
 vocab 30,522; batch 8 on a CPU), both at max_seq_length 128. Also measured: AdamW step
-time, loop vs foreach vs fused, on the shape's parameters; MFU of ours (interval_metrics).
+time, loop vs foreach vs fused, on the shape's parameters; MFU of ours (the loop's own record).
 
 OURS (what ``bert_recipes.pretrain`` runs): ``PretrainingCollator`` (dynamic padding to a
 multiple of ``data.pad_to_multiple_of``), ``BertPreTrainingObjective`` (MLM head only at
 masked positions) on a ``BertForPreTraining`` with the recipe's ``attn_implementation``
-(sdpa), ``build_optimizer`` (fused AdamW), the loop's own ``forward_backward`` and
-``optimizer_step`` (gradient clipping, non-finite checks) through Accelerate.
+(sdpa), ``build_optimizer`` (fused AdamW), and the real training loop
+(``bert_recipes.training.loop.train`` over a ``PretrainJob``: accumulation window, gradient
+clipping, non-finite checks, one host read per step) through Accelerate. Each round is one
+call of ``train`` over that round's batches, logging once, at its last step.
 
 STOCK (transformers' own pieces only, as ``run_mlm``/``Trainer`` with ``pad_to_max_length``):
 ``DataCollatorForTokenClassification(padding="max_length", max_length=max_seq_length)``
@@ -44,6 +46,7 @@ import contextlib
 import glob
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -56,11 +59,11 @@ from common import (REPO, alternate, bert_base_uncased_path, default_corpus, def
 from bert_recipes.data.collator import PretrainingCollator  # noqa: E402
 from bert_recipes.data.loader import PretrainingStream  # noqa: E402
 from bert_recipes.modeling import BertPreTrainingObjective, bert_config, training_flops_per_token  # noqa: E402
-from bert_recipes.pretrain import STEP_SUMS, forward_backward, interval_metrics  # noqa: E402
+from bert_recipes.pretrain_job import PretrainJob, to_device  # noqa: E402
 from bert_recipes.recipe import load_recipe  # noqa: E402
 from bert_recipes.tokenizer import load_tokenizer, train_wordpiece  # noqa: E402
 from bert_recipes.training.checkpoint import TrainerState  # noqa: E402
-from bert_recipes.training.loop import optimizer_step  # noqa: E402
+from bert_recipes.training.loop import Run, train  # noqa: E402
 from bert_recipes.training.optim import build_optimizer, build_scheduler  # noqa: E402
 from bert_recipes.training.throughput import measure_matmul_flops, peak_flops_per_second  # noqa: E402
 
@@ -104,10 +107,6 @@ def stock_collator(tokenizer, max_seq_length: int):
     return DataCollatorForTokenClassification(tokenizer, padding="max_length", max_length=max_seq_length, return_tensors="pt")
 
 
-def to_device(batch: dict, device) -> dict:
-    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
-
-
 def length_sorted_micro_batches(instances: list[dict], parts: int) -> list[list[dict]]:
     """The batch's instances sorted by length and cut into ``parts`` micro-batches (each
     padded to its own longest instance): the same examples, less padding. PROPOSED lever,
@@ -117,33 +116,61 @@ def length_sorted_micro_batches(instances: list[dict], parts: int) -> list[list[
     return [[instances[i] for i in order[k:k + size]] for k in range(0, len(order), size)]
 
 
+class Records:
+    """A stand-in for the Reporter: keeps the loop's logged records in memory, draws nothing."""
+
+    def __init__(self):
+        self.records: list[dict] = []
+
+    def log(self, record: dict, step: int) -> None:
+        self.records.append(record)
+
+    def advance(self, n: int = 1, **postfix) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def write(self, line: str) -> None:
+        pass
+
+
 class OursTrainer:
-    """Our training step exactly as ``bert_recipes.pretrain`` runs it: collator -> the loop's
-    ``forward_backward`` over a window -> ``optimizer_step`` (clipping, non-finite checks)."""
+    """Our training exactly as ``bert_recipes.pretrain`` runs it: the real loop
+    (``training.loop.train``) over a ``PretrainJob`` whose batches are the round's instances,
+    collated inside the loop's window (K length-sorted micro-batches a step with K > 1)."""
 
-    def __init__(self, model, recipe, accelerator, collate, micro_batches: int = 1, compile_: bool = False):
-        self.train, self.accelerator, self.collate, self.micro_batches = recipe.train, accelerator, collate, micro_batches
-        self.objective = BertPreTrainingObjective(model, sparse_mlm_head=recipe.model.sparse_mlm_head)
+    def __init__(self, model, recipe, accelerator, collate, micro_batches: int = 1, compile_: bool = False,
+                 peak: float | None = None):
+        train_cfg = recipe.train.model_copy(update={"gradient_accumulation_steps": micro_batches, "save_steps": 0,
+                                                    "logging_steps": 10**9, "global_batch_size": None})
+        recipe = recipe.model_copy(update={"train": train_cfg})
+        self.collate, self.micro_batches = collate, micro_batches
+        objective = BertPreTrainingObjective(model, sparse_mlm_head=recipe.model.sparse_mlm_head)
         if compile_:
-            self.objective.compile(dynamic=True)
-        optimizer = build_optimizer(model, self.train)
-        self.scheduler = build_scheduler(optimizer, self.train, self.train.max_steps)
-        self.objective, self.optimizer = accelerator.prepare(self.objective, optimizer)
-        self.state = TrainerState()
+            objective.compile(dynamic=True)
+        optimizer = build_optimizer(model, train_cfg)
+        scheduler = build_scheduler(optimizer, train_cfg, train_cfg.max_steps)
+        objective, optimizer = accelerator.prepare(objective, optimizer)
+        self.reporter = Records()
+        out = Path(tempfile.mkdtemp(prefix="bench-run-"))  # checkpoints only on a signal
+        self.run = Run(accelerator, objective, optimizer, scheduler, recipe, out, TrainerState(), self.reporter)
+        self.job = PretrainJob(recipe, iter(()), accelerator.device, 0, model.config, peak, accelerator.num_processes)
+        self.optimizer = optimizer
 
-    def window(self, instances: list[dict]) -> list[dict]:
-        parts = length_sorted_micro_batches(instances, self.micro_batches) if self.micro_batches > 1 else [instances]
-        return [to_device(self.collate(part), self.accelerator.device) for part in parts]
+    def micro_batches_of(self, instances: list[dict]) -> list[list[dict]]:
+        return length_sorted_micro_batches(instances, self.micro_batches) if self.micro_batches > 1 else [instances]
 
-    def step(self, instances: list[dict]) -> torch.Tensor:
-        accelerator, train = self.accelerator, self.train
-        sums = forward_backward(accelerator, self.objective, self.window(instances))
-        sums = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu().double()
-        step_loss = float(sums[0] / sums[4] + sums[1] / sums[5])
-        optimizer_step(accelerator, self.objective, self.optimizer, self.scheduler, step_loss, train.max_grad_norm,
-                       self.state, train.max_consecutive_nonfinite_steps)
-        self.state.step += 1
-        return sums
+    def steps(self, chunk: list[list[dict]]) -> dict:
+        """One optimizer step per instance list of ``chunk``, through ``train``; returns the
+        loop's logged record of the chunk (loss, sequences/s, MFU, ...)."""
+        self.job.batches = (self.collate(part) for instances in chunk for part in self.micro_batches_of(instances))
+        self.job.total_steps = self.run.state.step + len(chunk)
+        train(self.job, self.run)
+        return self.reporter.records[-1]
+
+    def step(self, instances: list[dict]) -> dict:
+        return self.steps([instances])
 
 
 def window_loss(objective, window: list[dict]) -> float:
@@ -192,7 +219,13 @@ def run_shape(shape: str, args, accelerator, files: list[str], optimizer_spec) -
     model.train(), stock.train()
 
     train = recipe.train
-    ours = OursTrainer(model, recipe, accelerator, ours_collate, compile_=args.compile)
+    # the peak for the MFU the loop logs (measured before timing: it loads the CPU)
+    peak = peak_flops_per_second(device, args.peak_flops)
+    peak_note = "train.peak_flops / GPU table (training/throughput.py)"
+    if peak is None and device.type == "cpu":
+        peak = measure_matmul_flops(dtype=torch.bfloat16 if args.precision == "bf16" else torch.float32)
+        peak_note = "measured: best 2048x2048 matmul on this CPU (training/throughput.py), noisy on a shared machine"
+    ours = OursTrainer(model, recipe, accelerator, ours_collate, compile_=args.compile, peak=peak)
     ours_step = ours.step
     if args.micro_batches > 1:
         micro = OursTrainer(micro_model, recipe, accelerator, ours_collate, args.micro_batches, compile_=args.compile)
@@ -226,10 +259,7 @@ def run_shape(shape: str, args, accelerator, files: list[str], optimizer_spec) -
         return batches[first:first + steps]
 
     def ours_round(r: int) -> dict:
-        sums = torch.zeros(len(STEP_SUMS), dtype=torch.float64)
-        for instances in chunk(r):
-            sums += ours_step(instances)
-        return {"items": tokens_of(chunk(r)), "sums": sums}
+        return {"items": tokens_of(chunk(r)), "record": ours.steps(chunk(r))}
 
     def stock_round(r: int) -> dict:
         for instances in chunk(r):
@@ -239,8 +269,7 @@ def run_shape(shape: str, args, accelerator, files: list[str], optimizer_spec) -
     variants = {"ours": ours_round, "stock": stock_round}
     if micro:
         def micro_round(r: int) -> dict:
-            for instances in chunk(r):
-                micro.step(instances)
+            micro.steps(chunk(r))
             return {"items": tokens_of(chunk(r))}
 
         variants["ours_micro"] = micro_round
@@ -268,14 +297,8 @@ def run_shape(shape: str, args, accelerator, files: list[str], optimizer_spec) -
             "first_batch_abs_diff_vs_stock": abs(micro_loss - stock_loss),
         }
 
-    # MFU of our path through the loop's own interval_metrics (the figure pretrain logs).
-    peak = peak_flops_per_second(device, args.peak_flops)
-    peak_note = "train.peak_flops / GPU table (training/throughput.py)"
-    if peak is None and device.type == "cpu":
-        peak = measure_matmul_flops(dtype=torch.bfloat16 if args.precision == "bf16" else torch.float32)
-        peak_note = "measured: best 2048x2048 matmul on this CPU (training/throughput.py), noisy on a shared machine"
-    ours_metrics = [interval_metrics(rec["sums"], rec["elapsed"], model.config, peak, accelerator.num_processes, recipe)
-                    for rec in records["ours"]]
+    # MFU of our path: the loop's own logged record of each round (the figure pretrain logs).
+    ours_metrics = [rec["record"] for rec in records["ours"]]
     mean_len = tokens_of(batches) / (len(batches) * batch_size)
     padded_ours = sum(ours_collate(b)["input_ids"].numel() for b in batches[:20]) / sum(len(b) for b in batches[:20])
     stock_flops = training_flops_per_token(model.config, seq_len=round(mean_len), predictions_per_token=1.0)

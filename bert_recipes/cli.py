@@ -14,7 +14,9 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .cli_help import keys_help, recipe_args
 from .errors import UserError
+from .training.signals import RunStopped, stopped_exit_code
 
 REPO_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -44,48 +46,6 @@ def _setup_logging() -> None:
         pass
 
 
-def _type_name(ann) -> str:
-    """A recipe key's type for --help: ``int``, ``int | null``, ``no|fp16|bf16``, ``list[str]``."""
-    import types
-    import typing
-
-    origin, args = typing.get_origin(ann), typing.get_args(ann)
-    if origin is typing.Literal:
-        return "|".join(str(a) for a in args)
-    if origin in (typing.Union, types.UnionType):
-        return " | ".join("null" if a is type(None) else _type_name(a) for a in args)
-    if origin is not None:
-        return f"{getattr(origin, '__name__', str(origin))}[{', '.join(_type_name(a) for a in args)}]"
-    return getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
-
-
-def _keys_help(schema) -> str:
-    """One line per recipe key: dotted name, type and default."""
-    from pydantic import BaseModel
-
-    rows = []
-
-    def walk(model, prefix):
-        for name, field in model.model_fields.items():
-            ann = field.annotation
-            if isinstance(ann, type) and issubclass(ann, BaseModel):
-                walk(ann, f"{prefix}{name}.")
-                continue
-            default = field.get_default(call_default_factory=True)
-            rows.append((prefix + name, _type_name(ann), "null" if default is None else default))
-
-    walk(schema, "")
-    width = max(len(key) for key, _, _ in rows)
-    kinds = max(len(kind) for _, kind, _ in rows)
-    lines = [f"  {key:<{width}}  {kind:<{kinds}}  default: {default}" for key, kind, default in rows]
-    return "recipe keys (override any with key.path=value):\n" + "\n".join(lines)
-
-
-def _recipe_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("recipe", help="recipe YAML file")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=20 output_dir=/tmp/run")
-
-
 def build_parser() -> argparse.ArgumentParser:
     from .recipe import PretrainRecipe
 
@@ -100,13 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     raw = argparse.RawDescriptionHelpFormatter
 
-    p = sub.add_parser("pretrain", help="pretrain BERT from a recipe", epilog=_keys_help(PretrainRecipe), formatter_class=raw)
-    _recipe_args(p)
+    p = sub.add_parser("pretrain", help="pretrain BERT from a recipe", epilog=keys_help(PretrainRecipe), formatter_class=raw)
+    recipe_args(p)
     p.add_argument("--push-to-hub", metavar="REPO", default=None, help="after the run, upload final/ to this Hub model repo")
     p.add_argument("--hub-private", action="store_true", help="create the Hub repo as private (with --push-to-hub)")
 
     p = sub.add_parser("inspect", help="write collated training batches as JSON lines", formatter_class=raw)
-    _recipe_args(p)
+    recipe_args(p)
     p.add_argument("--batches", type=int, default=2, help="number of batches (default 2)")
     p.add_argument("--out", required=True, help="output file (.jsonl, or text with --text)")
     p.add_argument("--rank", type=int, default=0, help="show what process RANK of --world-size trains on (default 0)")
@@ -115,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one readable line per example: label | A | B, masked words as [MASK](original)")
 
     p = sub.add_parser("show", help="print the fully resolved recipe")
-    _recipe_args(p)
+    recipe_args(p)
     p.add_argument("--kind", choices=["pretrain", "finetune"], default=None, help="schema (default: guessed)")
 
     sub.add_parser("recipes", help="list the shipped recipes")
@@ -135,12 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_optional_commands(sub) -> None:
     """Commands implemented in other modules register themselves here."""
-    for module in ("bert_recipes.glue.cli", "bert_recipes.plot"):
-        try:
-            mod = __import__(module, fromlist=["add_parser"])
-        except ImportError:
-            continue
-        mod.add_parser(sub)
+    from . import plot
+    from .glue import cli as glue_cli
+
+    glue_cli.add_parser(sub)
+    plot.add_parser(sub)
 
 
 def _guess_schema(path: str, kind: str | None):
@@ -164,20 +123,19 @@ def cmd_pretrain(args) -> int:
         from .hub import check_push_target
 
         check_push_target(args.push_to_hub)  # before hours of training, not after
-    final = pretrain(recipe)
-    if final is not None:
-        if _is_main_process():
-            print(f"checkpoint: {final}")
+    try:
+        final = pretrain(recipe)
+    except RunStopped:
         if args.push_to_hub and _is_main_process():
+            print("not pushed to the Hub: the run stopped before its last step (resume it with --push-to-hub)")
+        raise
+    if _is_main_process():
+        print(f"checkpoint: {final}")
+        if args.push_to_hub:
             from .hub import push_to_hub
 
             print(f"pushed to the Hub: {push_to_hub(final, args.push_to_hub, private=args.hub_private)}")
-        return 0
-    if args.push_to_hub and _is_main_process():
-        print("not pushed to the Hub: the run stopped before its last step (resume it with --push-to-hub)")
-    from .training.loop import stopped_exit_code
-
-    return stopped_exit_code()
+    return 0
 
 
 def _is_main_process() -> bool:
@@ -273,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return exc.exit_code
+    except RunStopped:
+        return stopped_exit_code()  # the loop has printed where its checkpoint is
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -19,3 +19,16 @@ class RecipeError(UserError):
 
 class DataError(UserError):
     """Input data is missing, empty or malformed."""
+
+
+class TrainingError(UserError):
+    """Training cannot go on (e.g. too many consecutive non-finite losses)."""
+
+    exit_code = 1
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its class name when the message is empty),
+    for one-line errors that wrap a library's multi-line message."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else exc.__class__.__name__

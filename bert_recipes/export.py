@@ -9,14 +9,14 @@ an interrupted export never leaves a half-written folder under the final name.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
 
 import yaml
 
-from .recipe import save_recipe
+from .atomic import write_json, write_text
+from .recipe_files import save_recipe
 
 
 def _model_card(metadata: dict, title: str, body: list[str]) -> str:
@@ -32,6 +32,12 @@ def _results_table(results: dict) -> list[str]:
         shown = f"{value:.4f}" if isinstance(value, float) else str(value)
         lines.append(f"| {key} | {shown} |")
     return lines
+
+
+def _evaluation_and_use(data: str, results: dict, usage: list[str]) -> list[str]:
+    """The card's last sections: the results table on ``data`` and a ``pipeline`` example."""
+    return ["", f"## Evaluation ({data})", "", *_results_table(results), "", "## Use", "", "```python",
+            "from transformers import pipeline", *usage, "```"]
 
 
 def pretraining_card(recipe, results: dict, steps: int) -> str:
@@ -79,18 +85,8 @@ def pretraining_card(recipe, results: dict, steps: int) -> str:
         f"- steps: {steps}, per_device_train_batch_size {recipe.train.per_device_train_batch_size}, "
         f"gradient_accumulation_steps {recipe.train.gradient_accumulation_steps}, learning_rate {recipe.train.learning_rate}, "
         f"precision {recipe.precision}, seed {recipe.seed}",
-        "",
-        "## Evaluation (held-out files)",
-        "",
-        *_results_table(results),
-        "",
-        "## Use",
-        "",
-        "```python",
-        "from transformers import pipeline",
-        'fill = pipeline("fill-mask", model="PATH_OR_REPO")',
-        'fill("The capital of France is [MASK].")',
-        "```",
+        *_evaluation_and_use("held-out files", results, ['fill = pipeline("fill-mask", model="PATH_OR_REPO")',
+                                                          'fill("The capital of France is [MASK].")']),
     ]
     return _model_card(metadata, "BERT pretrained with bert-recipes", body)
 
@@ -115,8 +111,8 @@ def _write_export(model, tokenizer, recipe, directory: str | os.PathLike, card: 
         tokenizer.model_max_length = limit
     tokenizer.save_pretrained(str(tmp))
     save_recipe(recipe, tmp)
-    (tmp / "README.md").write_text(card, encoding="utf-8")
-    (tmp / "eval_results.json").write_text(json.dumps(eval_results, indent=1))
+    write_text(tmp / "README.md", card)
+    write_json(tmp / "eval_results.json", eval_results)
     if directory.exists():
         shutil.rmtree(directory)
     os.replace(tmp, directory)
@@ -183,18 +179,10 @@ def finetuning_card(recipe, task, results: dict, steps: int) -> str:
         f"gradient_accumulation_steps {train.gradient_accumulation_steps}, learning_rate {train.learning_rate}, "
         f"warmup_ratio {train.warmup_ratio}, weight_decay {train.weight_decay}, precision {recipe.precision}, "
         f"seed {recipe.seed}",
-        "",
-        "## Evaluation (GLUE dev)",
-        "",
-        *_results_table(results),
-        "",
-        "## Use",
-        "",
-        "```python",
-        "from transformers import pipeline",
-        'classify = pipeline("text-classification", model="PATH_OR_REPO")',
-        f"classify({example})" if not task.is_pair else 'classify({"text": "...", "text_pair": "..."})',
-        "```",
+        *_evaluation_and_use("GLUE dev", results, [
+            'classify = pipeline("text-classification", model="PATH_OR_REPO")',
+            f"classify({example})" if not task.is_pair else 'classify({"text": "...", "text_pair": "..."})',
+        ]),
     ]
     return _model_card(metadata, f"BERT fine-tuned on GLUE {task.glue_folder}", body)
 

@@ -13,12 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import UserError
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else exc.__class__.__name__
+from .errors import UserError, first_line
 
 
 def _offline() -> bool:
@@ -65,7 +60,7 @@ def load_local_or_hub(loader, name_or_path: str, key: str, *, what: str = "", **
         return loader(path, local_files_only=local, **kwargs)
     except (OSError, ValueError) as exc:
         where = "local folder" if local else "Hub id (offline, or no such repository?)"
-        raise UserError(f"{key}: cannot load {what}{where} '{name_or_path}': {_first_line(exc)}") from None
+        raise UserError(f"{key}: cannot load {what}{where} '{name_or_path}': {first_line(exc)}") from None
 
 
 def check_push_target(repo_id: str, token: str | None = None, key: str = "--push-to-hub") -> None:
@@ -80,7 +75,7 @@ def check_push_target(repo_id: str, token: str | None = None, key: str = "--push
     try:
         validate_repo_id(repo_id)
     except Exception as exc:  # HFValidationError
-        raise UserError(f"{key}: '{repo_id}' is not a valid repo id (expected 'user-or-org/name'): {_first_line(exc)}") from None
+        raise UserError(f"{key}: '{repo_id}' is not a valid repo id (expected 'user-or-org/name'): {first_line(exc)}") from None
     if _offline():
         raise UserError(f"{key}: the Hub is offline (HF_HUB_OFFLINE is set); unset it to push, or upload {repo_id} later")
     if not (token or get_token()):
@@ -108,5 +103,5 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, private: bool = False, 
             commit_message=commit_message or f"Upload {folder.name} exported by bert-recipes",
         )
     except Exception as exc:  # HfHubHTTPError, OfflineModeIsEnabled, httpx errors, OSError
-        raise UserError(f"push_to_hub: cannot upload {folder} to {repo_id}: {exc.__class__.__name__}: {_first_line(exc)}") from None
+        raise UserError(f"push_to_hub: cannot upload {folder} to {repo_id}: {exc.__class__.__name__}: {first_line(exc)}") from None
     return getattr(commit, "commit_url", None) or f"https://huggingface.co/{repo_id}"

@@ -10,21 +10,7 @@ from pathlib import Path
 
 from .data.loader import build_pretraining_dataloader
 from .recipe import PretrainRecipe, expand_files
-from .tokenizer import load_tokenizer, train_wordpiece
-
-
-def recipe_tokenizer(recipe: PretrainRecipe, train_files: list[str]):
-    """The tokenizer a run of ``recipe`` would use, without writing into ``output_dir``
-    (a run's saved tokenizer is reused when present)."""
-    saved = Path(recipe.output_dir) / "tokenizer"
-    if saved.is_dir():
-        return load_tokenizer(str(saved), key="output_dir/tokenizer")
-    spec = recipe.tokenizer
-    name = spec.name_or_path or recipe.model.name_or_path
-    if name:
-        return load_tokenizer(name)
-    files = expand_files(spec.train_files, "tokenizer.train_files") if spec.train_files else train_files
-    return train_wordpiece(files, vocab_size=spec.vocab_size, min_frequency=spec.min_frequency, lowercase=spec.lowercase)
+from .tokenizer import recipe_tokenizer
 
 
 NSP_NAMES = {0: "IsNext", 1: "RandomNext"}
@@ -62,7 +48,7 @@ def write_batches(recipe: PretrainRecipe, num_batches: int, out: str | os.PathLi
     partial file behind.
     """
     train_files = expand_files(recipe.data.train_files, "data.train_files")
-    tokenizer = recipe_tokenizer(recipe, train_files)
+    tokenizer = recipe_tokenizer(recipe, train_files, saved=Path(recipe.output_dir) / "tokenizer")
     loader = build_pretraining_dataloader(
         recipe.data, tokenizer, train_files, batch_size=recipe.train.per_device_train_batch_size,
         seed=recipe.seed, num_workers=0, rank=rank, world_size=world_size,

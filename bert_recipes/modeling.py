@@ -43,6 +43,19 @@ def load_pretrained(cls, name_or_path: str, *, key: str = "model.name_or_path", 
     )
 
 
+def load_config(name_or_path: str, trust_remote_code: bool = False, key: str = "model.name_or_path"):
+    """A checkpoint's config (``AutoConfig``) from a local folder or a Hub id: cheap, for preflights.
+
+    Raises:
+        UserError: one line when the config cannot be loaded.
+    """
+    from transformers import AutoConfig
+
+    from .hub import load_local_or_hub
+
+    return load_local_or_hub(AutoConfig.from_pretrained, name_or_path, key, trust_remote_code=trust_remote_code)
+
+
 def build_pretraining_model(recipe, tokenizer):
     """A ``BertForPreTraining`` for the recipe: from ``model.name_or_path`` or a fresh config.
 
@@ -128,9 +141,9 @@ class BertPreTrainingObjective(nn.Module):
                                                 segment_ids, cls_index)
         heads = self.model.cls
         if self.sparse_mlm_head:
-            masked = labels != -100
-            mlm_logits = heads.predictions(sequence_output[masked])  # [M, V]
-            mlm_targets = labels[masked]  # [M]
+            positions = (labels.flatten() != -100).nonzero().squeeze(1)  # [M], row-major: ONE host sync (its size)
+            mlm_logits = heads.predictions(sequence_output.flatten(0, 1).index_select(0, positions))  # [M, V]
+            mlm_targets = labels.flatten().index_select(0, positions)  # [M]
         else:
             mlm_logits = heads.predictions(sequence_output).flatten(0, 1)  # [B*L, V]
             mlm_targets = labels.flatten()
@@ -173,4 +186,5 @@ def training_flops_per_token(config, seq_len: int, predictions_per_token: float 
     return 3.0 * forward
 
 
-__all__ = ["BertPreTrainingObjective", "bert_config", "block_diagonal_mask", "encode", "build_pretraining_model", "load_pretrained", "training_flops_per_token"]
+__all__ = ["BertPreTrainingObjective", "bert_config", "block_diagonal_mask", "build_pretraining_model", "encode",
+           "load_config", "load_pretrained", "training_flops_per_token"]

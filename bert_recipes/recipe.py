@@ -15,22 +15,22 @@ YAML is read with ``yaml.safe_load`` only.
 
 from __future__ import annotations
 
-import difflib
-import glob
 import os
-from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import RecipeError
+from .recipe_files import apply_overrides, dump_recipe, expand_files, format_error, load_raw, save_recipe
 
 PRECISIONS = ("no", "bf16", "fp16")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+class Strict(BaseModel):
+    """A recipe section: unknown keys are errors; immutable once validated (derived values
+    live in :class:`bert_recipes.training.plan.Resolved`, never in the recipe)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), frozen=True)
 
 
 def _as_list(value: Any) -> Any:
@@ -42,18 +42,18 @@ def _as_list(value: Any) -> Any:
 # --------------------------------------------------------------------------- sections
 
 
-class BertArchitecture(_Strict):
-    """BertConfig fields; ``vocab_size`` comes from the tokenizer."""
+class BertArchitecture(Strict):
+    """BertConfig fields, in BertConfig's order; ``vocab_size`` comes from the tokenizer."""
 
     hidden_size: int = Field(768, gt=0)
     num_hidden_layers: int = Field(12, gt=0)
     num_attention_heads: int = Field(12, gt=0)
     intermediate_size: int = Field(3072, gt=0)
-    max_position_embeddings: int = Field(512, gt=0)
-    type_vocab_size: int = Field(2, gt=0)
     hidden_act: str = "gelu"
     hidden_dropout_prob: float = Field(0.1, ge=0.0, lt=1.0)
     attention_probs_dropout_prob: float = Field(0.1, ge=0.0, lt=1.0)
+    max_position_embeddings: int = Field(512, gt=0)
+    type_vocab_size: int = Field(2, gt=0)
     initializer_range: float = Field(0.02, gt=0.0)
     layer_norm_eps: float = Field(1e-12, gt=0.0)
 
@@ -67,7 +67,7 @@ class BertArchitecture(_Strict):
         return self
 
 
-class ModelConfig(_Strict):
+class ModelConfig(Strict):
     """Which BERT to train.
 
     ``name_or_path`` starts from a checkpoint (a local folder or a Hub id); otherwise the
@@ -81,7 +81,7 @@ class ModelConfig(_Strict):
     trust_remote_code: bool = False
 
 
-class TokenizerConfig(_Strict):
+class TokenizerConfig(Strict):
     """Which tokenizer to use, or how to train one.
 
     ``name_or_path`` loads an existing BERT tokenizer (local folder or Hub id). When it is
@@ -98,7 +98,7 @@ class TokenizerConfig(_Strict):
     _list = field_validator("train_files", mode="before")(_as_list)
 
 
-class DataConfig(_Strict):
+class DataConfig(Strict):
     """Pretraining data: where the text is and how instances are built.
 
     The instance and masking parameters follow create_pretraining_data.py of
@@ -147,7 +147,7 @@ class DataConfig(_Strict):
         return self
 
 
-class TrainConfig(_Strict):
+class TrainConfig(Strict):
     """Optimisation and bookkeeping; names follow transformers' TrainingArguments."""
 
     max_steps: Optional[int] = Field(None, ge=1)
@@ -203,7 +203,7 @@ class TrainConfig(_Strict):
         return self.global_batch_size // per_step
 
 
-class _RunConfig(_Strict):
+class RunConfig(Strict):
     """Keys shared by pretraining and fine-tuning recipes."""
 
     output_dir: str = "runs/run"
@@ -217,13 +217,28 @@ class _RunConfig(_Strict):
     _report = field_validator("report_to", mode="before")(_as_list)
 
 
-class PretrainRecipe(_RunConfig):
+class PretrainRecipe(RunConfig):
     """A pretraining recipe (``bert-recipes pretrain``)."""
 
     output_dir: str = "runs/pretrain"
     model: ModelConfig = ModelConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
     data: DataConfig = DataConfig()
+
+    kind: ClassVar[str] = "pretraining"  # a class attribute, not a key: what overwrite=true may replace
+
+    def tokenizer_source(self) -> tuple[str, str] | None:
+        """``(key, name_or_path)`` of the tokenizer to load; None: train a WordPiece one."""
+        if self.tokenizer.name_or_path:
+            return "tokenizer.name_or_path", self.tokenizer.name_or_path
+        if self.model.name_or_path:
+            return "model.name_or_path", self.model.name_or_path
+        return None
+
+    def reads(self) -> dict[str, str]:
+        """The folders or Hub ids this run loads, by recipe key (never deleted by overwrite)."""
+        return {key: value for key, value in (("model.name_or_path", self.model.name_or_path),
+                                              ("tokenizer.name_or_path", self.tokenizer.name_or_path)) if value}
 
     @model_validator(mode="after")
     def _complete(self) -> "PretrainRecipe":
@@ -239,127 +254,7 @@ class PretrainRecipe(_RunConfig):
         return self
 
 
-# --------------------------------------------------------------------------- loading
-
-
-def _read_yaml(path: Path) -> dict:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise RecipeError(f"{path}: recipe file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RecipeError(f"{path}: cannot read recipe ({exc.__class__.__name__})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or "malformed YAML"
-        raise RecipeError(f"{path}: invalid YAML{where}: {problem}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise RecipeError(f"{path}: expected a YAML mapping of recipe keys, got {type(data).__name__}")
-    return data
-
-
-def deep_merge(base: dict, override: dict) -> dict:
-    """Return ``base`` updated recursively with ``override`` (neither is modified)."""
-    out = dict(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def load_raw(path: str | os.PathLike, _seen: tuple = ()) -> dict:
-    """Read a recipe file and its ``base:`` chain into one merged dict.
-
-    Relative paths inside the recipe (``base:``) are resolved against the recipe's folder.
-    Raises :class:`RecipeError` on a missing file, bad YAML or a ``base:`` cycle.
-    """
-    path = Path(path)
-    resolved = path.resolve()
-    if resolved in _seen:
-        raise RecipeError(f"{path}: 'base:' inheritance cycle")
-    data = _read_yaml(path)
-    base = data.pop("base", None)
-    if base is None:
-        return data
-    if not isinstance(base, str):
-        raise RecipeError(f"{path}: key 'base' must be a path to a recipe file, got {type(base).__name__}")
-    base_path = (path.parent / base) if not os.path.isabs(base) else Path(base)
-    try:
-        parent = load_raw(base_path, _seen + (resolved,))
-    except RecipeError as exc:
-        if str(exc).startswith(f"{path}:"):  # a cycle back to this file: already named
-            raise
-        raise RecipeError(f"{path}: base '{base}': {exc}") from None
-    return deep_merge(parent, data)
-
-
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Apply ``key.path=value`` overrides; values are parsed as YAML."""
-    out = dict(raw)
-    for item in overrides:
-        if "=" not in item:
-            raise RecipeError(f"override '{item}': expected key.path=value")
-        key, _, text = item.partition("=")
-        key = key.strip()
-        if not key or any(not part for part in key.split(".")):
-            raise RecipeError(f"override '{item}': expected key.path=value")
-        try:
-            value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError:
-            raise RecipeError(f"override '{item}': value is not valid YAML") from None
-        parts = key.split(".")
-        node = out
-        for part in parts[:-1]:
-            child = node.get(part)
-            child = dict(child) if isinstance(child, dict) else {}
-            node[part] = child
-            node = child
-        node[parts[-1]] = value
-    return out
-
-
-def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
-    keys = []
-    for name, field in model.model_fields.items():
-        dotted = f"{prefix}{name}"
-        keys.append(dotted)
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            keys.extend(_valid_keys(ann, dotted + "."))
-    return keys
-
-
-def _format_error(schema: type[BaseModel], source: str, err: ValidationError) -> str:
-    first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"])
-    if first["type"] == "extra_forbidden":
-        candidates = _valid_keys(schema)
-        close = difflib.get_close_matches(loc, candidates, n=1, cutoff=0.5)
-        if not close:  # match the last part alone, e.g. train.max_step -> train.max_steps
-            leaf = loc.rsplit(".", 1)[-1]
-            parent = loc.rsplit(".", 1)[0] + "." if "." in loc else ""
-            siblings = [c for c in candidates if c.startswith(parent) and "." not in c[len(parent):]]
-            leaves = difflib.get_close_matches(leaf, [s[len(parent):] for s in siblings], n=1, cutoff=0.5)
-            close = [parent + leaves[0]] if leaves else []
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        return f"{source}: unknown key '{loc}'{hint}"
-    msg = first["msg"]
-    if msg.startswith("Value error, "):
-        msg = msg[len("Value error, "):]
-        return f"{source}: {msg}" if not loc else f"{source}: key '{loc}': {msg}"
-    got = first.get("input")
-    shown = repr(got)
-    if len(shown) > 60:
-        shown = shown[:57] + "..."
-    where = f"key '{loc}'" if loc else "recipe"
-    return f"{source}: {where}: {msg} (got {shown})"
+# --------------------------------------------------------------------------- validation
 
 
 def validate(schema: type[BaseModel], raw: dict, source: str):
@@ -367,7 +262,7 @@ def validate(schema: type[BaseModel], raw: dict, source: str):
     try:
         return schema.model_validate(raw)
     except ValidationError as err:
-        raise RecipeError(_wrong_kind(schema, raw, source) or _format_error(schema, source, err)) from None
+        raise RecipeError(_wrong_kind(schema, raw, source) or format_error(schema, source, err)) from None
 
 
 def is_finetuning_recipe(raw: dict) -> bool:
@@ -410,46 +305,6 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None, sch
     return validate(schema, raw, str(path))
 
 
-def dump_recipe(recipe: BaseModel) -> str:
-    """The fully resolved recipe as YAML (written into every run and checkpoint)."""
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
-
-
-def save_recipe(recipe: BaseModel, directory: str | os.PathLike, name: str = "recipe.yaml") -> Path:
-    """Write the resolved recipe to ``directory/name`` atomically."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    target = directory / name
-    tmp = directory / f".{name}.tmp"
-    tmp.write_text(dump_recipe(recipe), encoding="utf-8")
-    os.replace(tmp, target)
-    return target
-
-
-def expand_files(patterns: list[str], key: str) -> list[str]:
-    """Expand globs into a sorted, de-duplicated file list.
-
-    Raises :class:`RecipeError` when a pattern matches nothing or names a missing file.
-    """
-    files: list[str] = []
-    for pattern in patterns:
-        pattern = os.path.expanduser(pattern)
-        if glob.has_magic(pattern):
-            matches = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
-            if not matches:
-                raise RecipeError(f"{key}: pattern '{pattern}' matched no files")
-            files.extend(matches)
-        elif os.path.isfile(pattern):
-            files.append(pattern)
-        elif os.path.isdir(pattern):
-            raise RecipeError(f"{key}: '{pattern}' is a directory; expected files or a glob like '{pattern}/*.txt'")
-        else:
-            raise RecipeError(f"{key}: file '{pattern}' not found")
-    seen = set()
-    unique = [f for f in files if not (f in seen or seen.add(f))]
-    return unique
-
-
 __all__ = [
     "BertArchitecture",
     "DataConfig",
@@ -457,8 +312,10 @@ __all__ = [
     "PretrainRecipe",
     "TokenizerConfig",
     "TrainConfig",
+    "RunConfig",
+    "Strict",
     "apply_overrides",
-    "deep_merge",
+    "is_finetuning_recipe",
     "dump_recipe",
     "expand_files",
     "load_raw",

@@ -1,4 +1,8 @@
-"""Load a BERT tokenizer, or train a WordPiece one from the corpus with `tokenizers`.
+"""Tokenizer resolution: which tokenizer a recipe trains with, loaded or trained.
+
+:func:`recipe_tokenizer` is the one place that decides (a run's saved tokenizer, the
+recipe's ``tokenizer_source()``, else a WordPiece vocabulary trained on the corpus with
+`tokenizers`); pretraining, fine-tuning and ``inspect`` all call it.
 
 The trained tokenizer is BERT's: BertNormalizer (lower-casing and accent stripping when
 ``lowercase``), BertPreTokenizer (whitespace and punctuation), WordPiece with ``##``
@@ -104,6 +108,34 @@ def load_tokenizer(name_or_path: str, *, key: str = "tokenizer.name_or_path", tr
     tokenizer = load_local_or_hub(AutoTokenizer.from_pretrained, name_or_path, key, what="tokenizer from ",
                                   trust_remote_code=trust_remote_code)
     return _checked(tokenizer, f"{key} '{name_or_path}'")
+
+
+def recipe_tokenizer(recipe, train_files: list[str] = (), *, saved: Path | None = None, show_progress: bool = False):
+    """The tokenizer ``recipe`` trains with (not saved anywhere).
+
+    Priority: the folder ``saved`` when it exists (a run's own ``output_dir/tokenizer``),
+    the recipe's ``tokenizer_source()`` (``tokenizer.name_or_path``, else the checkpoint's
+    own tokenizer), else a WordPiece vocabulary of ``tokenizer.vocab_size`` trained on
+    ``tokenizer.train_files`` (default: ``train_files``, the data files).
+
+    Raises:
+        UserError: an unloadable tokenizer, or nothing to train a vocabulary on.
+    """
+    if saved is not None and saved.is_dir():
+        return load_tokenizer(str(saved), key="output_dir/tokenizer")
+    source = recipe.tokenizer_source()
+    if source is not None:
+        key, name = source
+        return load_tokenizer(name, key=key, trust_remote_code=recipe.model.trust_remote_code)
+    from .recipe_files import expand_files
+
+    spec = recipe.tokenizer
+    files = expand_files(spec.train_files, "tokenizer.train_files") if spec.train_files else list(train_files)
+    if not files:
+        raise UserError("tokenizer.train_files: needed to train a vocabulary when data comes from data.dataset_name")
+    logger.info("training a WordPiece vocabulary of %d on %d file(s)", spec.vocab_size, len(files))
+    return train_wordpiece(files, vocab_size=spec.vocab_size, min_frequency=spec.min_frequency,
+                           lowercase=spec.lowercase, show_progress=show_progress)
 
 
 def save_tokenizer(tokenizer, directory: str | os.PathLike) -> Path:

@@ -330,7 +330,7 @@ def test_a_tracker_that_is_not_installed_is_a_one_line_error(tracker, tmp_path, 
 
 
 def test_tracker_run_names_follow_the_run_directory(tmp_path):
-    from bert_recipes.training.loop import run_name
+    from bert_recipes.training.accelerator import run_name
 
     assert run_name("runs/tiny") == "tiny"
     assert run_name(tmp_path / "runs" / "glue" / "rte" / "seed-42") == "glue/rte/seed-42"

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import signal
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +16,11 @@ import pytest
 import torch
 
 from bert_recipes.cli import main
+from bert_recipes.glue import batching as batching_module
+from bert_recipes.glue import evaluation as evaluation_module
 from bert_recipes.glue import finetune as finetune_module
-from bert_recipes.glue.finetune import BatchPlan, build_classifier
+from bert_recipes.glue.batching import BatchPlan
+from bert_recipes.glue.classifier import build_classifier
 from bert_recipes.glue.recipe import FinetuneRecipe, load_finetune_recipe
 from bert_recipes.glue.tasks import TASKS, get_task
 
@@ -144,22 +148,22 @@ def test_metrics_never_see_test_labels(checkpoint, tmp_path, monkeypatch):
     """References given to the metrics are the dev labels only (never -1), and the test
     split is featurised without a labels column."""
     seen = []
-    real = finetune_module.compute_metrics
+    real = evaluation_module.compute_metrics
 
     def spy(task, predictions, references, split=None):
         seen.append((split, list(references)))
         return real(task, predictions, references, split=split)
 
-    monkeypatch.setattr(finetune_module, "compute_metrics", spy)
+    monkeypatch.setattr(evaluation_module, "compute_metrics", spy)
     loaded = {}
-    real_tokenize = finetune_module.tokenize_glue
+    real_tokenize = batching_module.tokenize_glue
 
     def tokenize_spy(dataset, task, tokenizer, max_seq_length):
         out = real_tokenize(dataset, task, tokenizer, max_seq_length)
         loaded[len(loaded)] = (list(dataset["label"]), out.column_names)
         return out
 
-    monkeypatch.setattr(finetune_module, "tokenize_glue", tokenize_spy)
+    monkeypatch.setattr(batching_module, "tokenize_glue", tokenize_spy)
     assert main(["finetune", str(GLUE_RECIPES / "rte.yaml"), *overrides(checkpoint, tmp_path / "run", predict_test="true")]) == 0
     dev_labels = [0]  # RTE fixture dev: one "entailment" pair
     assert seen and all(split == "validation" and refs == dev_labels for split, refs in seen)
@@ -348,3 +352,17 @@ def test_sample_recipe_and_show_use_the_finetune_schema(capsys):
     listed = capsys.readouterr().out
     for name in (*TRAINABLE, "base", "sample"):
         assert f"glue/{name}.yaml" in listed
+
+
+def test_preflight_refuses_before_an_old_run_is_deleted(task_runs, capsys, tmp_path):
+    """overwrite=true with a checkpoint whose labels conflict (or whose positions are too
+    few): the one-line error comes before anything of the old run is deleted."""
+    old = tmp_path / "old"
+    shutil.copytree(task_runs["rte"], old)
+    before = sorted(p.name for p in old.iterdir())
+    sst2_model = task_runs["sst2"] / "best"  # id2label: negative, positive
+    for extra in ({}, {"model.name_or_path": str(task_runs["rte"] / "best"), "data.max_seq_length": 4096}):
+        code = main(["finetune", str(GLUE_RECIPES / "rte.yaml"), *overrides(sst2_model, old, overwrite="true", **extra)])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and err.startswith("error: ") and "\n" not in err, err
+        assert sorted(p.name for p in old.iterdir()) == before

@@ -129,7 +129,7 @@ def test_fsdp_version_1_is_refused_in_one_line():
     from types import SimpleNamespace
 
     from bert_recipes.errors import UserError
-    from bert_recipes.training.loop import check_fsdp_version
+    from bert_recipes.training.accelerator import check_fsdp_version
 
     with pytest.raises(UserError, match=r"^accelerate config: fsdp_config.fsdp_version 1 is not supported; use "
                                         r"fsdp_version: 2 \(as recipes/accelerate/fsdp.yaml does\)$"):

@@ -8,7 +8,8 @@ import pytest
 
 from bert_recipes.errors import DataError, UserError
 from bert_recipes.glue import GLUE_METRIC_PATH
-from bert_recipes.glue.metrics import compute_metrics, glue_score, main_metric, task_score
+from bert_recipes.glue.metrics import compute_metrics, glue_score, task_score
+from bert_recipes.glue.tasks import get_task
 
 
 # --------------------------------------------------------------------------- hand-computed values
@@ -82,7 +83,7 @@ def test_torch_inputs():
 
 
 def test_main_metric():
-    assert [main_metric(t) for t in ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "rte")] == [
+    assert [get_task(t).main_metric for t in ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "rte")] == [
         "matthews_correlation", "accuracy", "f1", "pearson", "f1", "accuracy_m", "accuracy",
     ]
 

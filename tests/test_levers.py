@@ -21,7 +21,7 @@ Levers of issue 4 (benchmarks/pretrain_vs_stock.py measures their speed):
   against BertForPreTraining.loss (same padded batch, with gradients) is in
   tests/test_modeling.py::test_sparse_head_matches_stock_forward_and_gradients.
 
-Also the MFU arithmetic of pretrain.interval_metrics against a hand computation.
+Also the MFU arithmetic of pretrain_job.interval_metrics against a hand computation.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import torch
 
 from bert_recipes.data.collator import PretrainingCollator
 from bert_recipes.modeling import BertPreTrainingObjective
-from bert_recipes.pretrain import interval_metrics
+from bert_recipes.pretrain_job import interval_metrics
 from bert_recipes.training.optim import build_optimizer, fused_adamw_available, parameter_groups
 from tests.test_modeling import make_batch, tiny_model
 
@@ -150,9 +150,11 @@ def test_length_sorted_micro_batches_equal_the_whole_batch():
     instance, so less padding) gives the whole batch's loss and gradients within 1e-5."""
     from accelerate import Accelerator
 
-    from bert_recipes.pretrain import forward_backward
+    from bert_recipes.pretrain_job import PretrainJob
+    from bert_recipes.training.loop import forward_backward
 
     accelerator = Accelerator(cpu=True)
+    job = PretrainJob(None, iter(()), accelerator.device, total_steps=1, config=None)
     instances = make_instances(6, seed=9, min_len=9, max_len=60)
     pad = SimpleNamespace(pad_token_id=0)
     collate = PretrainingCollator(pad, pad_to_multiple_of=8, max_seq_length=64)
@@ -161,11 +163,12 @@ def test_length_sorted_micro_batches_equal_the_whole_batch():
     assert window[0]["input_ids"].shape[1] < window[1]["input_ids"].shape[1]  # less padding
 
     split, whole = sharp_model(), sharp_model()
-    sums = forward_backward(accelerator, BertPreTrainingObjective(split), window)
+    sums, _, _ = forward_backward(accelerator, BertPreTrainingObjective(split), job, window)
     out = BertPreTrainingObjective(whole)(**collate(instances))
     loss = normalised_loss(out)
     loss.backward()
-    assert abs(float(sums[0] / sums[4] + sums[1] / sums[5]) - loss.item()) <= FP32_TOL
+    step_loss = sums["mlm_loss_sum"] / sums["num_masked"] + sums["nsp_loss_sum"] / sums["num_sequences"]
+    assert abs(float(step_loss) - loss.item()) <= FP32_TOL
     reference = grads(whole)
     for name, grad in grads(split).items():
         torch.testing.assert_close(grad, reference[name], atol=FP32_TOL, rtol=FP32_TOL, msg=name)
@@ -278,7 +281,8 @@ def test_interval_metrics_mfu_by_hand():
     MFU = 545,059,584 * 1000 tokens / 2 s / (1e12 * 2) = 0.136264896."""
     from transformers import BertConfig
 
-    sums = torch.tensor([300.0, 4.0, 30.0, 6.0, 150.0, 8.0, 1000.0, 0.0], dtype=torch.float64)
+    sums = {"mlm_loss_sum": 300.0, "nsp_loss_sum": 4.0, "mlm_correct": 30.0, "nsp_correct": 6.0, "num_masked": 150.0,
+            "num_sequences": 8.0, "num_tokens": 1000.0}
     sparse = SimpleNamespace(model=SimpleNamespace(sparse_mlm_head=True))
     record = interval_metrics(sums, 2.0, BertConfig(), 1e12, 2, sparse)
     assert record["tokens_per_s"] == pytest.approx(500.0)

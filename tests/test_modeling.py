@@ -80,19 +80,21 @@ def test_gradient_accumulation_equals_one_large_batch():
     of the window, not averaged per micro-batch."""
     from accelerate import Accelerator
 
-    from bert_recipes.pretrain import forward_backward
+    from bert_recipes.pretrain_job import PretrainJob
+    from bert_recipes.training.loop import forward_backward
 
     accelerator = Accelerator(cpu=True)
+    job = PretrainJob(None, iter(()), accelerator.device, total_steps=1, config=None)
     first, second = make_batch(2, 20, [1, 1], seed=3), make_batch(2, 20, [6, 6], seed=4)
     big = {key: torch.cat([first[key], second[key]]) for key in first}
 
     accumulated = BertPreTrainingObjective(tiny_model())
-    sums = forward_backward(accelerator, accumulated, [first, second])
+    sums, _, _ = forward_backward(accelerator, accumulated, job, [first, second])
     reference = BertPreTrainingObjective(tiny_model())
     out = reference(**big)
     (out["mlm_loss_sum"] / out["num_masked"] + out["nsp_loss_sum"] / out["num_sequences"]).backward()
 
-    assert sums[4] == 14 and sums[5] == 4  # masked tokens and sequences of the window
+    assert sums["num_masked"] == 14 and sums["num_sequences"] == 4  # masked tokens and sequences of the window
     ref_grads = dict(reference.named_parameters())
     for name, param in accumulated.named_parameters():
         torch.testing.assert_close(param.grad, ref_grads[name].grad, atol=1e-6, rtol=1e-5, msg=name)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 import sys
 
-from bert_recipes import pretrain as pretrain_module
+from bert_recipes import tokenizer as tokenizer_module
 from bert_recipes.cli import main
 from bert_recipes.training.reporting import progress
 
@@ -44,13 +44,13 @@ def test_no_bar_when_stderr_is_not_a_terminal(capsys):
 def test_pretraining_draws_train_and_eval_bars_and_tokenizer_progress(tmp_path, capsys, monkeypatch):
     as_terminal(monkeypatch)
     shown = {}
-    train_wordpiece = pretrain_module.train_wordpiece
+    train_wordpiece = tokenizer_module.train_wordpiece
 
     def spy(*args, **kwargs):
         shown["tokenizer"] = kwargs.get("show_progress")
         return train_wordpiece(*args, **kwargs)
 
-    monkeypatch.setattr(pretrain_module, "train_wordpiece", spy)
+    monkeypatch.setattr(tokenizer_module, "train_wordpiece", spy)
     code = main(["pretrain", str(TINY_RECIPE), *tiny_overrides(tmp_path / "run", **{"train.max_steps": 2,
                                                                                     "train.eval_steps": 2,
                                                                                     "train.per_device_eval_batch_size": 8})])

@@ -108,7 +108,10 @@ def test_indivisible_global_batch_size_is_one_line(global_batch, per_device, wor
 
 
 def test_global_batch_size_in_a_recipe(tmp_path, caplog):
-    from bert_recipes.pretrain import resolve_batch_size
+    from bert_recipes.training.plan import resolve
+
+    def resolve_batch_size(recipe, world_size):
+        return resolve(recipe, world_size).recipe
 
     recipe = load_recipe(TINY_RECIPE, tiny_overrides(tmp_path, **{"train.global_batch_size": 32}))
     with caplog.at_level(logging.INFO, logger="bert_recipes"):

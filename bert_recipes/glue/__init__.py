@@ -7,9 +7,9 @@ Metric definitions follow GLUE (Wang et al. 2019). The metrics are also an offli
 from pathlib import Path
 
 from .data import label_mapping, load_glue_from_hub, load_glue_split, read_glue_tsv, tokenize_glue
-from .metrics import compute_metrics, glue_score, main_metric
+from .metrics import compute_metrics, glue_score
 from .submission import write_submission
-from .tasks import TASKS, GlueTask, get_task, leaderboard_entry, task_names
+from .tasks import TASKS, GlueTask, get_task, leaderboard_entry
 
 GLUE_METRIC_PATH = str(Path(__file__).resolve().parent / "glue_metric")
 """Folder of the local ``evaluate`` module (``evaluate.load(GLUE_METRIC_PATH, task)``)."""
@@ -25,9 +25,7 @@ __all__ = [
     "leaderboard_entry",
     "load_glue_from_hub",
     "load_glue_split",
-    "main_metric",
     "read_glue_tsv",
-    "task_names",
     "tokenize_glue",
     "write_submission",
 ]

@@ -1,6 +1,6 @@
 """``bert-recipes finetune RECIPE`` and ``bert-recipes glue RECIPE --tasks ...``.
 
-Registered by :func:`bert_recipes.cli._add_optional_commands` through :func:`add_parser`.
+Registered by :mod:`bert_recipes.cli` through :func:`add_parser`.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import argparse
 
 def add_parser(sub) -> None:
     """Add the ``finetune`` and ``glue`` commands to the CLI's subparsers."""
-    from ..cli import _keys_help, _recipe_args
+    from ..cli_help import keys_help, recipe_args
     from .recipe import FinetuneRecipe
 
     raw = argparse.RawDescriptionHelpFormatter
@@ -19,9 +19,9 @@ def add_parser(sub) -> None:
         description="Fine-tune model.name_or_path on the recipe's GLUE task; the best dev checkpoint is "
         "exported to OUTPUT_DIR/best.\nexample: bert-recipes finetune recipes/glue/rte.yaml "
         "model.name_or_path=runs/tiny/final data.glue_dir=../shared/data/glue",
-        epilog=_keys_help(FinetuneRecipe),
+        epilog=keys_help(FinetuneRecipe),
     )
-    _recipe_args(p)
+    recipe_args(p)
     p.set_defaults(handler=cmd_finetune)
 
     p = sub.add_parser(
@@ -29,7 +29,7 @@ def add_parser(sub) -> None:
         description="RECIPE is the base recipe (e.g. recipes/glue/base.yaml); <its folder>/<task>.yaml adds each "
         "task's own keys when present.\nexample: bert-recipes glue recipes/glue/base.yaml --tasks cola,sst2,mrpc "
         "model.name_or_path=runs/tiny/final data.glue_dir=../shared/data/glue",
-        epilog=_keys_help(FinetuneRecipe).replace("recipe keys", "recipe keys (task and output_dir are set per task)", 1),
+        epilog=keys_help(FinetuneRecipe).replace("recipe keys", "recipe keys (task and output_dir are set per task)", 1),
     )
     p.add_argument("recipe", help="base recipe YAML file")
     # REMAINDER: options may follow the overrides too (re-parsed in cmd_glue).
@@ -65,11 +65,7 @@ def cmd_finetune(args) -> int:
 
     _quiet_progress_bars()
     recipe = load_finetune_recipe(args.recipe, args.overrides)
-    result = finetune_seeds(recipe)
-    if result.get("stopped"):
-        from ..training.loop import stopped_exit_code
-
-        return stopped_exit_code()
+    result = finetune_seeds(recipe)  # a stopped run raises RunStopped (the CLI's exit code)
     if not PartialState().is_main_process:
         return 0
     dev = ", ".join(f"{key} {value:.4f}" + (f" ± {result['dev_std'][key]:.4f}" if "dev_std" in result else "")
@@ -94,10 +90,6 @@ def cmd_glue(args) -> int:
     args = rest.parse_intermixed_args(args.overrides, namespace=argparse.Namespace(recipe=args.recipe))
     _quiet_progress_bars()
     summary = run_glue(args.recipe, parse_tasks(args.tasks), args.overrides, predict_test=args.predict_test)
-    if summary is None:
-        from ..training.loop import stopped_exit_code
-
-        return stopped_exit_code()
     if not PartialState().is_main_process:
         return 0
     root = Path(summary["output_dir"])

@@ -25,7 +25,7 @@ import re
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from ..errors import DataError, UserError
+from ..errors import DataError, UserError, first_line
 from .tasks import GlueTask, get_task
 
 HIDDEN_LABEL = -1
@@ -84,6 +84,21 @@ def _parse_label(value: str, task: GlueTask, path: Path, line: int) -> "int | fl
     return task.tsv_labels.index(value)
 
 
+def _index_position(header: list[str], task: GlueTask, split: str, path: Path) -> int | None:
+    """The column of a test split's ``index`` (None elsewhere: rows are numbered)."""
+    if split not in task.test_splits:
+        return None
+    present = [name for name in _INDEX_COLUMNS if name in header]
+    return _column(header, present[0] if present else "index", path)
+
+
+def _row_index(value: str, path: Path, line: int) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise DataError(f"{path}: line {line}: index '{value}' is not an integer") from None
+
+
 def read_glue_tsv(path: "str | os.PathLike", task: "str | GlueTask", split: str):
     """Read one GLUE TSV file into a :class:`datasets.Dataset` (columns in the module doc).
 
@@ -112,10 +127,7 @@ def read_glue_tsv(path: "str | os.PathLike", task: "str | GlueTask", split: str)
             header = _header(reader, path, task, split)
             text_pos = [_column(header, name, path) for name in task.tsv_text_columns]
             label_pos = _column(header, task.tsv_label_column, path) if labelled else None
-            index_pos = None
-            if split in task.test_splits:
-                present = [name for name in _INDEX_COLUMNS if name in header]
-                index_pos = _column(header, present[0] if present else "index", path)
+            index_pos = _index_position(header, task, split, path)
             for row in reader:
                 if not row:  # blank line (e.g. a trailing newline)
                     continue
@@ -125,13 +137,7 @@ def read_glue_tsv(path: "str | os.PathLike", task: "str | GlueTask", split: str)
                         f"{path}: line {line}: expected {len(header)} tab-separated fields "
                         f"({', '.join(header)}), got {len(row)}"
                     )
-                if index_pos is None:
-                    idx.append(len(idx))
-                else:
-                    try:
-                        idx.append(int(row[index_pos]))
-                    except ValueError:
-                        raise DataError(f"{path}: line {line}: index '{row[index_pos]}' is not an integer") from None
+                idx.append(len(idx) if index_pos is None else _row_index(row[index_pos], path, line))
                 for name, pos in zip(task.text_columns, text_pos):
                     texts[name].append(row[pos])
                 label.append(_parse_label(row[label_pos], task, path, line) if labelled else HIDDEN_LABEL)
@@ -182,7 +188,7 @@ def load_glue_from_hub(task: "str | GlueTask", split: str):
     try:
         dataset = datasets.load_dataset(task.hub_name, task.hub_config, split=split)
     except Exception as exc:  # network, cache and format failures all end here
-        reason = (str(exc).strip().splitlines() or [""])[0][:200]
+        reason = first_line(exc)[:200]
         raise DataError(
             f"cannot load {where} from the Hugging Face Hub ({type(exc).__name__}: {reason}); "
             "to read the original GLUE TSV files instead, pass glue_dir"

@@ -149,18 +149,21 @@ def _correlations(predictions: np.ndarray, references: np.ndarray) -> dict[str, 
 # --------------------------------------------------------------------------- per task
 
 
-def _mnli_key(task: GlueTask, split: str) -> str:
-    short = split.strip().lower().replace("-", "_")
-    if short in ("m", "matched", "mnli_m", "mnli_matched"):
-        return "accuracy_m"
-    if short in ("mm", "mismatched", "mnli_mm", "mnli_mismatched"):
-        return "accuracy_mm"
-    canonical = task.canonical_split(split)
-    if canonical.endswith("_matched"):
-        return "accuracy_m"
-    if canonical.endswith("_mismatched"):
-        return "accuracy_mm"
-    raise UserError(f"MNLI metrics need a matched or mismatched split, got '{split}'")
+def _split_metric(task: GlueTask, split: str) -> str:
+    """The metric key of a dev split for a task with several (``task.split_metrics``):
+    ``validation_matched``, ``dev_matched``, ``matched``, ``m`` or ``mnli_m`` -> ``accuracy_m``."""
+    short = split.strip().lower().replace("-", "_").removeprefix(f"{task.name}_")
+    for canonical, key in task.split_metrics.items():
+        if short in (canonical.split("_", 1)[1], key.split("_", 1)[1]):
+            return key
+    names = " or ".join(canonical.split("_", 1)[1] for canonical in task.split_metrics)
+    try:
+        canonical = task.canonical_split(split)
+    except UserError:
+        canonical = None
+    if canonical not in task.split_metrics:
+        raise UserError(f"{task.name.upper()} metrics need a {names} split, got '{split}'")
+    return task.split_metrics[canonical]
 
 
 def compute_metrics(
@@ -209,13 +212,8 @@ def compute_metrics(
         return {"matthews_correlation": matthews_correlation(preds, refs, task.num_labels)}
     if "f1" in task.metrics:
         return {"f1": f1_positive(preds, refs), "accuracy": accuracy(preds, refs)}
-    key = _mnli_key(task, split) if task.name == "mnli" and split is not None else "accuracy"
+    key = _split_metric(task, split) if task.split_metrics and split is not None else "accuracy"
     return {key: accuracy(preds, refs)}
-
-
-def main_metric(task: "str | GlueTask") -> str:
-    """The key used to pick the best checkpoint (MNLI: ``accuracy_m``; MRPC/QQP: ``f1``)."""
-    return get_task(task).main_metric
 
 
 def task_score(task: "str | GlueTask", metrics: Mapping[str, float]) -> list[float]:
@@ -232,7 +230,7 @@ def task_score(task: "str | GlueTask", metrics: Mapping[str, float]) -> list[flo
     if missing:
         raise UserError(f"GLUE results for '{task.name}' lack '{missing[0]}' (expected: {', '.join(task.metrics)})")
     values = [float(metrics[key]) for key in task.metrics]
-    if task.name == "mnli":
+    if len(task.entry_names) > 1:  # one leaderboard column per metric (MNLI-m, MNLI-mm)
         return values
     return [sum(values) / len(values)]
 
@@ -259,7 +257,7 @@ def glue_score(results: Mapping[str, Mapping[str, float]]) -> float:
         if task.name in seen:
             raise UserError(f"GLUE results name task '{task.name}' twice")
         seen.add(task.name)
-        if task.name != "ax":
+        if task.scored:
             entries.extend(task_score(task, metrics))
     if not entries:
         raise UserError("GLUE results have no scored task (AX alone does not count)")
@@ -272,7 +270,6 @@ __all__ = [
     "compute_metrics",
     "f1_positive",
     "glue_score",
-    "main_metric",
     "matthews_correlation",
     "regression_predictions",
     "task_score",

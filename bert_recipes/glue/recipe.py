@@ -11,16 +11,16 @@ weight decay 0.01 and linear warmup over the first 10% of the steps, then linear
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
 from ..errors import UserError
-from ..recipe import TrainConfig, _RunConfig, _Strict, load_recipe
+from ..recipe import RunConfig, Strict, TrainConfig, load_recipe
 from .tasks import get_task
 
 
-class FinetuneModelConfig(_Strict):
+class FinetuneModelConfig(Strict):
     """The checkpoint to fine-tune.
 
     ``name_or_path`` (required): a pretraining export of this repo (``runs/tiny/final``),
@@ -32,7 +32,7 @@ class FinetuneModelConfig(_Strict):
     trust_remote_code: bool = False
 
 
-class FinetuneDataConfig(_Strict):
+class FinetuneDataConfig(Strict):
     """Where the GLUE data is and how it is featurised and batched."""
 
     glue_dir: Optional[str] = None  # the original GLUE TSV layout; None = the Hub's nyu-mll/glue
@@ -58,7 +58,7 @@ class FinetuneTrainConfig(TrainConfig):
     weight_decay: float = Field(0.01, ge=0.0)
 
 
-class FinetuneRecipe(_RunConfig):
+class FinetuneRecipe(RunConfig):
     """A GLUE fine-tuning recipe: one task, one checkpoint, one or several seeds."""
 
     task: Optional[str] = None  # required: cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli
@@ -69,6 +69,19 @@ class FinetuneRecipe(_RunConfig):
     train: FinetuneTrainConfig = FinetuneTrainConfig()
     seeds: list[int] = []  # empty: one run with `seed`; else one sub-run per seed (output_dir/seed-<s>)
     predict_test: bool = False  # predict the unlabelled test split(s) with the best model
+
+    kind: ClassVar[str] = "fine-tuning"  # a class attribute, not a key: what overwrite=true may replace
+
+    def tokenizer_source(self) -> tuple[str, str]:
+        """``(key, name_or_path)`` of the tokenizer: ``tokenizer_name_or_path``, else the checkpoint's."""
+        if self.tokenizer_name_or_path:
+            return "tokenizer_name_or_path", self.tokenizer_name_or_path
+        return "model.name_or_path", self.model.name_or_path
+
+    def reads(self) -> dict[str, str]:
+        """The folders or Hub ids this run loads, by recipe key (never deleted by overwrite)."""
+        return {key: value for key, value in (("model.name_or_path", self.model.name_or_path),
+                                              ("tokenizer_name_or_path", self.tokenizer_name_or_path)) if value}
 
     @field_validator("task")
     @classmethod

@@ -18,6 +18,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ..atomic import replacing, write_text
 from ..errors import DataError, UserError
 from .metrics import to_numpy, class_predictions, regression_predictions
 from .tasks import GlueTask, leaderboard_entry
@@ -90,17 +91,11 @@ def write_submission(predictions: Mapping[str, tuple[Sequence[int], Any]], out_d
         except (TypeError, ValueError):
             raise UserError(f"submission entry '{name}': expected a pair (indices, predictions)") from None
         rows = _rows(name, task, indices, values)
-        path = out / file_name
-        with open(path, "w", encoding="utf-8", newline="\n") as handle:
-            handle.write("index\tprediction\n")
-            handle.writelines(f"{i}\t{label}\n" for i, label in rows)
-        written[file_name] = path
+        written[file_name] = write_text(out / file_name, "index\tprediction\n" + "".join(f"{i}\t{label}\n" for i, label in rows))
     target = out / SUBMISSION_ZIP
-    tmp = out / f".{SUBMISSION_ZIP}.tmp"
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+    with replacing(target) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         for file_name, path in sorted(written.items()):
             archive.write(path, arcname=file_name)
-    os.replace(tmp, target)
     return target
 
 

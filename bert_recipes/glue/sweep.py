@@ -25,8 +25,10 @@ import os
 import statistics
 from pathlib import Path
 
+from ..atomic import replacing, write_json, write_text
 from ..errors import UserError
-from ..recipe import _read_yaml, apply_overrides, deep_merge, load_raw, validate
+from ..recipe import validate
+from ..recipe_files import apply_overrides, deep_merge, load_raw, read_yaml
 from ..training.reporting import progress
 from .data import glue_task_dir
 from .finetune import finetune_seeds
@@ -71,7 +73,7 @@ def task_recipe(base: str | os.PathLike, task: str, overrides: list[str], root: 
     own = Path(base).parent / f"{task}.yaml"
     source = str(base)
     if own.is_file() and own.resolve() != Path(base).resolve():
-        layer = _read_yaml(own)
+        layer = read_yaml(own)
         layer.pop("base", None)
         raw = deep_merge(raw, layer)
         source = f"{base} + {own}"
@@ -87,11 +89,12 @@ def run_glue(base: str | os.PathLike, tasks: list[str], overrides: list[str] | N
     """Fine-tune ``tasks`` and write the results files (and the submission zip).
 
     Returns:
-        The content of ``glue_results.json``, or None when a run was stopped by a signal
-        (its checkpoint resumes with ``resume_from=latest``; finished tasks are reused).
+        The content of ``glue_results.json``.
 
     Raises:
         UserError: a bad recipe, an unknown task, missing data (checked before training).
+        RunStopped: a run was stopped by a signal (its checkpoint resumes with
+            ``resume_from=latest``; finished tasks are reused).
     """
     overrides = list(overrides or [])
     root_raw = apply_overrides(load_raw(base), overrides)
@@ -107,10 +110,7 @@ def run_glue(base: str | os.PathLike, tasks: list[str], overrides: list[str] | N
         for name, recipe in recipes.items():
             bar.set_postfix_str(name)
             logger.info("GLUE %s -> %s", name, recipe.output_dir)
-            result = finetune_seeds(recipe)
-            if result.get("stopped"):
-                return None
-            results[name] = result
+            results[name] = finetune_seeds(recipe)  # a stopped run raises RunStopped
             bar.update(1)
     summary = summarise(results)
     summary.update(recipe=str(base), output_dir=str(root))
@@ -118,8 +118,8 @@ def run_glue(base: str | os.PathLike, tasks: list[str], overrides: list[str] | N
         root.mkdir(parents=True, exist_ok=True)
         if predict_test:
             summary["submission"] = str(write_test_submission(results, root / "submission"))
-        (root / RESULTS_JSON).write_text(json.dumps(summary, indent=1), encoding="utf-8")
-        (root / RESULTS_MD).write_text(results_markdown(summary), encoding="utf-8")
+        write_json(root / RESULTS_JSON, summary)
+        write_text(root / RESULTS_MD, results_markdown(summary))
         plot_results(summary, root / RESULTS_PNG)
     PartialState().wait_for_everyone()
     return summary
@@ -153,7 +153,7 @@ def summarise(results: dict[str, dict]) -> dict:
 
 def entry_names(task) -> list[str]:
     """Leaderboard column names of a task: ``["CoLA"]``, ``["MNLI-m", "MNLI-mm"]``."""
-    return ["MNLI-m", "MNLI-mm"] if task.name == "mnli" else [task.glue_folder]
+    return list(task.entry_names)
 
 
 def _pct(value: float, std: float | None = None) -> str:
@@ -211,7 +211,8 @@ def plot_results(summary: dict, path: Path) -> Path:
     ax.set_title("GLUE dev results")
     ax.tick_params(axis="x", labelrotation=45)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with replacing(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     return path
 

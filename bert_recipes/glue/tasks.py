@@ -73,6 +73,10 @@ class GlueTask:
         headerless_columns: column names used for those files.
         aliases: other accepted names (matched case-insensitively).
         predicted_with: for AX: the task whose model predicts it (``"mnli"``).
+        split_metrics: for a task with several dev splits, the metric key of each
+            (MNLI: ``validation_matched`` -> ``accuracy_m``).
+        leaderboard_columns: the leaderboard's columns for the task when it has several
+            (MNLI: ``MNLI-m``, ``MNLI-mm``, one per metric); default one, ``glue_folder``.
     """
 
     name: str
@@ -92,7 +96,19 @@ class GlueTask:
     headerless_columns: tuple[str, ...] = ()
     aliases: tuple[str, ...] = ()
     predicted_with: Optional[str] = None
+    split_metrics: dict[str, str] = field(default_factory=dict)
+    leaderboard_columns: tuple[str, ...] = ()
     hub_name: str = field(default="nyu-mll/glue")
+
+    @property
+    def entry_names(self) -> tuple[str, ...]:
+        """Leaderboard column names: ``("CoLA",)``, ``("MNLI-m", "MNLI-mm")``."""
+        return self.leaderboard_columns or (self.glue_folder,)
+
+    @property
+    def scored(self) -> bool:
+        """Whether the task counts in the GLUE score (AX, a diagnostic, does not)."""
+        return bool(self.dev_splits)
 
     @property
     def hub_config(self) -> str:
@@ -156,52 +172,37 @@ def _register(task: GlueTask) -> None:
 
 _STANDARD_FILES = {"train": "train.tsv", "validation": "dev.tsv", "test": "test.tsv"}
 
-_register(GlueTask(
-    name="cola", glue_folder="CoLA",
-    text_columns=("sentence",), tsv_text_columns=("sentence",), tsv_label_column="label",
-    label_names=("unacceptable", "acceptable"), tsv_labels=_BINARY,
-    metrics=("matthews_correlation",), main_metric="matthews_correlation",
-    split_files=dict(_STANDARD_FILES), dev_splits=("validation",), test_splits=("test",),
-    leaderboard_files={"test": "CoLA.tsv"},
-    headerless_splits=("train", "validation"),
-    headerless_columns=("source", "label", "original_label", "sentence"),
-))
-_register(GlueTask(
-    name="sst2", glue_folder="SST-2",
-    text_columns=("sentence",), tsv_text_columns=("sentence",), tsv_label_column="label",
-    label_names=("negative", "positive"), tsv_labels=_BINARY,
-    metrics=("accuracy",), main_metric="accuracy",
-    split_files=dict(_STANDARD_FILES), dev_splits=("validation",), test_splits=("test",),
-    leaderboard_files={"test": "SST-2.tsv"}, aliases=("sst",),
-))
-_register(GlueTask(
-    name="mrpc", glue_folder="MRPC",
-    text_columns=("sentence1", "sentence2"), tsv_text_columns=("#1 String", "#2 String"),
-    tsv_label_column="Quality",
-    label_names=("not_equivalent", "equivalent"), tsv_labels=_BINARY,
-    metrics=("f1", "accuracy"), main_metric="f1",
-    split_files=dict(_STANDARD_FILES), dev_splits=("validation",), test_splits=("test",),
-    leaderboard_files={"test": "MRPC.tsv"},
-))
-_register(GlueTask(
-    name="stsb", glue_folder="STS-B",
-    text_columns=("sentence1", "sentence2"), tsv_text_columns=("sentence1", "sentence2"),
-    tsv_label_column="score",
-    label_names=(), tsv_labels=(),
-    metrics=("pearson", "spearmanr"), main_metric="pearson",
-    split_files=dict(_STANDARD_FILES), dev_splits=("validation",), test_splits=("test",),
-    leaderboard_files={"test": "STS-B.tsv"}, aliases=("sts",),
-))
-_register(GlueTask(
-    name="qqp", glue_folder="QQP",
-    text_columns=("question1", "question2"), tsv_text_columns=("question1", "question2"),
-    tsv_label_column="is_duplicate",
-    label_names=("not_duplicate", "duplicate"), tsv_labels=_BINARY,
-    metrics=("f1", "accuracy"), main_metric="f1",
-    split_files=dict(_STANDARD_FILES), dev_splits=("validation",), test_splits=("test",),
-    leaderboard_files={"test": "QQP.tsv"},
-))
-_register(GlueTask(
+# The tasks with one train, dev and test split (MNLI and AX are written out below): name, GLUE
+# folder, text columns (Hub), text columns (TSV header), TSV label column, label names,
+# TSV labels, metric keys (the first is the main metric). The leaderboard file is
+# <folder>.tsv.
+_STANDARD_TASKS = [
+    ("cola", "CoLA", ("sentence",), ("sentence",), "label", ("unacceptable", "acceptable"), _BINARY, ("matthews_correlation",)),
+    ("sst2", "SST-2", ("sentence",), ("sentence",), "label", ("negative", "positive"), _BINARY, ("accuracy",)),
+    ("mrpc", "MRPC", ("sentence1", "sentence2"), ("#1 String", "#2 String"), "Quality", ("not_equivalent", "equivalent"), _BINARY, ("f1", "accuracy")),
+    ("stsb", "STS-B", ("sentence1", "sentence2"), ("sentence1", "sentence2"), "score", (), (), ("pearson", "spearmanr")),
+    ("qqp", "QQP", ("question1", "question2"), ("question1", "question2"), "is_duplicate", ("not_duplicate", "duplicate"), _BINARY, ("f1", "accuracy")),
+    ("qnli", "QNLI", ("question", "sentence"), ("question", "sentence"), "label", ("entailment", "not_entailment"), ("entailment", "not_entailment"), ("accuracy",)),
+    ("rte", "RTE", ("sentence1", "sentence2"), ("sentence1", "sentence2"), "label", ("entailment", "not_entailment"), ("entailment", "not_entailment"), ("accuracy",)),
+    ("wnli", "WNLI", ("sentence1", "sentence2"), ("sentence1", "sentence2"), "label", ("not_entailment", "entailment"), _BINARY, ("accuracy",)),
+]
+_EXTRA_FIELDS = {
+    "cola": {"headerless_splits": ("train", "validation"), "headerless_columns": ("source", "label", "original_label", "sentence")},
+    "sst2": {"aliases": ("sst",)},
+    "stsb": {"aliases": ("sts",)},
+}
+
+
+def _standard(name, folder, text_columns, tsv_text_columns, label_column, label_names, tsv_labels, metrics) -> GlueTask:
+    return GlueTask(
+        name=name, glue_folder=folder, text_columns=text_columns, tsv_text_columns=tsv_text_columns,
+        tsv_label_column=label_column, label_names=label_names, tsv_labels=tsv_labels, metrics=metrics,
+        main_metric=metrics[0], split_files=dict(_STANDARD_FILES), dev_splits=("validation",), test_splits=("test",),
+        leaderboard_files={"test": f"{folder}.tsv"}, **_EXTRA_FIELDS.get(name, {}),
+    )
+
+
+_MNLI = GlueTask(
     name="mnli", glue_folder="MNLI",
     text_columns=("premise", "hypothesis"), tsv_text_columns=("sentence1", "sentence2"),
     tsv_label_column="gold_label",
@@ -219,35 +220,10 @@ _register(GlueTask(
     test_splits=("test_matched", "test_mismatched"),
     leaderboard_files={"test_matched": "MNLI-m.tsv", "test_mismatched": "MNLI-mm.tsv"},
     aliases=("multinli",),
-))
-_register(GlueTask(
-    name="qnli", glue_folder="QNLI",
-    text_columns=("question", "sentence"), tsv_text_columns=("question", "sentence"),
-    tsv_label_column="label",
-    label_names=("entailment", "not_entailment"), tsv_labels=("entailment", "not_entailment"),
-    metrics=("accuracy",), main_metric="accuracy",
-    split_files=dict(_STANDARD_FILES), dev_splits=("validation",), test_splits=("test",),
-    leaderboard_files={"test": "QNLI.tsv"},
-))
-_register(GlueTask(
-    name="rte", glue_folder="RTE",
-    text_columns=("sentence1", "sentence2"), tsv_text_columns=("sentence1", "sentence2"),
-    tsv_label_column="label",
-    label_names=("entailment", "not_entailment"), tsv_labels=("entailment", "not_entailment"),
-    metrics=("accuracy",), main_metric="accuracy",
-    split_files=dict(_STANDARD_FILES), dev_splits=("validation",), test_splits=("test",),
-    leaderboard_files={"test": "RTE.tsv"},
-))
-_register(GlueTask(
-    name="wnli", glue_folder="WNLI",
-    text_columns=("sentence1", "sentence2"), tsv_text_columns=("sentence1", "sentence2"),
-    tsv_label_column="label",
-    label_names=("not_entailment", "entailment"), tsv_labels=_BINARY,
-    metrics=("accuracy",), main_metric="accuracy",
-    split_files=dict(_STANDARD_FILES), dev_splits=("validation",), test_splits=("test",),
-    leaderboard_files={"test": "WNLI.tsv"},
-))
-_register(GlueTask(
+    split_metrics={"validation_matched": "accuracy_m", "validation_mismatched": "accuracy_mm"},
+    leaderboard_columns=("MNLI-m", "MNLI-mm"),
+)
+_AX = GlueTask(
     name="ax", glue_folder="diagnostic",
     text_columns=("premise", "hypothesis"), tsv_text_columns=("sentence1", "sentence2"),
     tsv_label_column=None,
@@ -257,7 +233,10 @@ _register(GlueTask(
     split_files={"test": "diagnostic.tsv"}, dev_splits=(), test_splits=("test",),
     leaderboard_files={"test": "AX.tsv"},
     aliases=("diagnostic", "glue-diagnostic"), predicted_with="mnli",
-))
+)
+_BY_NAME = {task.name: task for task in (*(_standard(*row) for row in _STANDARD_TASKS), _MNLI, _AX)}
+for _name in ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli", "ax"):  # the leaderboard's order
+    _register(_BY_NAME[_name])
 
 # Leaderboard entries whose test set is one split of a task: name -> (task, test split).
 # Keys are normalised (lower case, "-" for "_"), so "MNLI_matched" also matches.
@@ -287,11 +266,6 @@ def _lookup_table() -> dict[str, str]:
 _LOOKUP = _lookup_table()
 
 
-def task_names() -> list[str]:
-    """The 9 GLUE task names plus ``ax``, in the leaderboard's order."""
-    return list(TASKS)
-
-
 def get_task(name: "str | GlueTask") -> GlueTask:
     """Look a task up by name, GLUE folder name or alias, case-insensitively.
 
@@ -312,6 +286,19 @@ def get_task(name: "str | GlueTask") -> GlueTask:
     close = difflib.get_close_matches(key, list(_LOOKUP), n=1, cutoff=0.4)
     hint = f"; did you mean '{_LOOKUP[close[0]]}'?" if close else ""
     raise UserError(f"unknown GLUE task '{name}'{hint} (known: {', '.join(TASKS)})")
+
+
+def predicted_by(task: GlueTask) -> list[GlueTask]:
+    """The test-only tasks whose test set ``task``'s model predicts (MNLI: AX)."""
+    return [other for other in TASKS.values() if other.predicted_with == task.name]
+
+
+def submission_entry(task: GlueTask, split: str) -> str:
+    """The submission entry name of a test split: ``sst2``, ``mnli-m``, ``mnli-mm``, ``ax``."""
+    for name, (task_name, test_split) in _LEADERBOARD_ENTRIES.items():
+        if (task_name, test_split) == (task.name, split):
+            return name
+    return task.name
 
 
 def leaderboard_entry(name: str) -> tuple[GlueTask, str]:
@@ -336,4 +323,4 @@ def leaderboard_entry(name: str) -> tuple[GlueTask, str]:
     return task, task.test_splits[0]
 
 
-__all__ = ["GlueTask", "TASKS", "get_task", "leaderboard_entry", "task_names"]
+__all__ = ["GlueTask", "TASKS", "get_task", "leaderboard_entry", "predicted_by", "submission_entry"]

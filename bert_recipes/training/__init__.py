@@ -1,2 +1,3 @@
-"""Training machinery shared by pretraining and fine-tuning: optimiser, loop steps,
-checkpoints and reporting."""
+"""Training machinery shared by pretraining, fine-tuning and the benchmarks: the one loop
+(:mod:`.loop`), the resolved plan (:mod:`.plan`), the Accelerate setup and launch checks,
+the run directory, checkpoints, signals, optimizer and schedule, and reporting."""

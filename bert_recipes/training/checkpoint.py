@@ -33,8 +33,9 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import write_json
 from ..errors import UserError
-from ..recipe import save_recipe
+from ..recipe_files import save_recipe
 
 logger = logging.getLogger("bert_recipes")
 
@@ -45,15 +46,19 @@ TRAINER_STATE = "trainer_state.json"
 
 @dataclass
 class TrainerState:
-    """Bookkeeping restored on resume (the model, optimizer, scheduler and RNGs are
-    restored by Accelerate)."""
+    """Bookkeeping restored on resume (the model, optimizer and RNGs are restored by
+    Accelerate; the scheduler's state travels in ``extra["scheduler"]``)."""
 
     step: int = 0
     skipped_steps: int = 0
     consecutive_nonfinite: int = 0
-    tokens_seen: int = 0
     best_metric: float | None = None
     extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainerState":
+        """The state saved by :func:`save_checkpoint` (keys of older versions are ignored)."""
+        return cls(**{key: value for key, value in data.items() if key in cls.__dataclass_fields__})
 
 
 def _sha256(path: Path) -> str:
@@ -82,9 +87,7 @@ def _write_manifest(directory: Path) -> None:
         for p in sorted(directory.rglob("*"))
         if p.is_file() and p.name != MANIFEST
     }
-    tmp = directory / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps({"files": files}, indent=1))
-    os.replace(tmp, directory / MANIFEST)
+    write_json(directory / MANIFEST, {"files": files})
 
 
 def verify_checkpoint(directory: Path) -> str | None:
@@ -148,12 +151,19 @@ def _assert_finite(model: torch.nn.Module) -> None:
             raise RuntimeError(f"refusing to save a checkpoint: parameter {name} holds NaN/Inf")
 
 
-def save_checkpoint(accelerator, model: torch.nn.Module, root: Path, state: TrainerState, recipe, data_state: dict | None, keep: int) -> Path:
-    """Atomically save the full training state as ``root/checkpoint-<step>``.
+def save_checkpoint(accelerator, model: torch.nn.Module, scheduler, root: Path, state: TrainerState, recipe,
+                    data_state: dict | None, keep: int) -> Path:
+    """Atomically save the full training state as ``root/checkpoint-<step>``: model,
+    optimizer, RNGs (Accelerate), ``scheduler``, ``state``, this rank's ``data_state``
+    (None: the job has none) and the recipe; keep the newest ``keep`` checkpoints.
 
     Every rank must call this (Accelerate gathers; each rank writes its RNG and data
     state). Returns the final checkpoint path.
+
+    Raises:
+        RuntimeError: a parameter holds NaN/Inf (never saved over a good checkpoint).
     """
+    state.extra["scheduler"] = scheduler.state_dict()
     final = root / f"checkpoint-{state.step:08d}"
     tmp = root / f".tmp-checkpoint-{state.step:08d}"
     if accelerator.is_main_process:
@@ -166,7 +176,7 @@ def save_checkpoint(accelerator, model: torch.nn.Module, root: Path, state: Trai
         torch.save(data_state, tmp / f"data_state_rank{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / TRAINER_STATE).write_text(json.dumps(asdict(state), indent=1))
+        write_json(tmp / TRAINER_STATE, asdict(state))
         save_recipe(recipe, tmp)
         _fsync_tree(tmp)
         _write_manifest(tmp)
@@ -180,11 +190,16 @@ def save_checkpoint(accelerator, model: torch.nn.Module, root: Path, state: Trai
     return final
 
 
-def load_checkpoint(accelerator, path: Path) -> tuple[TrainerState, dict | None]:
-    """Restore model, optimizer, scheduler, scaler and RNGs; return the trainer state and
-    this rank's data-stream state (None when the checkpoint has none)."""
+def load_checkpoint(accelerator, path: Path, scheduler) -> tuple[TrainerState, dict | None]:
+    """Restore model, optimizer, ``scheduler``, scaler and RNGs; return the trainer state and
+    this rank's data-stream state (None when the checkpoint has none).
+
+    Raises:
+        UserError: the checkpoint was saved with a different number of processes.
+    """
     accelerator.load_state(str(path))
-    state = TrainerState(**json.loads((path / TRAINER_STATE).read_text()))
+    state = TrainerState.from_dict(json.loads((path / TRAINER_STATE).read_text()))
+    scheduler.load_state_dict(state.extra["scheduler"])
     data_file = path / f"data_state_rank{accelerator.process_index}.pt"
     if not data_file.is_file():
         if (path / "data_state_rank0.pt").is_file():

@@ -1,0 +1,113 @@
+"""Fine-tuning evaluation and prediction: dev metrics, test predictions, leaderboard files.
+
+Test labels are hidden (-1) and never read: test splits only go through :func:`predict`,
+which reads the model inputs alone.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..atomic import write_json
+from ..modeling import load_pretrained
+from ..training.accelerator import in_lockstep
+from ..training.reporting import progress
+from .batching import collate_batch
+from .metrics import compute_metrics
+from .submission import write_submission
+from .tasks import GlueTask, predicted_by, submission_entry
+
+TEST_PREDICTIONS = "test_predictions.json"
+
+
+def loss_sum(logits: torch.Tensor, labels: torch.Tensor, task: GlueTask) -> torch.Tensor:
+    """Summed cross-entropy (classes; logits [B, C], labels [B] ids) or squared error (STS-B
+    regression; logits [B, 1], labels [B] scores) in float32: a 0-d tensor, nats or score^2."""
+    if task.is_regression:
+        return F.mse_loss(logits.float().squeeze(-1), labels.float(), reduction="sum")
+    return F.cross_entropy(logits.float(), labels, reduction="sum")
+
+
+@torch.no_grad()
+def predict(accelerator, model, dataset, collator, batch_size: int) -> np.ndarray:
+    """Outputs for every example of ``dataset``, in its order: logits [N, C] or scores [N].
+
+    Reads only the model inputs (never ``labels``). Examples are sorted by length into
+    batches (little padding) and the batches dealt to the ranks; outputs are gathered.
+    """
+    from accelerate.utils import gather_object
+
+    lengths = np.asarray([len(ids) for ids in dataset["input_ids"]])
+    order = np.argsort(-lengths, kind="stable")
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    inputs = [name for name in ("input_ids", "token_type_ids", "attention_mask") if name in dataset.column_names]
+    features = dataset.select_columns(inputs)
+    unwrapped = accelerator.unwrap_model(model)
+    was_training = unwrapped.training
+    unwrapped.eval()
+    mine = []
+    my_batches = progress(batches[accelerator.process_index::accelerator.num_processes], desc="eval",
+                          main=accelerator.is_main_process, leave=False)
+    for indices, real in in_lockstep(accelerator, my_batches, lambda: batches[0]):
+        with accelerator.autocast():
+            logits = unwrapped(**collate_batch(features, indices, collator, accelerator.device)).logits
+        if real:
+            mine.extend(zip(indices.tolist(), logits.float().cpu().numpy()))
+    unwrapped.train(was_training)
+    gathered = sorted(gather_object(mine), key=lambda pair: pair[0])
+    outputs = np.stack([value for _, value in gathered]) if gathered else np.zeros((0, unwrapped.config.num_labels))
+    return outputs[:, 0] if unwrapped.config.problem_type == "regression" else outputs
+
+
+def evaluate(accelerator, model, task: GlueTask, splits: dict, collator, batch_size: int) -> tuple[dict, dict]:
+    """Metrics on every dev split (MNLI: matched and mismatched).
+
+    Returns:
+        ``(results, record)``: the task's metrics (``compute_metrics`` keys) and the
+        ``eval_``-prefixed record for metrics.jsonl, with the mean dev loss.
+    """
+    started = time.perf_counter()
+    results, total_loss, count = {}, 0.0, 0
+    for split in task.dev_splits:
+        outputs = predict(accelerator, model, splits[split], collator, batch_size)
+        references = np.asarray(splits[f"raw/{split}"]["label"])
+        results.update(compute_metrics(task, outputs, references, split=split))
+        total_loss += float(loss_sum(torch.as_tensor(outputs if not task.is_regression else outputs[:, None]),
+                                    torch.as_tensor(references), task))
+        count += len(references)
+    record = {f"eval_{key}": value for key, value in results.items()}
+    record.update(eval_loss=total_loss / count, eval_runtime_s=round(time.perf_counter() - started, 3))
+    return results, record
+
+
+def predict_test(accelerator, recipe: FinetuneRecipe, task: GlueTask, splits: dict, collator, out: Path) -> Path:
+    """Predict the test split(s) (and those of the tasks predicted with this one's model: AX
+    for MNLI) with the best export; write them.
+
+    Writes ``out/test_predictions.json`` (class ids, or scores for STS-B) and the
+    leaderboard TSVs under ``out/predictions``. Returns the JSON path.
+    """
+    from transformers import BertForSequenceClassification
+
+    best = load_pretrained(BertForSequenceClassification, str(out / "best"), key="output_dir/best")
+    best = best.to(accelerator.device)
+    entries = {}
+    tests = {split: submission_entry(task, split) for split in task.test_splits}
+    tests.update({other.name: submission_entry(other, "test") for other in predicted_by(task)})
+    for split, entry in tests.items():
+        if split not in splits:
+            continue
+        outputs = predict(accelerator, best, splits[split], collator, recipe.train.per_device_eval_batch_size)
+        values = outputs.tolist() if task.is_regression else outputs.argmax(-1).tolist()
+        entries[entry] = {"idx": list(splits[f"raw/{split}"]["idx"]), "prediction": values}
+    path = out / TEST_PREDICTIONS
+    if accelerator.is_main_process:
+        write_json(path, entries)
+        write_submission({name: (e["idx"], e["prediction"]) for name, e in entries.items()}, out / "predictions")
+    accelerator.wait_for_everyone()
+    return path

@@ -1,0 +1,180 @@
+"""Recipe files: YAML reading, ``base:`` inheritance, dotted overrides, one-line errors.
+
+Knows nothing of the recipe schemas (:mod:`bert_recipes.recipe` defines them): this is
+the file side of a recipe, from YAML text to a merged dict and back. YAML is read with
+``yaml.safe_load`` only. Every error is a one-line :class:`RecipeError`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import glob
+import os
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from .atomic import write_text
+from .errors import RecipeError
+
+
+def read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(f"{path}: recipe file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"{path}: cannot read recipe ({exc.__class__.__name__})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "malformed YAML"
+        raise RecipeError(f"{path}: invalid YAML{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: expected a YAML mapping of recipe keys, got {type(data).__name__}")
+    return data
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """Return ``base`` updated recursively with ``override`` (neither is modified)."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_raw(path: str | os.PathLike, _seen: tuple = ()) -> dict:
+    """Read a recipe file and its ``base:`` chain into one merged dict.
+
+    Relative paths inside the recipe (``base:``) are resolved against the recipe's folder.
+    Raises :class:`RecipeError` on a missing file, bad YAML or a ``base:`` cycle.
+    """
+    path = Path(path)
+    resolved = path.resolve()
+    if resolved in _seen:
+        raise RecipeError(f"{path}: 'base:' inheritance cycle")
+    data = read_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise RecipeError(f"{path}: key 'base' must be a path to a recipe file, got {type(base).__name__}")
+    base_path = (path.parent / base) if not os.path.isabs(base) else Path(base)
+    try:
+        parent = load_raw(base_path, _seen + (resolved,))
+    except RecipeError as exc:
+        if str(exc).startswith(f"{path}:"):  # a cycle back to this file: already named
+            raise
+        raise RecipeError(f"{path}: base '{base}': {exc}") from None
+    return deep_merge(parent, data)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``key.path=value`` overrides; values are parsed as YAML."""
+    out = dict(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"override '{item}': expected key.path=value")
+        key, _, text = item.partition("=")
+        key = key.strip()
+        if not key or any(not part for part in key.split(".")):
+            raise RecipeError(f"override '{item}': expected key.path=value")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            raise RecipeError(f"override '{item}': value is not valid YAML") from None
+        parts = key.split(".")
+        node = out
+        for part in parts[:-1]:
+            child = node.get(part)
+            child = dict(child) if isinstance(child, dict) else {}
+            node[part] = child
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        dotted = f"{prefix}{name}"
+        keys.append(dotted)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys.extend(valid_keys(ann, dotted + "."))
+    return keys
+
+
+def format_error(schema: type[BaseModel], source: str, err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    if first["type"] == "extra_forbidden":
+        candidates = valid_keys(schema)
+        close = difflib.get_close_matches(loc, candidates, n=1, cutoff=0.5)
+        if not close:  # match the last part alone, e.g. train.max_step -> train.max_steps
+            leaf = loc.rsplit(".", 1)[-1]
+            parent = loc.rsplit(".", 1)[0] + "." if "." in loc else ""
+            siblings = [c for c in candidates if c.startswith(parent) and "." not in c[len(parent):]]
+            leaves = difflib.get_close_matches(leaf, [s[len(parent):] for s in siblings], n=1, cutoff=0.5)
+            close = [parent + leaves[0]] if leaves else []
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        return f"{source}: unknown key '{loc}'{hint}"
+    msg = first["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+        return f"{source}: {msg}" if not loc else f"{source}: key '{loc}': {msg}"
+    got = first.get("input")
+    shown = repr(got)
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    where = f"key '{loc}'" if loc else "recipe"
+    return f"{source}: {where}: {msg} (got {shown})"
+
+
+def dump_recipe(recipe: BaseModel) -> str:
+    """The fully resolved recipe as YAML (written into every run and checkpoint)."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+
+
+def save_recipe(recipe: BaseModel, directory: str | os.PathLike, name: str = "recipe.yaml") -> Path:
+    """Write the resolved recipe to ``directory/name`` atomically."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    return write_text(directory / name, dump_recipe(recipe))
+
+
+def expand_files(patterns: list[str], key: str) -> list[str]:
+    """Expand globs into a sorted, de-duplicated file list.
+
+    Raises :class:`RecipeError` when a pattern matches nothing or names a missing file.
+    """
+    files: list[str] = []
+    for pattern in patterns:
+        pattern = os.path.expanduser(pattern)
+        if glob.has_magic(pattern):
+            matches = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+            if not matches:
+                raise RecipeError(f"{key}: pattern '{pattern}' matched no files")
+            files.extend(matches)
+        elif os.path.isfile(pattern):
+            files.append(pattern)
+        elif os.path.isdir(pattern):
+            raise RecipeError(f"{key}: '{pattern}' is a directory; expected files or a glob like '{pattern}/*.txt'")
+        else:
+            raise RecipeError(f"{key}: file '{pattern}' not found")
+    seen = set()
+    unique = [f for f in files if not (f in seen or seen.add(f))]
+    return unique
+
+
+
+__all__ = ["apply_overrides", "deep_merge", "dump_recipe", "expand_files", "format_error", "load_raw", "read_yaml",
+           "save_recipe", "valid_keys"]

@@ -1,0 +1,158 @@
+"""The Accelerate side of a run, shared by pretraining and fine-tuning.
+
+- :func:`make_accelerator`: precision, trackers and the run directory.
+- :func:`check_launch`: the launch-dependent refusals a preflight makes (DeepSpeed with
+  accumulation, FSDP version 1), before anything is written.
+- :func:`sharded_parameters`, :func:`in_lockstep`: evaluation batches when every forward
+  is a collective (FSDP).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from .reporting import trackers_for
+
+logger = logging.getLogger("bert_recipes")
+
+def launch_state():
+    """Accelerate's process state (rank, world size, distributed type) from the launcher's
+    environment, without creating an ``Accelerator``: what a preflight may read."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=_ranks_without_accelerator())
+
+
+def make_accelerator(recipe):
+    """An ``Accelerator`` for the recipe's ``precision`` and ``report_to`` (trackers not yet
+    started: :func:`start_trackers` does that once the output directory is ready).
+
+    Raises:
+        UserError: the Accelerate config asks for FSDP version 1.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    accelerator = Accelerator(
+        cpu=_ranks_without_accelerator(),
+        mixed_precision=recipe.precision,
+        log_with=trackers_for(recipe.report_to) or None,
+        project_config=ProjectConfiguration(project_dir=recipe.output_dir, logging_dir=str(Path(recipe.output_dir) / "logs")),
+    )
+    check_fsdp_version(accelerator)
+    if accelerator.is_main_process:
+        logger.info("accelerate: %s, %d process(es), device %s, mixed precision %s", accelerator.distributed_type.value,
+                    accelerator.num_processes, accelerator.device.type, accelerator.mixed_precision)
+    return accelerator
+
+
+def start_trackers(accelerator, recipe, project_name: str = "bert-recipes") -> None:
+    """Start the recipe's trackers: the project ``project_name``, a run named after the run
+    directory (``runs/glue/rte/seed-42`` -> ``glue/rte/seed-42``), the recipe as config."""
+    trackers = trackers_for(recipe.report_to)
+    if trackers:
+        name = run_name(recipe.output_dir)
+        init_kwargs = {"trackio": {"name": name}, "wandb": {"name": name}}
+        accelerator.init_trackers(project_name, config=_flatten(recipe.model_dump(mode="json")),
+                                  init_kwargs={key: value for key, value in init_kwargs.items() if key in trackers})
+
+
+def check_trackers_installed(trackers: list[str]) -> None:
+    """Raise a one-line ``UserError`` for a tracker in ``report_to`` whose package is missing."""
+    from accelerate.utils import is_tensorboard_available, is_trackio_available, is_wandb_available
+
+    available = {"tensorboard": is_tensorboard_available, "trackio": is_trackio_available, "wandb": is_wandb_available}
+    for name in trackers:
+        if not available[name]():
+            raise UserError(f"report_to: '{name}' needs the {name} package; install it with "
+                            f"'pip install {name}' (or pip install -e '.[trackers]') or remove it from report_to")
+
+
+def check_launch(recipe, accumulation: int) -> None:
+    """Refuse, before anything is written, what this launch cannot train.
+
+    Raises:
+        UserError: a tracker of ``report_to`` is not installed (Accelerate would drop it
+            silently), or DeepSpeed with ``accumulation`` > 1 micro-batches per step
+            (DeepSpeed steps inside backward, so the loop's exact accumulation cannot run).
+    """
+    check_trackers_installed(trackers_for(recipe.report_to))
+    if launch_state().distributed_type == "DEEPSPEED" and accumulation > 1:
+        raise UserError("train.gradient_accumulation_steps: DeepSpeed steps inside backward; use 1 with DeepSpeed "
+                        "(raise per_device_train_batch_size or the number of processes instead)")
+
+
+def check_fsdp_version(accelerator) -> None:
+    """Refuse FSDP1 in one line: evaluation runs the unwrapped model, which only FSDP2
+    (``fully_shard``, sharding in place) can run; FSDP1 wraps and flattens the parameters."""
+    if accelerator.distributed_type == "FSDP" and not accelerator.is_fsdp2:
+        raise UserError("accelerate config: fsdp_config.fsdp_version 1 is not supported; use fsdp_version: 2 "
+                        "(as recipes/accelerate/fsdp.yaml does)")
+
+
+def run_name(output_dir: str | os.PathLike) -> str:
+    """The tracker run name: the run directory relative to a ``runs/`` folder, else its name."""
+    parts = Path(output_dir).resolve().parts
+    parents = parts[:-1]
+    if "runs" in parents:
+        index = len(parents) - 1 - parents[::-1].index("runs")
+        return "/".join(parts[index + 1:])
+    return parts[-1]
+
+
+def sharded_parameters(accelerator) -> bool:
+    """Whether the prepared model's parameters are sharded across ranks (FSDP, DeepSpeed),
+    so that every forward pass all-gathers them: a collective every rank must join."""
+    return accelerator.num_processes > 1 and accelerator.distributed_type in ("FSDP", "DEEPSPEED")
+
+
+def in_lockstep(accelerator, batches: Iterable, placeholder: Callable[[], object]) -> Iterator[tuple[object, bool]]:
+    """Yield ``(batch, True)`` for this rank's batches, padded so that all ranks run the same
+    number of forward passes when parameters are sharded.
+
+    Evaluation data is split unevenly across ranks (a rank may get one batch more, or none).
+    With FSDP/DeepSpeed each forward all-gathers the weights, so a rank that stopped early
+    would leave the others waiting forever. Here ranks agree before each batch whether any
+    rank still has one; a rank that has run out yields ``(placeholder(), False)``: run it
+    and discard the outputs. Without sharding, batches pass through with no communication.
+    """
+    if not sharded_parameters(accelerator):
+        for batch in batches:
+            yield batch, True
+        return
+    iterator = iter(batches)
+    while True:
+        batch = next(iterator, None)
+        has_batch = torch.tensor([0 if batch is None else 1], device=accelerator.device)
+        if int(accelerator.reduce(has_batch, reduction="sum")) == 0:
+            return
+        yield (batch, True) if batch is not None else (placeholder(), False)
+
+
+def _ranks_without_accelerator() -> bool:
+    """True for ranks started by torchrun (``accelerate launch`` with a multi-GPU config) on a
+    machine without GPUs: Accelerate then needs ``cpu=True`` to join them with gloo, else each
+    rank would train alone (``DistributedType.NO``) and the ranks would overwrite each other."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    accel = getattr(torch, "accelerator", None)  # torch >= 2.6: CUDA, XPU, MPS, ...
+    return not (accel.is_available() if accel is not None else torch.cuda.is_available())
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "."))
+        elif isinstance(value, (int, float, str, bool)):
+            flat[name] = value
+        else:
+            flat[name] = str(value)
+    return flat

@@ -1,0 +1,65 @@
+"""Stopping a run cleanly: SIGTERM/SIGINT become a request the loop honours at the next
+step boundary (after saving a checkpoint), and :class:`RunStopped` carries that outcome to
+the command line, which exits with the signal's code."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from pathlib import Path
+
+logger = logging.getLogger("bert_recipes")
+
+
+class RunStopped(Exception):
+    """A run stopped by a signal after saving a checkpoint (resume it with ``resume_from=latest``).
+
+    Attributes:
+        signal: the signal's name (``SIGTERM``), step: the last completed step,
+        checkpoint: the checkpoint saved at that step.
+    """
+
+    def __init__(self, signal_name: str, step: int, checkpoint: Path):
+        super().__init__(f"stopped by {signal_name} at step {step}; checkpoint {checkpoint}; resume with resume_from=latest")
+        self.signal, self.step, self.checkpoint = signal_name, step, checkpoint
+
+
+class StopRequest:
+    """Turns SIGTERM and SIGINT into a flag checked at step boundaries.
+
+    A second signal of the same kind restores the default handler's behaviour. The last
+    signal that stopped a run is kept for the command's exit code (:func:`stopped_exit_code`).
+    """
+
+    last_signal: str | None = None
+
+    def __init__(self):
+        self.requested: str | None = None
+        self._previous = {}
+
+    def __enter__(self) -> "StopRequest":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, _frame) -> None:
+        if self.requested:
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+            raise KeyboardInterrupt
+        self.requested = StopRequest.last_signal = signal.Signals(signum).name
+        logger.warning("%s received: saving a checkpoint at the next step boundary", self.requested)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def stopped_exit_code() -> int:
+    """The exit code of a run stopped by a signal after saving its checkpoint: 128 + the
+    signal number, as a shell reports a process ended by it (SIGINT 130, SIGTERM 143), so
+    that ``make pretrain && make finetune`` or a job script does not go on as if it had finished."""
+    name = StopRequest.last_signal or "SIGTERM"
+    return 128 + int(getattr(signal, name))

@@ -1,0 +1,146 @@
+"""The one training loop (bert_recipes.training.loop): its host syncs per optimizer step, and
+a stopped run's outcome."""
+
+from __future__ import annotations
+
+import itertools
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import BertConfig, BertForPreTraining
+
+from bert_recipes.modeling import BertPreTrainingObjective
+from bert_recipes.pretrain_job import PretrainJob
+from bert_recipes.recipe import load_recipe
+from bert_recipes.training.checkpoint import TrainerState
+from bert_recipes.training.loop import Run, train
+from bert_recipes.training.optim import build_optimizer, build_scheduler
+from bert_recipes.training.signals import RunStopped
+
+from .conftest import TINY_RECIPE, tiny_overrides
+
+# Per optimizer step: the loop reads ONE tensor on the host ([grad norm, loss, stop requests]:
+# the skip and stop decisions the host makes); each micro-batch's forward makes two syncs of
+# its own, transformers' SDPA check for padding (`attention_mask.all()`) and the sparse MLM
+# head's `nonzero` (the number of masked tokens is a shape).
+LOOP_SYNCS_PER_STEP = 1
+FORWARD_SYNCS_PER_MICRO_BATCH = 2
+PYTHON_READS = ("tolist", "numpy", "cpu")  # reads that never reach the dispatcher on a CPU tensor
+
+
+class HostSyncs(TorchDispatchMode):
+    """Counts what makes the host wait for the device: scalar reads (item, float, int, bool:
+    ``_local_scalar_dense``), data-dependent shapes (``nonzero``, boolean-mask indexing,
+    ``masked_select``) and, patched in :func:`counting_host_syncs`, ``tolist``/``numpy``/``cpu``."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        aten = torch.ops.aten
+        boolean_index = func is aten.index.Tensor and any(i is not None and i.dtype == torch.bool for i in args[1])
+        if boolean_index or func in (aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+class Records:
+    """A Reporter that keeps the records in memory."""
+
+    def __init__(self):
+        self.records, self.lines = [], []
+
+    def log(self, record, step):
+        self.records.append({"step": step, **record})
+
+    def advance(self, n=1, **postfix):
+        pass
+
+    def close(self):
+        pass
+
+    def write(self, line):
+        self.lines.append(line)
+
+
+def random_batches(vocab: int, batch: int = 4, length: int = 24, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        input_ids = torch.randint(5, vocab, (batch, length), generator=generator)
+        labels = torch.full_like(input_ids, -100)
+        labels[:, 1:4] = input_ids[:, 1:4]
+        yield {"input_ids": input_ids, "token_type_ids": torch.zeros_like(input_ids),
+               "attention_mask": torch.ones_like(input_ids), "labels": labels,
+               "next_sentence_label": torch.randint(0, 2, (batch,), generator=generator)}
+
+
+def tiny_run(tmp_path: Path, **train_overrides):
+    from accelerate import Accelerator
+
+    overrides = {"train.gradient_accumulation_steps": 2, "train.logging_steps": 1000, **train_overrides}
+    recipe = load_recipe(TINY_RECIPE, tiny_overrides(tmp_path / "run", **overrides))
+    accelerator = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    model = BertForPreTraining(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                          intermediate_size=64, max_position_embeddings=64))
+    optimizer = build_optimizer(model, recipe.train)
+    scheduler = build_scheduler(optimizer, recipe.train, recipe.train.max_steps)
+    objective, optimizer = accelerator.prepare(BertPreTrainingObjective(model), optimizer)
+    run = Run(accelerator, objective, optimizer, scheduler, recipe, tmp_path / "run", TrainerState(), Records())
+    job = PretrainJob(recipe, random_batches(100), accelerator.device, recipe.train.max_steps, model.config)
+    return run, job
+
+
+def test_host_syncs_per_optimizer_step_off_logging_steps(tmp_path, monkeypatch):
+    """Every host sync between the starts of consecutive optimizer steps of a 2-micro-batch
+    window, counted at the dispatcher: steps 1..4 do not log (logging_steps 1000), step 5
+    is the last and logs. The loop's own share is one read per step."""
+    run, job = tiny_run(tmp_path, **{"train.max_steps": 5})
+    mode, python_reads = HostSyncs(), []
+    for name in PYTHON_READS:
+        real = getattr(torch.Tensor, name)
+
+        def counting(self, *args, _real=real, _name=name, **kwargs):
+            mode.count += 1
+            python_reads.append((len(at_window), _name))
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    at_window = []
+    window = job.window
+    job.window = lambda step: at_window.append(mode.count) or window(step)
+    with mode:
+        train(job, run)
+    monkeypatch.undo()
+
+    micro_batches = run.recipe.train.gradient_accumulation_steps
+    per_step = [b - a for a, b in itertools.pairwise(at_window)]  # steps 1..4, none of them logs
+    assert per_step == [LOOP_SYNCS_PER_STEP + FORWARD_SYNCS_PER_MICRO_BATCH * micro_batches] * 4 == [5] * 4
+    loop_reads = [[name for step, name in python_reads if step == k] for k in range(1, 5)]  # the loop's own
+    assert loop_reads == [["tolist"] * LOOP_SYNCS_PER_STEP] * 4
+    assert [r["step"] for r in run.reporter.records] == [5]  # the last step logs: its reads are allowed
+    assert run.state.step == 5 and run.state.skipped_steps == 0
+
+
+def test_a_stopped_run_saves_and_raises_run_stopped(tmp_path):
+    """A signal before step 2 is seen by every rank at step 2's reduction: checkpoint 2,
+    then RunStopped (the CLI turns it into exit code 128 + signal)."""
+    run, job = tiny_run(tmp_path, **{"train.max_steps": 6})
+    window = job.window
+
+    def signalling(step):
+        if step == 1:
+            signal.raise_signal(signal.SIGTERM)
+        return window(step)
+
+    job.window = signalling
+    with pytest.raises(RunStopped) as stopped:
+        train(job, run)
+    assert stopped.value.signal == "SIGTERM" and stopped.value.step == 2
+    assert stopped.value.checkpoint == tmp_path / "run" / "checkpoints" / "checkpoint-00000002"
+    assert (stopped.value.checkpoint / "manifest.json").is_file()
+    assert "resume with resume_from=latest" in run.reporter.lines[-1]
