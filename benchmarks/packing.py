@@ -29,6 +29,7 @@ import sys
 from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -69,6 +70,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--precision", choices=["no", "bf16"], default="no")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--ab", choices=["packing", "precision"], default="packing",
+                        help="packing: packed vs padded at --precision; precision: bf16 vs fp32, both packed")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -92,7 +95,8 @@ def main() -> int:
     instances = [next(stream) for _ in range(shape["batch"] * args.batches)]
     padded = [PretrainingCollator(tokenizer, max_seq_length=shape["seq"])(instances[i : i + shape["batch"]])
               for i in range(0, len(instances), shape["batch"])]
-    rows = list(pack_rows(iter(instances), {"window": [], "ready": []}, shape["seq"], cfg.packing_window))
+    rows = list(pack_rows(iter(instances), {"window": [], "ready": []}, shape["seq"], cfg.packing_window,
+                          np.random.default_rng(0)))
     packed = [PackedCollator(tokenizer, max_seq_length=shape["seq"])(rows[i : i + shape["batch"]])
               for i in range(0, len(rows), shape["batch"])]
     real = sum(int(b["attention_mask"].sum()) for b in padded)
@@ -102,14 +106,15 @@ def main() -> int:
     device = torch.device(args.device)
     objective = BertPreTrainingObjective(BertForPreTraining(config)).to(device).train()
     optimizer = torch.optim.AdamW(objective.parameters(), lr=1e-5)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16" else nullcontext()
+    def autocast(bf16: bool):
+        return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     padded = [{k: v.to(device) for k, v in b.items()} for b in padded]
     packed = [{k: v.to(device) for k, v in b.items()} for b in packed]
 
-    def run(batches):
+    def run(batches, bf16=args.precision == "bf16"):
         def one_round(_round):
             for batch in batches:
-                with autocast:
+                with autocast(bf16):
                     out = objective(**batch)
                     loss = out["mlm_loss_sum"] / out["num_masked"] + out["nsp_loss_sum"] / out["num_sequences"]
                 loss.backward()
@@ -120,6 +125,16 @@ def main() -> int:
         return one_round
 
     run(padded[:1])(0)  # warm-up
+    if args.ab == "precision":
+        run(packed[:1], bf16=True)(0)
+        records = alternate({"bf16": run(packed, bf16=True), "fp32": run(packed, bf16=False)}, args.rounds, device)
+        summary = summarise(records, "bf16", "fp32", "tokens")
+        print(f"{args.shape}: packed, bf16 vs fp32: {summary['bf16_tokens_per_s']:.0f} vs {summary['fp32_tokens_per_s']:.0f} "
+              f"tokens/s, ratio {summary['ratio_median_of_rounds']:.2f}x (rounds {summary['per_round_ratio']})")
+        out = args.out or default_out(f"precision-{args.shape}.json")
+        write_json(out, {"shape": args.shape, "ab": "precision", "summary": summary, "machine": machine_info(device)})
+        print(f"  wrote {out}")
+        return 0
     records = alternate({"packed": run(packed), "padded": run(padded)}, args.rounds, device)
     summary = summarise(records, "packed", "padded", "tokens")
     efficiency = {name: sum(int(b["attention_mask"].sum()) for b in batches) / sum(b["attention_mask"].numel()

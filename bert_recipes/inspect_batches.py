@@ -18,8 +18,9 @@ NSP_NAMES = {0: "IsNext", 1: "RandomNext"}
 
 def readable_example(tokenizer, ids: list[int], types: list[int], labels: list[int], nsp: int) -> str:
     """One line for a person: ``IsNext | A: ... | B: ...``; a masked position reads
-    ``[MASK](original)`` (or ``shown(original)`` for the 10% random / 10% kept tokens) and
-    ``##`` pieces are glued to their word. Padding and [CLS]/[SEP] are left out."""
+    ``[MASK](original)`` (or ``shown(original)`` for the 10% random / 10% kept tokens, e.g.
+    ``cat(dog)``, ``dog(dog)``) and a ``##`` piece (by the original token) is glued to its
+    word: ``walk[MASK](ing)``. Padding and [CLS]/[SEP] are left out."""
     shown = tokenizer.convert_ids_to_tokens(ids)
     originals = tokenizer.convert_ids_to_tokens([label if label != -100 else 0 for label in labels])
     segments: dict[int, list[str]] = {0: [], 1: []}
@@ -27,12 +28,34 @@ def readable_example(tokenizer, ids: list[int], types: list[int], labels: list[i
     for token, original, label, segment in zip(shown, originals, labels, types):
         if label == -100 and token in specials:
             continue
-        text = f"{token}({original.removeprefix('##')})" if label != -100 else token
-        if text.startswith("##") and segments[segment]:
-            segments[segment][-1] += text[2:]
+        piece = (original if label != -100 else token).startswith("##")  # continues the previous word
+        text = f"{token.removeprefix('##')}({original.removeprefix('##')})" if label != -100 else token.removeprefix("##")
+        if piece and segments[segment]:
+            segments[segment][-1] += text
         else:
             segments[segment].append(text)
     return f"{NSP_NAMES.get(nsp, nsp)} | A: {' '.join(segments[0])} | B: {' '.join(segments[1])}"
+
+
+def batch_examples(batch: dict) -> list[dict]:
+    """The examples of a collated batch as lists: ``input_ids``, ``token_type_ids``,
+    ``attention_mask``, ``labels``, ``next_sentence_label``; padded rows keep their padding,
+    a packed batch is cut into its instances (each with its ``row``)."""
+    rows = {key: value.tolist() for key, value in batch.items()}
+    if "cls_index" not in rows:
+        return [{key: rows[key][i] for key in ("input_ids", "token_type_ids", "attention_mask", "labels",
+                                               "next_sentence_label")} for i in range(len(rows["input_ids"]))]
+    width = len(rows["input_ids"][0])
+    examples = []
+    for i, start in enumerate(rows["cls_index"]):
+        row, column = divmod(start, width)
+        segment = rows["segment_ids"][row]
+        end = column
+        while end < width and segment[end] == segment[column]:
+            end += 1
+        example = {key: rows[key][row][column:end] for key in ("input_ids", "token_type_ids", "attention_mask", "labels")}
+        examples.append({**example, "next_sentence_label": rows["next_sentence_label"][i], "row": row})
+    return examples
 
 
 def write_batches(recipe: PretrainRecipe, num_batches: int, out: str | os.PathLike, *, rank: int = 0,
@@ -60,15 +83,12 @@ def write_batches(recipe: PretrainRecipe, num_batches: int, out: str | os.PathLi
         for index, batch in enumerate(loader):
             if index == num_batches:
                 break
-            rows = {key: value.tolist() for key, value in batch.items()}
-            for i, ids in enumerate(rows["input_ids"]):
+            for example in batch_examples(batch):
                 if text:
-                    n = sum(rows["attention_mask"][i])
-                    line = readable_example(tokenizer, ids[:n], rows["token_type_ids"][i][:n], rows["labels"][i][:n],
-                                            rows["next_sentence_label"][i])
+                    line = readable_example(tokenizer, example["input_ids"], example["token_type_ids"],
+                                            example["labels"], example["next_sentence_label"])
                 else:
-                    example = {"batch": index, **{key: rows[key][i] for key in rows}}
-                    example["tokens"] = tokenizer.convert_ids_to_tokens(ids)
+                    example = {"batch": index, **example, "tokens": tokenizer.convert_ids_to_tokens(example["input_ids"])}
                     line = json.dumps(example)
                 tmp.write(line + "\n")
                 count += 1

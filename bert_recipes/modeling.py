@@ -113,6 +113,27 @@ def encode(model: nn.Module, input_ids, token_type_ids, attention_mask, position
     return hidden, bert.pooler.activation(bert.pooler.dense(cls))
 
 
+def classification_logits(model: nn.Module, batch: dict, unwrap=lambda m: m) -> torch.Tensor:
+    """Logits ``[N, C]`` of a ``BertForSequenceClassification`` for a plain batch (N = rows)
+    or a packed one (:class:`~bert_recipes.data.packing.PackedFeatureCollator`).
+
+    A packed batch runs through ``model`` itself (so a DDP wrapper sees the forward) with a
+    block-diagonal mask and restarting positions; the pooler, dropout and classifier of the
+    unwrapped model (``unwrap(model)``) are then applied at each example's [CLS].
+    """
+    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    if "segment_ids" not in inputs:
+        return model(**inputs).logits
+    core = unwrap(model)
+    mask = block_diagonal_mask(inputs["segment_ids"], core.config._attn_implementation,
+                               core.bert.embeddings.word_embeddings.weight.dtype)
+    out = model(input_ids=inputs["input_ids"], attention_mask=mask, token_type_ids=inputs["token_type_ids"],
+                position_ids=inputs["position_ids"], output_hidden_states=True)
+    cls = out.hidden_states[-1].flatten(0, 1)[inputs["cls_index"]]
+    pooled = core.bert.pooler.activation(core.bert.pooler.dense(cls))
+    return core.classifier(core.dropout(pooled))
+
+
 class BertPreTrainingObjective(nn.Module):
     """MLM + NSP losses of a ``BertForPreTraining``, as sums for exact normalisation.
 
@@ -186,5 +207,5 @@ def training_flops_per_token(config, seq_len: int, predictions_per_token: float 
     return 3.0 * forward
 
 
-__all__ = ["BertPreTrainingObjective", "bert_config", "block_diagonal_mask", "build_pretraining_model", "encode",
+__all__ = ["BertPreTrainingObjective", "bert_config", "block_diagonal_mask", "build_pretraining_model", "classification_logits", "encode",
            "load_config", "load_pretrained", "training_flops_per_token"]

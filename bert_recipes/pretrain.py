@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .data.loader import build_pretraining_dataloader
+from .data.stream import check_corpus
 from .errors import UserError
 from .export import export_pretrained
 from .hub import local_or_hub
@@ -78,6 +79,9 @@ def preflight(recipe: PretrainRecipe) -> Checked:
                             f"max_position_embeddings ({positions})")
     train_files = expand_files(recipe.data.train_files, "data.train_files")
     eval_files = expand_files(recipe.data.eval_files, "data.eval_files")
+    check_corpus(recipe.data, train_files, "data.train_files")  # builds the (cached) index: before any deletion
+    if eval_files:
+        check_corpus(recipe.data, eval_files, "data.eval_files")
     state = launch_state()
     plan = resolve(recipe, state.num_processes, log=state.is_main_process)
     check_launch(recipe, plan.accumulation)

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import RecipeError
 from .recipe_files import apply_overrides, dump_recipe, expand_files, format_error, load_raw, save_recipe
 
-PRECISIONS = ("no", "bf16", "fp16")
+PRECISIONS = ("auto", "no", "bf16", "fp16")
 
 
 class Strict(BaseModel):
@@ -209,7 +209,7 @@ class RunConfig(Strict):
     output_dir: str = "runs/run"
     overwrite: bool = False
     seed: int = 42
-    precision: Literal["no", "bf16", "fp16"] = "no"
+    precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     resume_from: Optional[str] = None
     report_to: list[Literal["jsonl", "tensorboard", "trackio", "wandb"]] = ["jsonl"]
     train: TrainConfig = TrainConfig()

@@ -72,20 +72,21 @@ def main(argv: list[str]) -> int:
 
     import torch
 
-    import bert_recipes.pretrain
+    import bert_recipes.training.loop
     from bert_recipes.cli import main as cli_main
 
-    verify = bert_recipes.pretrain.verify_replicas_in_sync
+    verify = bert_recipes.training.loop.verify_replicas_in_sync
 
     def verify_and_record(accelerator, model):
-        with torch.no_grad():
+        with torch.no_grad():  # the objective (DDP-wrapped) holds the BertForPreTraining as .model
             record["parameters"] = {
-                name: hashlib.sha256(p.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+                name.removeprefix("module.").removeprefix("model."):
+                    hashlib.sha256(p.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
                 for name, p in model.named_parameters()
             }
         verify(accelerator, model)
 
-    bert_recipes.pretrain.verify_replicas_in_sync = verify_and_record
+    bert_recipes.training.loop.verify_replicas_in_sync = verify_and_record
     code = cli_main(["pretrain", recipe_path, *overrides])
     record["exit_code"] = code
     out.mkdir(parents=True, exist_ok=True)

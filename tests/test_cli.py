@@ -106,7 +106,7 @@ def test_help_lists_recipe_keys(capsys):
     out = capsys.readouterr().out
     assert "data.max_predictions_per_seq" in out and "train.gradient_accumulation_steps" in out
     rows = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ") and "default:" in line}
-    assert rows["precision"].split()[1:] == ["no|bf16|fp16", "default:", "no"]  # the allowed values
+    assert rows["precision"].split()[1:] == ["auto|no|bf16|fp16", "default:", "auto"]  # the allowed values
     assert rows["train.max_steps"].split()[1:] == ["int", "|", "null", "default:", "null"]
     assert len({line.index("default:") for line in rows.values()}) == 1  # one column, nested keys too
     for command, key in (("finetune", "data.glue_dir"), ("glue", "train.learning_rate")):
@@ -145,3 +145,18 @@ def test_readable_example_shows_masked_words_with_their_originals():
     ids[5] = tok.convert_tokens_to_ids("dog")  # a 10% "random" replacement: shown(original)
     line = readable_example(tok, ids, [0, 0, 0, 0, 0, 1, 1, 1], labels, 1)
     assert line == "RandomNext | A: the [MASK](walk)ing | B: dog(the) ."
+    ids[3] = tok.mask_token_id  # a masked piece glues to its word, by its original token
+    labels[3] = tok.convert_tokens_to_ids("##ing")
+    line = readable_example(tok, ids, [0, 0, 0, 0, 0, 1, 1, 1], labels, 0)
+    assert line == "IsNext | A: the [MASK](walk)[MASK](ing) | B: dog(the) ."
+
+
+def test_inspect_cuts_packed_rows_into_instances(tmp_path):
+    out = tmp_path / "packed.jsonl"
+    assert main(["inspect", str(TINY_RECIPE), "train.per_device_train_batch_size=4", f"output_dir={tmp_path}/run",
+                 "data.packing=true", "data.short_seq_prob=1.0", "--batches", "3", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) > 12  # more instances than rows
+    for row in rows:
+        assert row["tokens"][0] == "[CLS]" and row["tokens"][-1] == "[SEP]" and row["tokens"].count("[SEP]") == 2
+        assert row["next_sentence_label"] in (0, 1) and len(row["labels"]) == len(row["input_ids"])

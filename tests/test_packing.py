@@ -151,7 +151,7 @@ def test_stream_packs_rows_and_resumes_exactly(tmp_path):
                                                                 for k in range(6)])) for f in range(3)]
     c = DataConfig(train_files=files, max_seq_length=64, max_predictions_per_seq=10, shuffle_buffer_size=8,
                    packing=True, packing_window=16)
-    plain = list(pack_rows(iter(range(0)), {"window": [], "ready": []}, 64, 16))
+    plain = list(pack_rows(iter(range(0)), {"window": [], "ready": []}, 64, 16, np.random.default_rng(0)))
     assert plain == []
 
     def loader(workers):
@@ -196,3 +196,51 @@ def test_packed_run_exports_the_same_format(tmp_path):
         assert sorted(p.name for p in (out / "final").iterdir()) == sorted(
             p.name for p in (tmp_path / "false" / "final").iterdir())
     assert shapes[0] == shapes[1]
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+
+
+@pytest.mark.parametrize("regression", [False, True])
+def test_packed_classification_equals_padded(regression):
+    from transformers import BertConfig, BertForSequenceClassification, DataCollatorWithPadding
+
+    from bert_recipes.data.packing import PackedFeatureCollator
+    from bert_recipes.modeling import classification_logits
+
+    class FastTok:  # what DataCollatorWithPadding needs
+        pad_token_id, padding_side, model_input_names = PAD, "right", ["input_ids", "token_type_ids", "attention_mask"]
+
+        def pad(self, features, **kw):
+            from transformers import BertTokenizerFast
+            raise NotImplementedError
+
+    rng = random.Random(5)
+    features = []
+    for n in (7, 30, 12, 64, 9, 25):
+        ids = [CLS] + [rng.randint(10, 99) for _ in range(n - 2)] + [SEP]
+        features.append({"input_ids": ids, "token_type_ids": [0] * n, "attention_mask": [1] * n,
+                         "labels": rng.random() * 5 if regression else rng.randint(0, 2)})
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                        max_position_embeddings=MAX_LEN, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                        num_labels=1 if regression else 3)
+    model = BertForSequenceClassification(config)
+    packed = PackedFeatureCollator(Tok(), max_seq_length=MAX_LEN)(features)
+    assert packed["input_ids"].shape[0] < len(features) and packed["labels"].shape == (6,)
+    width = max(len(f["input_ids"]) for f in features)
+    padded = {key: torch.tensor([f[key] + [0] * (width - len(f[key])) for f in features])
+              for key in ("input_ids", "token_type_ids", "attention_mask")}
+    padded["labels"] = torch.tensor([f["labels"] for f in features])
+    grads = []
+    for batch in (padded, packed):
+        logits = classification_logits(model, batch)
+        assert logits.shape == (6, config.num_labels)
+        loss = (logits.squeeze(-1) - batch["labels"]).pow(2).mean() if regression else \
+            torch.nn.functional.cross_entropy(logits, batch["labels"])
+        model.zero_grad()
+        loss.backward()
+        grads.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=0, atol=1e-5)
+    for name in grads[0][1]:
+        torch.testing.assert_close(grads[0][1][name], grads[1][1][name], rtol=0, atol=1e-5, msg=name)

@@ -50,7 +50,7 @@ def _sentence_tokenizer():
     return _punkt
 
 
-def _pieces(text: str, limit: int = PUNKT_MAX_CHARS) -> Iterator[str]:
+def text_pieces(text: str, limit: int = PUNKT_MAX_CHARS) -> Iterator[str]:
     """Cut ``text`` into pieces of at most ``limit`` characters, preferring spaces."""
     while len(text) > limit:
         cut = text.rfind(" ", limit // 2, limit)
@@ -93,7 +93,7 @@ def split_sentences(text: str) -> list[str]:
     punkt = _sentence_tokenizer()
     sentences = []
     for paragraph in split_paragraphs(text):
-        for piece in _pieces(paragraph):
+        for piece in text_pieces(paragraph):
             sentences.extend(s.strip() for s in punkt.tokenize(piece) if s.strip())
     return sentences
 

@@ -235,6 +235,7 @@ class DocumentIndex:
     unit_start: np.ndarray
     unit_end: np.ndarray
     sentence_split: str
+    fingerprint: str = ""  # changes with any file's path, size, mtime or the split settings
 
     @property
     def num_documents(self) -> int:
@@ -273,7 +274,14 @@ def build_index(files: list[str], cfg, *, cache_dir: Optional[str | os.PathLike]
     from filelock import FileLock
 
     cache = Path(cache_dir or cfg.index_cache_dir or default_cache_dir())
-    cache.mkdir(parents=True, exist_ok=True)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        probe = cache / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise DataError(f"data.index_cache_dir: cannot write the document index to {cache} ({exc.strerror or exc}); "
+                        "set data.index_cache_dir (or BERT_RECIPES_CACHE) to a writable folder") from None
     jobs = [(path, ScanSettings.for_file(path, cfg), cache) for path in files]
     corpus_key = hashlib.sha256("\n".join(cache_key(p, s) for p, s, _ in jobs).encode()).hexdigest()[:16]
     workers = num_proc or cfg.preprocessing_num_workers or min(4, os.cpu_count() or 1)
@@ -287,7 +295,9 @@ def build_index(files: list[str], cfg, *, cache_dir: Optional[str | os.PathLike]
                 scans = [_tick(scan, bar) for scan in pool.map(_scan_job, jobs, chunksize=4)]
     if bar is not None:
         bar.close()
-    return _assemble(files, scans, cfg.sentence_split)
+    index = _assemble(files, scans, cfg.sentence_split)
+    index.fingerprint = corpus_key
+    return index
 
 
 def _progress(total: int, show: Optional[bool]):

@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from ..errors import DataError
 from .collator import PretrainingCollator
 from .packing import PackedCollator
 from .stream import PretrainingStream, check_files, use_index
@@ -53,10 +54,19 @@ def build_pretraining_dataloader(cfg, tokenizer, files: list[str], *, batch_size
     # A private generator: creating the iterator must not draw from torch's global RNG
     # (which drives dropout), or a resumed run would diverge from an uninterrupted one.
     generator = torch.Generator().manual_seed(seed)
+    class PretrainingDataLoader(StatefulDataLoader):
+        def load_state_dict(self, state: dict) -> None:
+            """Raises DataError (one line) for a state saved with another number of workers."""
+            saved = state.get("_snapshot", {}).get("_main_snapshot", {}).get("_num_workers", 0) if "_snapshot" in state else 0
+            if ("_snapshot" in state) != (self.num_workers > 0) or saved != self.num_workers:
+                raise DataError(f"data.dataloader_num_workers: the saved data state is for {saved} DataLoader worker(s), "
+                                f"this run has {self.num_workers}; resume with data.dataloader_num_workers={saved}")
+            super().load_state_dict(state)
+
     with warnings.catch_warnings():  # torchdata 0.11 calls torch.set_vital, deprecated in recent torch
         warnings.filterwarnings("ignore", message=".*set_vital.*")
-        return StatefulDataLoader(stream, batch_size=batch_size, collate_fn=collator, num_workers=workers,
-                                  generator=generator)
+        return PretrainingDataLoader(stream, batch_size=batch_size, collate_fn=collator, num_workers=workers,
+                                     generator=generator)
 
 
 def build_eval_batches(cfg, tokenizer, files: list[str], *, batch_size: int, seed: int, rank: int = 0,

@@ -57,9 +57,11 @@ def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int
     return rows
 
 
-def pack_rows(items: Iterator, state: dict, capacity: int, window: int) -> Iterator[list]:
+def pack_rows(items: Iterator, state: dict, capacity: int, window: int, rng: np.random.Generator) -> Iterator[list]:
     """Rows of instances from ``items``: every ``window`` instances are packed by
-    :func:`first_fit_decreasing` into rows of at most ``capacity`` tokens (the rest at the end).
+    :func:`first_fit_decreasing` into rows of at most ``capacity`` tokens (the rest at the
+    end), and the rows of a window are yielded in a random order (``rng``; first fit
+    decreasing makes them longest-first, which would swing the instances per batch).
 
     ``state`` (``{"window": [...], "ready": [...]}``, plain lists) holds the instances not yet
     packed and the packed rows not yet yielded; it is updated before every yield and a
@@ -67,7 +69,8 @@ def pack_rows(items: Iterator, state: dict, capacity: int, window: int) -> Itera
     """
     def pack():
         lengths = [len(item["input_ids"]) for item in state["window"]]
-        state["ready"] = [[state["window"][i] for i in row] for row in first_fit_decreasing(lengths, capacity)]
+        rows = first_fit_decreasing(lengths, capacity)
+        state["ready"] = [[state["window"][i] for i in rows[r]] for r in rng.permutation(len(rows))]
         state["window"] = []
 
     while state["ready"]:
@@ -99,10 +102,16 @@ class PackedCollator:
         ValueError: an empty list of instances.
     """
 
-    def __init__(self, tokenizer, *, pad_to_multiple_of: int = 8, max_seq_length: Optional[int] = None):
+    # per-token keys and their padding value; per-instance keys
+    token_keys = {"input_ids": None, "token_type_ids": 0, "labels": IGNORE_INDEX}
+    instance_keys = ("next_sentence_label",)
+
+    def __init__(self, tokenizer, *, pad_to_multiple_of: int = 8, max_seq_length: Optional[int] = None,
+                 fill_rows: bool = False):
         self.pad_token_id = int(tokenizer.pad_token_id)
         self.pad_to_multiple_of = pad_to_multiple_of
         self.max_seq_length = max_seq_length
+        self.fill_rows = fill_rows  # plain instances: rows of max_seq_length, not of the batch's longest
 
     def __call__(self, items: Sequence) -> dict[str, torch.Tensor]:
         if not items:
@@ -110,8 +119,10 @@ class PackedCollator:
         if isinstance(items[0], dict):
             instances = list(items)
             lengths = [len(x["input_ids"]) for x in instances]
-            width = padded_length(max(lengths), self.pad_to_multiple_of, self.max_seq_length)
-            rows = first_fit_decreasing(lengths, width)
+            longest = self.max_seq_length if self.fill_rows and self.max_seq_length else max(lengths)
+            rows = first_fit_decreasing(lengths, padded_length(longest, self.pad_to_multiple_of, self.max_seq_length))
+            used = max(sum(lengths[i] for i in row) for row in rows)
+            width = padded_length(used, self.pad_to_multiple_of, self.max_seq_length)
         else:  # rows packed by the stream
             instances = [x for row in items for x in row]
             lengths = [len(x["input_ids"]) for x in instances]
@@ -120,22 +131,16 @@ class PackedCollator:
             longest = max(sum(lengths[i] for i in row) for row in rows)
             width = padded_length(longest, self.pad_to_multiple_of, self.max_seq_length)
         shape = (len(rows), width)
-        out = {
-            "input_ids": np.full(shape, self.pad_token_id, dtype=np.int64),
-            "token_type_ids": np.zeros(shape, dtype=np.int64),
-            "labels": np.full(shape, IGNORE_INDEX, dtype=np.int64),
-            "attention_mask": np.zeros(shape, dtype=np.int64),
-            "position_ids": np.zeros(shape, dtype=np.int64),
-            "segment_ids": np.zeros(shape, dtype=np.int64),
-        }
+        out = {key: np.full(shape, self.pad_token_id if pad is None else pad, dtype=np.int64)
+               for key, pad in self.token_keys.items()}
+        out.update({key: np.zeros(shape, dtype=np.int64) for key in ("attention_mask", "position_ids", "segment_ids")})
         cls_index = np.empty(len(instances), dtype=np.int64)
         for r, members in enumerate(rows):
             start = 0
             for segment, i in enumerate(members, start=1):
                 n, end = lengths[i], start + lengths[i]
-                out["input_ids"][r, start:end] = instances[i]["input_ids"]
-                out["token_type_ids"][r, start:end] = instances[i]["token_type_ids"]
-                out["labels"][r, start:end] = instances[i]["labels"]
+                for key in self.token_keys:
+                    out[key][r, start:end] = instances[i][key]
                 out["attention_mask"][r, start:end] = 1
                 out["position_ids"][r, start:end] = np.arange(n)
                 out["segment_ids"][r, start:end] = segment
@@ -143,8 +148,25 @@ class PackedCollator:
                 start = end
         tensors = {key: torch.from_numpy(value) for key, value in out.items()}
         tensors["cls_index"] = torch.from_numpy(cls_index)
-        tensors["next_sentence_label"] = torch.tensor([x["next_sentence_label"] for x in instances], dtype=torch.long)
+        for key in self.instance_keys:
+            if key in instances[0]:
+                tensors[key] = torch.tensor([x[key] for x in instances])  # int64, or float32 (STS-B scores)
         return tensors
+
+
+class PackedFeatureCollator(PackedCollator):
+    """:class:`PackedCollator` for fine-tuning features (``input_ids``, ``token_type_ids``,
+    optional ``attention_mask``; ``labels`` one per example, int or float): the examples of a
+    batch packed into rows of up to ``max_seq_length`` tokens (``fill_rows``: GLUE batches are
+    grouped by length, so rows of the batch's longest example would hold one example each);
+    ``labels`` ``[N]`` in the batch's order."""
+
+    def __init__(self, tokenizer, *, pad_to_multiple_of: int = 8, max_seq_length: Optional[int] = None):
+        super().__init__(tokenizer, pad_to_multiple_of=pad_to_multiple_of, max_seq_length=max_seq_length,
+                         fill_rows=True)
+
+    token_keys = {"input_ids": None, "token_type_ids": 0}
+    instance_keys = ("labels",)
 
 
 def packing_efficiency(batch: dict) -> float:
@@ -153,4 +175,4 @@ def packing_efficiency(batch: dict) -> float:
     return float(mask.sum()) / mask.numel()
 
 
-__all__ = ["PackedCollator", "first_fit_decreasing", "pack_rows", "packing_efficiency"]
+__all__ = ["PackedCollator", "PackedFeatureCollator", "first_fit_decreasing", "pack_rows", "packing_efficiency"]

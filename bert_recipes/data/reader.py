@@ -29,13 +29,15 @@ from typing import Optional
 import numpy as np
 
 from ..errors import DataError
-from .corpus import file_kind, split_sentences
+from .corpus import file_kind, split_sentences, text_pieces
 from .index import DocumentIndex
 
 _OPEN_FILES = 64
 # English WordPiece: about 4-5 bytes of text per token; random-next B reads lines in runs of
 # about this many bytes per token still needed (then more if the run falls short)
 BYTES_PER_TOKEN = 5
+# sentences of a B segment are tokenized this many at a time, stopping once B is long enough
+TOKENIZE_AHEAD = 8
 
 
 def plain_backend(tokenizer):
@@ -69,8 +71,8 @@ def tokenize_sentences(tokenizer, sentences: list[str], keep_empty: bool = False
 
 def unit_sentences(text: str, sentence_split: str) -> list[str]:
     """Sentences of one unit's text: Punkt on each paragraph, or one per non-blank line."""
-    if sentence_split == "line":
-        return [" ".join(line.split()) for line in text.split("\n") if line.strip()]
+    if sentence_split == "line":  # a "sentence" longer than PUNKT_MAX_CHARS is cut at spaces, as Punkt input is
+        return [piece for line in text.split("\n") if line.strip() for piece in text_pieces(" ".join(line.split()))]
     return split_sentences(text)
 
 
@@ -217,22 +219,21 @@ class IndexedCorpus:
         unit = self._start_unit(first, last, rng)
         tokens: list[int] = []
         start_drawn = False
-        while unit < last and (not tokens or len(tokens) < target_b_length):
+        while unit < last and (not tokens or len(tokens) < target_b_length):  # at least one sentence (Google)
             end = self._read_ahead(unit, last, target_b_length - len(tokens))
-            per_unit = [unit_sentences(t, self.index.sentence_split) for t in self.unit_texts(unit, end, "random_next")]
-            flat = tokenize_sentences(self.tokenizer, [s for sentences in per_unit for s in sentences], keep_empty=True,
-                                      backend=self._backend)
-            offset = 0
-            for sentences in per_unit:
-                ids = [x for x in flat[offset : offset + len(sentences)] if x]
-                offset += len(sentences)
-                if ids and not start_drawn:
-                    ids = ids[int(rng.integers(len(ids))):]
+            for text in self.unit_texts(unit, end, "random_next"):
+                sentences = unit_sentences(text, self.index.sentence_split)
+                if not start_drawn:
+                    if not sentences:
+                        continue
+                    sentences = sentences[int(rng.integers(len(sentences))):]
                     start_drawn = True
-                for sentence in ids:
-                    tokens.extend(sentence)
-                    if len(tokens) >= target_b_length:
-                        return tokens
+                for i in range(0, len(sentences), TOKENIZE_AHEAD):  # tokenize only what B uses
+                    for sentence in tokenize_sentences(self.tokenizer, sentences[i : i + TOKENIZE_AHEAD],
+                                                       backend=self._backend):
+                        tokens.extend(sentence)
+                        if len(tokens) >= target_b_length:
+                            return tokens
             unit = end
         return tokens
 

@@ -88,9 +88,40 @@ def use_index(files: list[str], cfg) -> bool:
         return True
     if cfg.corpus_access == "index":
         raise DataError(f"data.corpus_access: index needs local uncompressed text, JSON Lines or parquet files, but "
-                        f"{problems[0]}; decompress it or use corpus_access: stream")
+                        f"{problems[0]}; decompress it / convert it to JSON Lines, or use corpus_access: stream")
     logger.info("data: streaming front to back (random-next B from a buffer of recent documents): %s", problems[0])
     return False
+
+
+def check_document_count(index, cfg, key: str, where: str) -> None:
+    """Refuse a corpus without documents, or of one document with next-sentence prediction.
+
+    Raises:
+        DataError: naming ``key`` and the fix.
+    """
+    n = index.num_documents
+    if n == 0:
+        raise DataError(f"{key}: no text to build pretraining instances from in {where} (all blank)")
+    if n == 1 and cfg.random_next_prob > 0:
+        fix = ("cut it into documents (data.document_start_regex, or data.document_split: blank_line for "
+               "blank-line separated documents)" if cfg.document_split == "file" else
+               "cut it into documents (data.document_start_regex) or add documents")
+        raise DataError(f"{key}: the corpus is one document, so next-sentence prediction has no other document for "
+                        f"random-next B segments; {fix}, or set data.random_next_prob=0 (IsNext pairs only)")
+
+
+def check_corpus(cfg, files: list[str], key: str = "data.train_files") -> None:
+    """The checks a :class:`PretrainingStream` makes before reading, without a tokenizer (a
+    preflight): files present and not all empty, the index buildable (it is cached for the
+    run), more than one document for NSP.
+
+    Raises:
+        DataError: naming ``key``, the file and the fix.
+    """
+    check_files(files, cfg, key)
+    if use_index(files, cfg):
+        index = build_index(files, cfg, show_progress=False)
+        check_document_count(index, cfg, key, f"{len(files)} file(s)")
 
 
 class PretrainingStream(torch.utils.data.IterableDataset):
@@ -151,16 +182,9 @@ class PretrainingStream(torch.utils.data.IterableDataset):
 
     def _check_index(self, index) -> None:
         """One-document corpora and single-sentence documents, reported before training."""
-        n = index.num_documents
-        if n == 0:
-            raise DataError(f"{self.key}: no text to build pretraining instances from in {self._where()} (all blank)")
-        if n == 1 and self.cfg.random_next_prob > 0:
-            raise DataError(
-                f"{self.key}: the corpus is one document, so next-sentence prediction has no other document for "
-                "random-next B segments; split it (data.document_split: blank_line, data.document_start_regex) "
-                "or add documents, or set data.random_next_prob=0 (IsNext pairs only)"
-            )
+        check_document_count(index, self.cfg, self.key, self._where())
         if index.sentence_split == "line" and self.rank == 0:
+            n = index.num_documents
             self._warn_single_sentence(index.single_unit_documents(), n, f"{n} documents in the corpus")
 
     # ------------------------------------------------------------------ sharding
@@ -179,6 +203,10 @@ class PretrainingStream(torch.utils.data.IterableDataset):
             return None
         worker, workers = self._worker()
         return self.max_samples // workers + (1 if worker < self.max_samples % workers else 0)
+
+    def _fingerprint(self) -> Optional[str]:
+        """The indexed corpus's identity (its files' cache keys), or None for a streamed source."""
+        return self.corpus.index.fingerprint if self.corpus is not None else None
 
     def document_files(self) -> np.ndarray:
         """int ``[N]``: the file (position in ``files``) of each document id (indexed corpora)."""
@@ -216,6 +244,7 @@ class PretrainingStream(torch.utils.data.IterableDataset):
         return {
             "version": STATE_VERSION,
             "access": "index" if self.corpus is not None else "stream",
+            "corpus": self._fingerprint(),
             "shard": st.shard,
             "num_shards": st.num_shards,
             "epoch": st.epoch,
@@ -237,6 +266,10 @@ class PretrainingStream(torch.utils.data.IterableDataset):
             raise DataError(f"data state: unsupported version {state.get('version')!r} (expected {STATE_VERSION}); "
                             "it was saved by another version of bert-recipes")
         access = "index" if self.corpus is not None else "stream"
+        if "epoch" in state and state.get("corpus") not in (None, self._fingerprint()):
+            raise DataError(f"{self.key}: the corpus differs from the one this data state was saved on (files, their "
+                            "contents or data.document_split/sentence_split changed); resume with the same data, or "
+                            "start a new run (overwrite=true or another output_dir)")
         if "epoch" in state and state["access"] != access:
             raise DataError(f"data.corpus_access: the saved data state was read with corpus_access {state['access']}, "
                             f"this run uses {access}; resume with the same data settings")
@@ -255,7 +288,7 @@ class PretrainingStream(torch.utils.data.IterableDataset):
         self._live = st  # set eagerly: torchdata snapshots the state before the first item
         instances = self._shuffled(st, self._limit())
         if self.cfg.packing:  # rows of instances (see packing.py)
-            return pack_rows(instances, st.packer, self.cfg.max_seq_length, self.cfg.packing_window)
+            return pack_rows(instances, st.packer, self.cfg.max_seq_length, self.cfg.packing_window, st.rng)
         return instances
 
     def _shuffled(self, st: _StreamState, limit: Optional[int]) -> Iterator[dict]:
@@ -368,4 +401,4 @@ class PretrainingStream(torch.utils.data.IterableDataset):
             )
 
 
-__all__ = ["PretrainingStream", "check_files", "use_index"]
+__all__ = ["PretrainingStream", "check_corpus", "check_document_count", "check_files", "use_index"]

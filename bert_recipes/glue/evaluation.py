@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..atomic import write_json
-from ..modeling import load_pretrained
+from ..modeling import classification_logits, load_pretrained
 from ..training.accelerator import in_lockstep
 from ..training.reporting import progress
 from .batching import collate_batch
@@ -55,7 +55,7 @@ def predict(accelerator, model, dataset, collator, batch_size: int) -> np.ndarra
                           main=accelerator.is_main_process, leave=False)
     for indices, real in in_lockstep(accelerator, my_batches, lambda: batches[0]):
         with accelerator.autocast():
-            logits = unwrapped(**collate_batch(features, indices, collator, accelerator.device)).logits
+            logits = classification_logits(unwrapped, collate_batch(features, indices, collator, accelerator.device))
         if real:
             mine.extend(zip(indices.tolist(), logits.float().cpu().numpy()))
     unwrapped.train(was_training)

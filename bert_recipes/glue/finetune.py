@@ -40,7 +40,8 @@ from ..atomic import write_json
 from ..errors import UserError
 from ..export import export_finetuned
 from ..hub import local_or_hub
-from ..modeling import load_config
+from ..data.packing import PackedFeatureCollator
+from ..modeling import classification_logits, load_config
 from ..recipe import save_recipe
 from ..tokenizer import recipe_tokenizer
 from ..training.accelerator import check_launch, launch_state, make_accelerator, start_trackers
@@ -156,7 +157,11 @@ def build(checked: Checked) -> tuple[Run, "FinetuneJob"]:
                 plan.steps_per_epoch, total_steps)
     reporter = Reporter(accelerator, out, total_steps, initial_step=state.step, desc=f"finetune {task.name}")
     run = Run(accelerator, model, optimizer, scheduler, recipe, out, state, reporter)
-    collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=recipe.data.pad_to_multiple_of, return_tensors="pt")
+    if recipe.data.packing:
+        collator = PackedFeatureCollator(tokenizer, pad_to_multiple_of=recipe.data.pad_to_multiple_of,
+                                         max_seq_length=recipe.data.max_seq_length)
+    else:
+        collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=recipe.data.pad_to_multiple_of, return_tensors="pt")
     return run, FinetuneJob(run, task, tokenizer, splits, collator, plan, total_steps)
 
 
@@ -180,9 +185,9 @@ class FinetuneJob:
         return {"examples": torch.tensor(len(batch["labels"]), device=self.device)}
 
     def forward(self, model, batch: dict) -> dict[str, torch.Tensor]:
-        inputs = {key: value for key, value in batch.items() if key != "labels"}
         mask = batch["attention_mask"]
-        return {"loss_sum": loss_sum(model(**inputs).logits, batch["labels"], self.task),
+        logits = classification_logits(model, batch, self.run.accelerator.unwrap_model)
+        return {"loss_sum": loss_sum(logits, batch["labels"], self.task),
                 "examples": torch.tensor(len(batch["labels"]), device=self.device),
                 "tokens": mask.sum(), "padded_tokens": torch.tensor(mask.numel(), device=self.device)}
 

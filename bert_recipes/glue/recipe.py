@@ -38,6 +38,7 @@ class FinetuneDataConfig(Strict):
     glue_dir: Optional[str] = None  # the original GLUE TSV layout; None = the Hub's nyu-mll/glue
     max_seq_length: int = Field(128, ge=8)
     pad_to_multiple_of: int = Field(8, ge=1)
+    packing: bool = False  # several examples per row of max_seq_length (bert_recipes.data.packing)
     group_by_length: bool = True  # batches of similar lengths: less padding
     max_train_samples: Optional[int] = Field(None, ge=1)  # the first N training examples
     max_eval_samples: Optional[int] = Field(None, ge=1)  # the first N examples of each dev split

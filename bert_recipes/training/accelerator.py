@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from .precision import describe_device, resolve_precision
 from .reporting import trackers_for
 
 logger = logging.getLogger("bert_recipes")
@@ -30,8 +31,9 @@ def launch_state():
 
 
 def make_accelerator(recipe):
-    """An ``Accelerator`` for the recipe's ``precision`` and ``report_to`` (trackers not yet
-    started: :func:`start_trackers` does that once the output directory is ready).
+    """An ``Accelerator`` for the recipe's ``precision`` (``auto`` resolved for this device by
+    :func:`~bert_recipes.training.precision.resolve_precision` and logged) and ``report_to``
+    (trackers not yet started: :func:`start_trackers` does that once the output directory is ready).
 
     Raises:
         UserError: the Accelerate config asks for FSDP version 1.
@@ -39,16 +41,19 @@ def make_accelerator(recipe):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
+    device_type = launch_state().device.type
+    precision = resolve_precision(recipe.precision, device_type)
     accelerator = Accelerator(
         cpu=_ranks_without_accelerator(),
-        mixed_precision=recipe.precision,
+        mixed_precision=precision,
         log_with=trackers_for(recipe.report_to) or None,
         project_config=ProjectConfiguration(project_dir=recipe.output_dir, logging_dir=str(Path(recipe.output_dir) / "logs")),
     )
     check_fsdp_version(accelerator)
     if accelerator.is_main_process:
-        logger.info("accelerate: %s, %d process(es), device %s, mixed precision %s", accelerator.distributed_type.value,
-                    accelerator.num_processes, accelerator.device.type, accelerator.mixed_precision)
+        chosen = f" (precision: auto on {describe_device(device_type)})" if recipe.precision == "auto" else ""
+        logger.info("accelerate: %s, %d process(es), device %s, mixed precision %s%s", accelerator.distributed_type.value,
+                    accelerator.num_processes, accelerator.device.type, accelerator.mixed_precision, chosen)
     return accelerator
 
 

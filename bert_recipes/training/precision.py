@@ -53,11 +53,12 @@ def resolve_precision(requested: str, device_type: str, *, cuda_bf16: Optional[b
     return "no"
 
 
-def default_device_type(use_cpu: bool = False) -> str:
-    """``cuda`` when a GPU is visible (and ``use_cpu`` is not set), else ``cpu``."""
-    import torch
+def describe_device(device_type: str) -> str:
+    """What :func:`resolve_precision` looked at, for the log: ``CPU with avx512_bf16``, ``cuda``."""
+    if device_type != "cpu":
+        return device_type
+    fast = [flag for flag in FAST_BF16_CPU_FLAGS if flag in cpu_flags()]
+    return f"CPU with {', '.join(fast)}" if fast else "CPU without AMX / AVX512-BF16"
 
-    return "cuda" if torch.cuda.is_available() and not use_cpu else "cpu"
 
-
-__all__ = ["FAST_BF16_CPU_FLAGS", "cpu_flags", "default_device_type", "resolve_precision"]
+__all__ = ["FAST_BF16_CPU_FLAGS", "cpu_flags", "describe_device", "resolve_precision"]
