@@ -46,7 +46,9 @@ from common import (REPO, alternate, bert_base_uncased_path, default_out, machin
                     stock_optimizer, stock_optimizer_spec, stock_update, write_json)
 
 from bert_recipes.glue.data import load_glue_split, tokenize_glue  # noqa: E402
+from bert_recipes.data.packing import PackedFeatureCollator  # noqa: E402
 from bert_recipes.glue.batching import BatchPlan, collate_batch  # noqa: E402
+from bert_recipes.modeling import classification_logits  # noqa: E402
 from bert_recipes.glue.classifier import build_classifier  # noqa: E402
 from bert_recipes.glue.finetune import FinetuneJob  # noqa: E402
 from bert_recipes.glue.recipe import load_finetune_recipe  # noqa: E402
@@ -120,6 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--stock-attn", choices=("default", "eager", "sdpa"), default="default")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads for both (default: torch's; 1 is steadier on a loaded machine)")
+    parser.add_argument("--packing", action="store_true", help="ours packs examples into rows (data.packing)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=default_out("finetune_vs_stock.json"))
     args = parser.parse_args(argv)
@@ -154,7 +157,11 @@ def main(argv: list[str] | None = None) -> dict:
     stock = BertForSequenceClassification(stock_config(model.config, args.stock_attn)).to(device)
     stock.load_state_dict(model.state_dict())
 
-    collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=recipe.data.pad_to_multiple_of, return_tensors="pt")
+    if args.packing:  # ours packs each batch's examples into rows of max_seq_length (data.packing)
+        collator = PackedFeatureCollator(tokenizer, pad_to_multiple_of=recipe.data.pad_to_multiple_of,
+                                         max_seq_length=recipe.data.max_seq_length)
+    else:
+        collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=recipe.data.pad_to_multiple_of, return_tensors="pt")
     plan = BatchPlan(lengths, batch_size, 1, args.seed, group_by_length=recipe.data.group_by_length)
     ours_batches = plan.epoch_batches(0)
     generator = torch.Generator().manual_seed(args.seed)
@@ -166,8 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
     model.eval(), stock.eval()
     with torch.no_grad():
         batch = collate_batch(ours_data, first, collator, device)
-        labels = batch.pop("labels")
-        ours_loss = float(torch.nn.functional.cross_entropy(model(**batch).logits.float(), labels))
+        ours_loss = float(torch.nn.functional.cross_entropy(classification_logits(model, batch).float(), batch["labels"]))
         padded = default_data_collator([stock_data[int(i)] for i in first])
         stock_loss = float(stock(**{k: v.to(device) for k, v in padded.items()}).loss)
     model.train(), stock.train()

@@ -57,6 +57,7 @@ from common import (REPO, alternate, bert_base_uncased_path, default_corpus, def
                     stock_config, stock_optimizer, stock_optimizer_spec, stock_update, summarise, write_json)
 
 from bert_recipes.data.collator import PretrainingCollator  # noqa: E402
+from bert_recipes.data.packing import PackedCollator  # noqa: E402
 from bert_recipes.data.loader import PretrainingStream  # noqa: E402
 from bert_recipes.modeling import BertPreTrainingObjective, bert_config, training_flops_per_token  # noqa: E402
 from bert_recipes.pretrain_job import PretrainJob, to_device  # noqa: E402
@@ -200,7 +201,12 @@ def run_shape(shape: str, args, accelerator, files: list[str], optimizer_spec) -
 
     model = BertForPreTraining(bert_config(recipe, vocab)).to(device)
     stock = stock_model(model.config, args.stock_attn, model.state_dict(), device)
-    ours_collate = PretrainingCollator(tokenizer, pad_to_multiple_of=recipe.data.pad_to_multiple_of, max_seq_length=max_len)
+    if args.packing:  # each batch's instances packed into rows of max_seq_length (data.packing, in-batch)
+        ours_collate = PackedCollator(tokenizer, pad_to_multiple_of=recipe.data.pad_to_multiple_of, max_seq_length=max_len,
+                                      fill_rows=True)
+    else:
+        ours_collate = PretrainingCollator(tokenizer, pad_to_multiple_of=recipe.data.pad_to_multiple_of,
+                                           max_seq_length=max_len)
     stock_collate = stock_collator(tokenizer, max_len)
     micro = None
     if args.micro_batches > 1:
@@ -410,6 +416,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--micro-batches", type=int, default=1, metavar="K",
                         help="also time a PROPOSED variant of ours: each batch sorted by length and run as K "
                              "micro-batches of one accumulation window (same examples, less padding)")
+    parser.add_argument("--packing", action="store_true",
+                        help="ours packs each batch's instances into rows of max_seq_length (data.packing; same "
+                             "instances per step as stock)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=default_out("pretrain_vs_stock.json"))
     args = parser.parse_args(argv)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .data.loader import build_pretraining_dataloader
-from .data.stream import check_corpus
+from .data.checks import check_corpus
 from .errors import UserError
 from .export import export_pretrained
 from .hub import local_or_hub

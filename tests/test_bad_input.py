@@ -94,3 +94,27 @@ def test_a_missing_local_model_folder_fails_at_once(tmp_path, capsys, monkeypatc
                                   "config.json, e.g. runs/tiny/final from `make pretrain`, or a Hub id such as "
                                   "google-bert/bert-base-uncased)")
     assert not (tmp_path / "out").exists()
+
+
+def test_bad_data_is_refused_before_overwrite_deletes_the_old_run(tmp_path, capsys):
+    """tiny.yaml has overwrite: true; a data mistake must fail in the preflight, not after
+    the old run is gone."""
+    run = tmp_path / "run"
+    (run / "checkpoints" / "checkpoint-00000002").mkdir(parents=True)
+    (run / "final").mkdir()
+    (run / "final" / "model.safetensors").write_bytes(b"weights")
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    (run / "recipe.yaml").write_text("seed: 1\n")
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    one = tmp_path / "one.txt"
+    one.write_text(" ".join(f"Sentence {i} about the harbour." for i in range(40)) + "\n")
+    for extra in ({"data.train_files": f"[{one}]", "data.document_split": "file"},
+                  {"data.eval_files": f"[{one}]", "data.document_split": "file"},
+                  {"data.index_cache_dir": str(one)}):  # a file, not a folder
+        values = {"data.train_files": "[" + ",".join(SAMPLE_TRAIN) + "]", **extra}
+        assert pretrain(tmp_path, [], **values) == 2
+        err = error_line(capsys)
+        assert err.startswith(("error: data.train_files: the corpus is one document", "error: data.eval_files: the corpus",
+                               "error: data.index_cache_dir: cannot write")), err
+        assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+        assert (run / "final" / "model.safetensors").read_bytes() == b"weights"

@@ -350,3 +350,31 @@ def test_wikitext_articles_stream(corpus_dir, gutenberg_tokenizer):  # noqa: F81
     assert len(items) == 300
     for item in items:
         check_instance(item, gutenberg_tokenizer, 128)
+
+
+def test_resume_refuses_a_changed_corpus_and_another_worker_count(tmp_path, vocab_tokenizer):  # noqa: F811
+    files, _ = corpus(tmp_path)
+    c = cfg(files)
+    loader = build_pretraining_dataloader(c, vocab_tokenizer, files, batch_size=2, seed=0)
+    iterator = iter(loader)
+    next(iterator)
+    state = state_roundtrip(loader.state_dict())
+    with open(files[0], "a", encoding="utf-8") as f:  # the corpus changes under the run
+        f.write("\n\nDakoko darara dakoko.\n")
+    changed = build_pretraining_dataloader(c, vocab_tokenizer, files, batch_size=2, seed=0)
+    changed.load_state_dict(state)
+    with pytest.raises(DataError, match=r"^data.train_files: the corpus differs from the one this data state"):
+        next(iter(changed))
+    other = build_pretraining_dataloader(c, vocab_tokenizer, files, batch_size=2, seed=0, num_workers=2)
+    with pytest.raises(DataError, match=r"^data.dataloader_num_workers: the saved data state is for 0 DataLoader"):
+        other.load_state_dict(state)
+
+
+def test_a_huge_google_format_line_is_cut_like_punkt_input(tmp_path, vocab_tokenizer):  # noqa: F811
+    rng = random.Random(7)
+    huge = " ".join(rng.choice(["dakoko", "darara", "dakomi"]) for _ in range(300_000)) + "."  # 2 MB, one line
+    path = tmp_path / "google.txt"
+    path.write_text(huge + "\n\n" + "\n".join(make_doc(1, 8, 6, rng)) + "\n", encoding="utf-8")
+    c = cfg([str(path)], sentence_split="line", max_seq_length=128, max_predictions_per_seq=20)
+    items = take(PretrainingStream(c, vocab_tokenizer, [str(path)], seed=0), 200)
+    assert len(items) == 200 and all(len(x["input_ids"]) <= 128 for x in items)

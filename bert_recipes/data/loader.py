@@ -16,7 +16,8 @@ import torch
 from ..errors import DataError
 from .collator import PretrainingCollator
 from .packing import PackedCollator
-from .stream import PretrainingStream, check_files, use_index
+from .checks import check_files, use_index
+from .stream import PretrainingStream
 
 
 def make_collator(cfg, tokenizer):
