@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Issue 4 on a GPU, in one go (about 5-8 minutes on an H100/H200):
+# Issues 4 and 14 on a GPU, in one go (about 6-10 minutes on an H100/H200):
 #   bert-base shape, seq 128, bf16 autocast: sequences/s, MFU (peak from
 #   bert_recipes/training/throughput.py: 989 TFLOP/s dense bf16 for H100 SXM / H200; goal >= 45%),
 #   and the A/B ratio ours vs the stock transformers pipeline (benchmarks/pretrain_vs_stock.py),
-#   once eager and once with train.torch_compile (ours compiled; stock never is).
+#   once eager, once with padding-free packed batches (--packing, issue 14) and once with
+#   train.torch_compile (ours compiled; stock never is).
 #
 #   benchmarks/gpu.sh                  # on the GPU machine, from anywhere in the checkout
 #   SMOKE=1 benchmarks/gpu.sh          # the eager run with batch 2 and 2 steps per variant on the CPU (a test)
@@ -77,6 +78,7 @@ run() {  # $1 = name, rest = extra arguments of pretrain_vs_stock.py
 }
 
 run eager
+run packed --packing --no-optimizer-bench   # issue 14: each batch packed into rows of 128 (same instances)
 if [ "$SMOKE" = 1 ]; then
   say "SMOKE: the compiled run is skipped (Inductor on a CPU takes minutes for bert-base)"
 else
@@ -87,7 +89,7 @@ fi
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
-for name in ("eager", "compiled"):
+for name in ("eager", "packed", "compiled"):
     path = out / f"gpu_pretrain_vs_stock_{name}.json"
     if not path.is_file():
         print(f"{name}: no result ({path} missing)")
