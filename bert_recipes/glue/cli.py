@@ -95,7 +95,7 @@ def cmd_glue(args) -> int:
     args = rest.parse_intermixed_args(args.overrides, namespace=argparse.Namespace(recipe=args.recipe))
     quiet_libraries()
     tasks = parse_tasks(args.tasks)
-    if args.predict_test:
+    if args.predict_test and PartialState().is_main_process:
         warn_incomplete_submission(tasks)
     summary = run_glue(args.recipe, tasks, args.overrides, predict_test=args.predict_test)
     if not PartialState().is_main_process:
