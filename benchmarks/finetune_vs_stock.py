@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
     def ours_steps(count: int) -> None:
         """The next ``count`` steps of ``order`` through the real loop."""
         job.total_steps = run.state.step + count
-        loop.train(job, run)
+        loop.train(job, run, checkpoint_at_end=False)
 
     def stock_step(batch) -> tuple[int, int]:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}

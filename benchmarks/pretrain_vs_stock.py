@@ -167,7 +167,7 @@ class OursTrainer:
         loop's logged record of the chunk (loss, sequences/s, MFU, ...)."""
         self.job.batches = (self.collate(part) for instances in chunk for part in self.micro_batches_of(instances))
         self.job.total_steps = self.run.state.step + len(chunk)
-        train(self.job, self.run)
+        train(self.job, self.run, checkpoint_at_end=False)
         return self.reporter.records[-1]
 
     def step(self, instances: list[dict]) -> dict:

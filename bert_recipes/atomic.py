@@ -41,3 +41,13 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 def write_json(path: str | os.PathLike, data, indent: int = 1) -> Path:
     """Write ``data`` as JSON to ``path`` atomically; return the path."""
     return write_text(path, json.dumps(data, indent=indent))
+
+
+def make_readable(directory: str | os.PathLike) -> None:
+    """Give every file under ``directory`` the mode a plain ``open`` would (0644 under the
+    usual umask): safetensors writes weights through a private temporary file (0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in Path(directory).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, 0o666 & ~mask)

@@ -34,16 +34,33 @@ def _setup_environment() -> None:
 
 
 def _setup_logging() -> None:
+    """Python logging only: importing transformers here would delay every recipe error by a
+    second (see :func:`quiet_libraries`, called once the recipe is valid)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("bert_recipes").setLevel(logging.INFO)
-    for noisy in ("transformers", "datasets", "accelerate", "torch"):
+    for noisy in ("transformers", "datasets", "accelerate", "torch", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def quiet_libraries() -> None:
+    """transformers/datasets: errors only, and no progress bars ("Writing model shards",
+    tokenisation, loading) unless stderr is a terminal. Called by each command after its
+    recipe has been validated, so a recipe error never waits for these imports."""
     try:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
+        if not sys.stderr.isatty():
+            hf_logging.disable_progress_bar()
     except ImportError:  # pragma: no cover
         pass
+    if not sys.stderr.isatty():
+        try:
+            import datasets
+
+            datasets.disable_progress_bars()
+        except ImportError:  # pragma: no cover
+            pass
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--vocab-size", type=int, default=30522)
     t.add_argument("--min-frequency", type=int, default=2)
     t.add_argument("--cased", action="store_true", help="keep case and accents")
+    t.add_argument("--model-max-length", type=int, default=512,
+                   help="the length truncation=True cuts at: the model's max_position_embeddings (default 512)")
 
     _add_optional_commands(sub)
     return parser
@@ -115,10 +134,12 @@ def _guess_schema(path: str, kind: str | None):
 
 
 def cmd_pretrain(args) -> int:
-    from .pretrain import pretrain
     from .recipe import load_recipe
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = load_recipe(args.recipe, args.overrides)  # before torch and transformers are imported
+    quiet_libraries()
+    from .pretrain import pretrain
+
     if args.push_to_hub:
         from .hub import check_push_target
 
@@ -154,6 +175,7 @@ def cmd_inspect(args) -> int:
     if args.world_size < 1 or not 0 <= args.rank < args.world_size:
         raise UserError(f"--rank/--world-size: expected 0 <= rank < world size, got rank {args.rank} of {args.world_size}")
     recipe = load_recipe(args.recipe, args.overrides)
+    quiet_libraries()
     count = write_batches(recipe, args.batches, args.out, rank=args.rank, world_size=args.world_size, text=args.text)
     print(f"wrote {count} examples from {args.batches} batches to {args.out}")
     return 0
@@ -196,9 +218,12 @@ def cmd_tokenizer(args) -> int:
     if args.tokenizer_command != "train":
         raise UserError("tokenizer: expected an action, e.g. 'bert-recipes tokenizer train FILES --out DIR'")
     files = expand_files(args.files, "files")
+    if args.model_max_length < 1:
+        raise UserError(f"--model-max-length: expected a positive integer, got {args.model_max_length}")
     tokenizer = train_wordpiece(files, vocab_size=args.vocab_size, min_frequency=args.min_frequency,
-                                lowercase=not args.cased, show_progress=sys.stderr.isatty())
-    out = save_tokenizer(tokenizer, args.out)
+                                lowercase=not args.cased, show_progress=sys.stderr.isatty(),
+                                model_max_length=args.model_max_length, key="files")
+    out = save_tokenizer(tokenizer, args.out, model_max_length=args.model_max_length)
     print(f"tokenizer with {len(tokenizer)} tokens saved to {out}")
     return 0
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from .atomic import write_json, write_text
+from .atomic import make_readable, write_json, write_text
 from .recipe_files import save_recipe
 
 
@@ -113,6 +113,7 @@ def _write_export(model, tokenizer, recipe, directory: str | os.PathLike, card: 
     save_recipe(recipe, tmp)
     write_text(tmp / "README.md", card)
     write_json(tmp / "eval_results.json", eval_results)
+    make_readable(tmp)
     if directory.exists():
         shutil.rmtree(directory)
     os.replace(tmp, directory)

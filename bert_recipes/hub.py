@@ -23,6 +23,74 @@ def _offline() -> bool:
     return env or bool(constants.HF_HUB_OFFLINE)
 
 
+_REACHABLE: dict[str, bool] = {}
+
+
+def ensure_hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hub can be reached; when it cannot, switch this process to offline mode.
+
+    One TCP connection to the Hub endpoint (``timeout`` seconds, answered at once when DNS
+    fails). Unreachable: ``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE`` are set (and the loaded
+    libraries' flags), so loads use the local cache only and fail at once with one line,
+    instead of minutes of retries printed twice. Cached per process; does nothing (False)
+    when already offline.
+    """
+    if _offline():
+        return False
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme != "http" else 80)
+    if host not in _REACHABLE:
+        import socket
+
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            _REACHABLE[host] = True
+        except OSError:
+            _REACHABLE[host] = False
+    if not _REACHABLE[host]:
+        go_offline()
+    return _REACHABLE[host]
+
+
+def go_offline() -> None:
+    """Offline mode for the Hub libraries in this process (cache only, no retries)."""
+    import sys
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    from huggingface_hub import constants
+
+    constants.HF_HUB_OFFLINE = True
+    datasets_config = sys.modules.get("datasets.config")
+    if datasets_config is not None:
+        for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+            if hasattr(datasets_config, name):
+                setattr(datasets_config, name, True)
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
+
+
+def check_local_folder(path: str, key: str, needs: str = "model") -> None:
+    """A local ``name_or_path`` folder must hold what it is loaded for: ``config.json`` for a
+    model, ``tokenizer.json``/``vocab.txt``/``tokenizer_config.json`` for a tokenizer.
+
+    Raises:
+        UserError: one line naming the key, the folder, what it lacks and the fix.
+    """
+    wanted = ("config.json",) if needs == "model" else _TOKENIZER_FILES
+    if any(os.path.isfile(os.path.join(path, name)) for name in wanted):
+        return
+    held = sorted(os.listdir(path))
+    what = "is empty" if not held else f"has no {' or '.join(wanted)} (it holds {', '.join(held[:6])}{' ...' if len(held) > 6 else ''})"
+    raise UserError(f"{key}: local folder '{path}' {what}; expected a {needs} folder saved with save_pretrained, "
+                    "e.g. runs/tiny/final from `make pretrain`, or a Hub id such as google-bert/bert-base-uncased")
+
+
 def local_or_hub(name_or_path: str, key: str) -> tuple[str, bool]:
     """``(path, is_local)`` for a ``name_or_path`` value: an existing folder, or a Hub id.
 
@@ -52,15 +120,31 @@ def load_local_or_hub(loader, name_or_path: str, key: str, *, what: str = "", **
     """``loader(path, local_files_only=..., **kwargs)`` (a ``from_pretrained``) on a local
     folder or a Hub id, see :func:`local_or_hub`.
 
+    A Hub id is tried once: when the Hub is unreachable the process goes offline first
+    (:func:`ensure_hub_reachable`), so an id not in the cache fails at once.
+
     Raises:
-        UserError: one line, ``{key}: cannot load {what}local folder|Hub id '...': <reason>``.
+        UserError: one line, ``{key}: cannot load {what}local folder|Hub id '...': <reason>``,
+            or a local folder without the files it is loaded for.
     """
     path, local = local_or_hub(name_or_path, key)
+    if local:
+        check_local_folder(path, key, "tokenizer" if what.startswith("tokenizer") else "model")
+    else:
+        ensure_hub_reachable()
     try:
         return loader(path, local_files_only=local, **kwargs)
     except (OSError, ValueError) as exc:
-        where = "local folder" if local else "Hub id (offline, or no such repository?)"
-        raise UserError(f"{key}: cannot load {what}{where} '{name_or_path}': {first_line(exc)}") from None
+        if local:
+            where = "local folder"
+        elif _offline():
+            where = "Hub id (not in the local cache, and the Hub is offline or unreachable)"
+        else:
+            where = "Hub id (no such repository, or no access?)"
+        reason = " ".join(str(exc).split())  # transformers' messages span lines; keep all of it on one
+        if len(reason) > 300:
+            reason = reason[:297] + "..."
+        raise UserError(f"{key}: cannot load {what}{where} '{name_or_path}': {reason}") from None
 
 
 def check_push_target(repo_id: str, token: str | None = None, key: str = "--push-to-hub") -> None:

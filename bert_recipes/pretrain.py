@@ -14,14 +14,15 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .data.loader import build_pretraining_dataloader
 from .data.checks import check_corpus
+from .data.loader import build_pretraining_dataloader
 from .errors import UserError
 from .export import export_pretrained
-from .hub import local_or_hub
+from .hub import check_local_folder, ensure_hub_reachable, local_or_hub
 from .modeling import BertPreTrainingObjective, build_pretraining_model, load_config
 from .pretrain_job import PretrainJob, eval_batches, evaluate
 from .recipe import PretrainRecipe, expand_files, save_recipe
@@ -31,7 +32,8 @@ from .training.checkpoint import TrainerState, find_resume_checkpoint, load_chec
 from .training.loop import Run, train
 from .training.optim import build_optimizer, build_scheduler
 from .training.outdir import check_output_dir, prepare_output_dir
-from .training.plan import Resolved, resolve
+from .training.plan import Resolved, log_plan, resolve
+from .training.resume import ResumePoint, check_resume, refuse_retraining_export, reschedule
 from .training.reporting import Reporter, interactive
 from .training.throughput import peak_flops_per_second
 
@@ -47,16 +49,28 @@ class Checked:
     eval_files: list[str]
     resume: Path | None
     doomed: list[str]
+    point: ResumePoint | None = None
+    complete: bool = False
 
 
 def pretrain(recipe: PretrainRecipe) -> Path:
     """Run a pretraining recipe; return the export folder ``output_dir/final``.
 
+    With ``resume_from`` on a run that is complete (its last checkpoint is at
+    ``train.max_steps`` and ``final/`` exists) nothing is touched: it logs so and returns
+    ``final/``.
+
     Raises:
-        UserError: bad files, an occupied output_dir, an unloadable checkpoint, ...
+        UserError: bad files, an occupied output_dir, an unloadable checkpoint, a changed
+            schedule on resume, ...
         RunStopped: stopped by SIGTERM/SIGINT after saving a checkpoint.
     """
     checked = preflight(recipe)
+    if checked.complete:
+        final = Path(recipe.output_dir) / "final"
+        logger.info("%s: the run is complete (step %d = train.max_steps); nothing to do: raise train.max_steps "
+                    "to continue it", recipe.output_dir, checked.point.step)
+        return final
     run, job = build(checked)
     train(job, run)
     return export(run, job)
@@ -68,10 +82,15 @@ def preflight(recipe: PretrainRecipe) -> Checked:
     Raises:
         UserError: a missing model/tokenizer folder or data file, ``data.max_seq_length``
             beyond the checkpoint's positions, DeepSpeed with accumulation, an indivisible
-            ``global_batch_size``, an occupied ``output_dir``, an incomplete ``resume_from``.
+            ``global_batch_size``, an occupied ``output_dir``, an incomplete ``resume_from``,
+            ``resume_from`` on an export without a checkpoint, a changed schedule on resume.
     """
     for key, source in recipe.reads().items():
-        local_or_hub(source, key)
+        path, local = local_or_hub(source, key)
+        if local:
+            check_local_folder(path, key, "tokenizer" if key.startswith("tokenizer") else "model")
+    if recipe.data.dataset_name and not recipe.data.dataset_name.startswith((".", "/", "~")):
+        ensure_hub_reachable()  # unreachable: offline at once (cache only), not minutes of retries
     if recipe.model.name_or_path:
         positions = load_config(recipe.model.name_or_path, recipe.model.trust_remote_code).max_position_embeddings
         if recipe.data.max_seq_length > positions:
@@ -79,15 +98,39 @@ def preflight(recipe: PretrainRecipe) -> Checked:
                             f"max_position_embeddings ({positions})")
     train_files = expand_files(recipe.data.train_files, "data.train_files")
     eval_files = expand_files(recipe.data.eval_files, "data.eval_files")
+    if train_files:
+        check_has_text(train_files, "data.train_files")
     check_corpus(recipe.data, train_files, "data.train_files")  # builds the (cached) index: before any deletion
     if eval_files:
         check_corpus(recipe.data, eval_files, "data.eval_files")
     state = launch_state()
-    plan = resolve(recipe, state.num_processes, log=state.is_main_process)
+    plan = resolve(recipe, state.num_processes, log=False)  # logged by build: errors come alone
     check_launch(recipe, plan.accumulation)
     doomed = check_output_dir(recipe)
     resume = find_resume_checkpoint(recipe.resume_from, Path(recipe.output_dir) / "checkpoints") if recipe.resume_from else None
-    return Checked(plan, train_files, eval_files, resume, doomed)
+    final = Path(recipe.output_dir) / "final"
+    if recipe.resume_from and resume is None:
+        refuse_retraining_export(final)
+    point = check_resume(recipe, resume) if resume is not None else None
+    complete = point is not None and point.step == recipe.train.max_steps and (final / "config.json").is_file()
+    return Checked(plan, train_files, eval_files, resume, doomed, point, complete)
+
+
+def check_has_text(files: list[str], key: str) -> None:
+    """At least one of ``files`` holds a non-blank character (reads up to the first one).
+
+    Raises:
+        UserError: every file is empty or blank.
+    """
+    for path in files:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 16), b""):
+                if block.strip():
+                    return
+    if all(os.path.getsize(path) == 0 for path in files):  # the wording of the data stream's own check
+        raise UserError(f"{key}: all {len(files)} file(s) are empty (e.g. {files[0]})")
+    shown = f"'{files[0]}'" + (f" and {len(files) - 1} more" if len(files) > 1 else "")
+    raise UserError(f"{key}: {shown} hold no text (only blank lines); add text or point {key} at other files")
 
 
 def build(checked: Checked) -> tuple[Run, PretrainJob]:
@@ -96,10 +139,12 @@ def build(checked: Checked) -> tuple[Run, PretrainJob]:
 
     recipe = checked.plan.recipe
     accelerator = make_accelerator(recipe)
+    if accelerator.is_main_process:
+        log_plan(checked.plan)
     set_seed(recipe.seed)
     out = prepare_output_dir(recipe, accelerator, checked.doomed)
     start_trackers(accelerator, recipe)
-    tokenizer = prepare_tokenizer(recipe, out, accelerator, checked.train_files)
+    tokenizer = prepare_tokenizer(recipe, out, accelerator, checked.train_files, resumed=checked.resume is not None)
     if accelerator.is_main_process:
         save_recipe(recipe, out)
     model = build_pretraining_model(recipe, tokenizer)
@@ -119,6 +164,10 @@ def build(checked: Checked) -> tuple[Run, PretrainJob]:
         if data_state is not None:
             loader.load_state_dict(data_state)
         logger.info("resumed from %s at step %d", checked.resume, state.step)
+        if checked.point.changed:
+            before = scheduler.get_last_lr()[0]
+            reschedule(scheduler, recipe.train.learning_rate)
+            logger.warning("%s; lr %.3g -> %.3g", checked.point.note(), before, scheduler.get_last_lr()[0])
     has_eval = bool(checked.eval_files) or bool(recipe.data.dataset_name and recipe.data.eval_dataset_split)
     evaluator = (lambda: evaluate(accelerator, objective, *eval_batches(recipe, tokenizer, checked.eval_files, accelerator),
                                   tokenizer)) if has_eval else None
@@ -146,11 +195,13 @@ def export(run: Run, job: PretrainJob) -> Path:
     return final
 
 
-def prepare_tokenizer(recipe: PretrainRecipe, out: Path, accelerator, train_files: list[str]):
+def prepare_tokenizer(recipe: PretrainRecipe, out: Path, accelerator, train_files: list[str], resumed: bool = False):
     """The run's tokenizer (see :func:`~bert_recipes.tokenizer.recipe_tokenizer`), saved in
-    ``output_dir/tokenizer`` by the main process; a resumed run reuses its saved one."""
+    ``output_dir/tokenizer`` by the main process; a run ``resumed`` from a checkpoint reuses
+    its saved one (a fresh start replaces what a failed attempt left)."""
     saved = out / "tokenizer"
-    if accelerator.is_main_process and not (recipe.resume_from and saved.is_dir()):
-        save_tokenizer(recipe_tokenizer(recipe, train_files, show_progress=interactive()), saved)
+    if accelerator.is_main_process and not (resumed and saved.is_dir()):
+        save_tokenizer(recipe_tokenizer(recipe, train_files, show_progress=interactive()), saved,
+                       model_max_length=recipe.model.config.max_position_embeddings)
     accelerator.wait_for_everyone()
     return load_tokenizer(str(saved), key="output_dir/tokenizer")

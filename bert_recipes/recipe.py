@@ -10,7 +10,9 @@ names the key and the expected type, and impossible combinations (``max_predicti
 larger than the sequence, ``hidden_size`` not divisible by ``num_attention_heads``) are
 refused before any work starts. Every error is a one-line :class:`RecipeError`.
 
-YAML is read with ``yaml.safe_load`` only.
+YAML is read with a ``yaml.SafeLoader`` with YAML 1.2 booleans (``no``/``on`` stay strings,
+:class:`~bert_recipes.recipe_files.RecipeLoader`). An error caused by a command-line
+override names that override instead of the file.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from typing import Any, ClassVar, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import RecipeError
-from .recipe_files import apply_overrides, dump_recipe, expand_files, format_error, load_raw, save_recipe
+from .recipe_files import (apply_overrides, dump_recipe, error_location, expand_files, format_error, load_raw,
+                           override_for, save_recipe)
 
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 
@@ -173,6 +176,7 @@ class TrainConfig(Strict):
     max_consecutive_nonfinite_steps: int = Field(10, ge=1)
     torch_compile: bool = False
     peak_flops: Optional[float] = Field(None, gt=0)
+    reschedule_on_resume: bool = False  # resume with changed schedule keys (see training/resume.py)
 
     def warmup_for(self, total_steps: int) -> int:
         """Warmup steps: ``warmup_steps`` when set, else ``ceil(warmup_ratio * total)``."""
@@ -257,12 +261,21 @@ class PretrainRecipe(RunConfig):
 # --------------------------------------------------------------------------- validation
 
 
-def validate(schema: type[BaseModel], raw: dict, source: str):
-    """Validate ``raw`` against ``schema``; raise a one-line :class:`RecipeError`."""
+def validate(schema: type[BaseModel], raw: dict, source: str, overrides: list[str] = ()):
+    """Validate ``raw`` against ``schema``; raise a one-line :class:`RecipeError`.
+
+    The message starts with ``source`` (the recipe file), or with ``override 'key=value'``
+    when the offending key was set by one of ``overrides``.
+
+    Raises:
+        RecipeError: the recipe is invalid.
+    """
     try:
         return schema.model_validate(raw)
     except ValidationError as err:
-        raise RecipeError(_wrong_kind(schema, raw, source) or format_error(schema, source, err)) from None
+        item = override_for(error_location(err), list(overrides))
+        where = f"override '{item}'" if item else source
+        raise RecipeError(_wrong_kind(schema, raw, source) or format_error(schema, where, err)) from None
 
 
 def is_finetuning_recipe(raw: dict) -> bool:
@@ -302,7 +315,7 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None, sch
         RecipeError: one line naming the file/key and what was expected.
     """
     raw = apply_overrides(load_raw(path), list(overrides or []))
-    return validate(schema, raw, str(path))
+    return validate(schema, raw, str(path), list(overrides or []))
 
 
 __all__ = [

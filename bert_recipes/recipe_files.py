@@ -1,8 +1,11 @@
 """Recipe files: YAML reading, ``base:`` inheritance, dotted overrides, one-line errors.
 
 Knows nothing of the recipe schemas (:mod:`bert_recipes.recipe` defines them): this is
-the file side of a recipe, from YAML text to a merged dict and back. YAML is read with
-``yaml.safe_load`` only. Every error is a one-line :class:`RecipeError`.
+the file side of a recipe, from YAML text to a merged dict and back. YAML is read with a
+``yaml.SafeLoader`` whose booleans are YAML 1.2's (only ``true``/``false``): ``no``, ``off``,
+``yes`` and ``on`` stay strings, so ``precision: no`` means the documented value ``'no'``
+(a bool key still accepts them: pydantic reads ``'yes'``/``'off'`` as booleans). Every error
+is a one-line :class:`RecipeError`.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import difflib
 import glob
 import os
+import re
 from pathlib import Path
 
 import yaml
@@ -17,6 +21,24 @@ from pydantic import BaseModel, ValidationError
 
 from .atomic import write_text
 from .errors import RecipeError
+
+_BOOL = "tag:yaml.org,2002:bool"
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` with YAML 1.2 booleans: ``true``/``false`` only (not ``no``/``on``...)."""
+
+
+RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+RecipeLoader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def parse_yaml(text: str):
+    """``text`` parsed as safe YAML with YAML 1.2 booleans (see :class:`RecipeLoader`)."""
+    return yaml.load(text, Loader=RecipeLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def read_yaml(path: Path) -> dict:
@@ -27,7 +49,7 @@ def read_yaml(path: Path) -> dict:
     except (OSError, UnicodeDecodeError) as exc:
         raise RecipeError(f"{path}: cannot read recipe ({exc.__class__.__name__})") from None
     try:
-        data = yaml.safe_load(text)
+        data = parse_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -88,7 +110,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         if not key or any(not part for part in key.split(".")):
             raise RecipeError(f"override '{item}': expected key.path=value")
         try:
-            value = yaml.safe_load(text) if text.strip() else None
+            value = parse_yaml(text) if text.strip() else None
         except yaml.YAMLError:
             raise RecipeError(f"override '{item}': value is not valid YAML") from None
         parts = key.split(".")
@@ -113,9 +135,25 @@ def valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     return keys
 
 
+def error_location(err: ValidationError) -> str:
+    """The dotted key of a validation error's first problem ('' for the whole recipe)."""
+    return ".".join(str(p) for p in err.errors()[0]["loc"])
+
+
+def override_for(loc: str, overrides: list[str]) -> str | None:
+    """The last override that set key ``loc``, a key inside it, or a section holding it."""
+    if not loc:
+        return None
+    for item in reversed(overrides):
+        key = item.partition("=")[0].strip()
+        if key == loc or loc.startswith(key + ".") or key.startswith(loc + "."):
+            return item
+    return None
+
+
 def format_error(schema: type[BaseModel], source: str, err: ValidationError) -> str:
     first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"])
+    loc = error_location(err)
     if first["type"] == "extra_forbidden":
         candidates = valid_keys(schema)
         close = difflib.get_close_matches(loc, candidates, n=1, cutoff=0.5)
@@ -176,5 +214,5 @@ def expand_files(patterns: list[str], key: str) -> list[str]:
 
 
 
-__all__ = ["apply_overrides", "deep_merge", "dump_recipe", "expand_files", "format_error", "load_raw", "read_yaml",
-           "save_recipe", "valid_keys"]
+__all__ = ["RecipeLoader", "apply_overrides", "deep_merge", "dump_recipe", "error_location", "expand_files",
+           "format_error", "load_raw", "override_for", "parse_yaml", "read_yaml", "save_recipe", "valid_keys"]

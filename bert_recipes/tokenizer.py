@@ -23,6 +23,7 @@ from .errors import UserError
 logger = logging.getLogger("bert_recipes")
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+DEFAULT_MAX_LENGTH = 512  # BERT's positions; a trained tokenizer otherwise has no limit (1e30)
 MODEL_INPUT_NAMES = ["input_ids", "token_type_ids", "attention_mask"]
 
 
@@ -42,6 +43,8 @@ def train_wordpiece(
     min_frequency: int = 2,
     lowercase: bool = True,
     show_progress: bool = False,
+    model_max_length: int = DEFAULT_MAX_LENGTH,
+    key: str = "tokenizer.train_files",
 ):
     """Train a BERT WordPiece tokenizer on text files.
 
@@ -50,6 +53,8 @@ def train_wordpiece(
         vocab_size: target vocabulary size, special tokens included.
         min_frequency: minimum count of a pair to be merged.
         lowercase: lower-case and strip accents (an "uncased" BERT).
+        model_max_length: the length ``truncation=True`` cuts at (the model's positions).
+        key: the recipe key or option that named ``files``, for the error message.
 
     Returns:
         A transformers ``BertTokenizer`` whose vocabulary starts with
@@ -76,8 +81,11 @@ def train_wordpiece(
     backend.train_from_iterator(_iter_lines(files), trainer=trainer)
     vocab = backend.get_vocab()
     if len(vocab) <= len(SPECIAL_TOKENS):
-        raise UserError(f"tokenizer.train_files: no text to train a vocabulary on in {len(files)} file(s)")
-    tokenizer = BertTokenizer(vocab=vocab, do_lower_case=lowercase, strip_accents=lowercase or None)
+        shown = f"'{files[0]}'" + (f" and {len(files) - 1} more" if len(files) > 1 else "") if files else "no files"
+        raise UserError(f"{key}: no text to train a vocabulary on in {shown} (empty or blank files); "
+                        f"add text to them or point {key} at other files")
+    tokenizer = BertTokenizer(vocab=vocab, do_lower_case=lowercase, strip_accents=lowercase or None,
+                              model_max_length=model_max_length)
     return _checked(tokenizer, "trained tokenizer")
 
 
@@ -130,17 +138,22 @@ def recipe_tokenizer(recipe, train_files: list[str] = (), *, saved: Path | None 
     from .recipe_files import expand_files
 
     spec = recipe.tokenizer
-    files = expand_files(spec.train_files, "tokenizer.train_files") if spec.train_files else list(train_files)
+    key = "tokenizer.train_files" if spec.train_files else "data.train_files"
+    files = expand_files(spec.train_files, key) if spec.train_files else list(train_files)
     if not files:
         raise UserError("tokenizer.train_files: needed to train a vocabulary when data comes from data.dataset_name")
     logger.info("training a WordPiece vocabulary of %d on %d file(s)", spec.vocab_size, len(files))
     return train_wordpiece(files, vocab_size=spec.vocab_size, min_frequency=spec.min_frequency,
-                           lowercase=spec.lowercase, show_progress=show_progress)
+                           lowercase=spec.lowercase, show_progress=show_progress,
+                           model_max_length=recipe.model.config.max_position_embeddings, key=key)
 
 
-def save_tokenizer(tokenizer, directory: str | os.PathLike) -> Path:
-    """``save_pretrained`` into ``directory`` (created)."""
+def save_tokenizer(tokenizer, directory: str | os.PathLike, model_max_length: int = DEFAULT_MAX_LENGTH) -> Path:
+    """``save_pretrained`` into ``directory`` (created); a tokenizer without a real length
+    limit (transformers' 1e30 placeholder) gets ``model_max_length``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    if not tokenizer.model_max_length or tokenizer.model_max_length > 1_000_000:
+        tokenizer.model_max_length = model_max_length
     tokenizer.save_pretrained(str(directory))
     return directory

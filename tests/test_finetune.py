@@ -335,7 +335,10 @@ def test_bad_recipes_are_one_line_errors(checkpoint, tmp_path, capsys):
     err = run_error(capsys, ["finetune", recipe, *args, f"model.name_or_path={tmp_path}/runs/tiny/final"])
     assert "not found" in err and "make pretrain" in err
     err = run_error(capsys, ["finetune", recipe, *args, f"data.glue_dir={tmp_path}/nowhere"])
-    assert "no GLUE folder 'RTE'" in err
+    assert f"data.glue_dir: folder '{tmp_path}/nowhere' not found" in err
+    (tmp_path / "glue").mkdir()
+    err = run_error(capsys, ["finetune", recipe, *args, f"data.glue_dir={tmp_path}/glue"])
+    assert f"data.glue_dir: no GLUE folder 'RTE' in {tmp_path}/glue (it holds no folders)" in err
     assert not (tmp_path / "o" / "best").exists()
 
 

@@ -231,9 +231,10 @@ def test_hub_failure_is_a_clear_data_error(monkeypatch):
     with pytest.raises(DataError) as err:
         load_glue_split("rte", "dev")  # no glue_dir -> the Hub
     assert one_line(err) == (
-        "cannot load nyu-mll/glue (config 'rte', split 'validation') from the Hugging Face Hub "
-        "(ConnectionError: Couldn't reach 'nyu-mll/glue' on the Hub (LocalEntryNotFoundError)); "
-        "to read the original GLUE TSV files instead, pass glue_dir"
+        "data.glue_dir: not set, and nyu-mll/glue (config 'rte', split 'validation') cannot be loaded from the "
+        "Hugging Face Hub or its cache (ConnectionError: Couldn't reach 'nyu-mll/glue' on the Hub "
+        "(LocalEntryNotFoundError)); set data.glue_dir=PATH to the GLUE TSV folders (e.g. PATH/RTE/train.tsv), "
+        "or go online"
     )
 
 

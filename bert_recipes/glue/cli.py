@@ -45,26 +45,16 @@ def _glue_options(parser, defaults=None) -> None:
                         help="predict the test sets and write the leaderboard zip (AX with the MNLI model)")
 
 
-def _quiet_progress_bars() -> None:
-    """No per-call progress bars (tokenisation, saving, loading) in logs and pipes."""
-    import sys
-
-    if not sys.stderr.isatty():
-        import datasets
-        from transformers.utils import logging as hf_logging
-
-        datasets.disable_progress_bars()
-        hf_logging.disable_progress_bar()
-
-
 def cmd_finetune(args) -> int:
+    from ..cli import quiet_libraries
+    from .recipe import load_finetune_recipe
+
+    recipe = load_finetune_recipe(args.recipe, args.overrides)  # before torch and transformers are imported
+    quiet_libraries()
     from accelerate import PartialState
 
     from .finetune import finetune_seeds
-    from .recipe import load_finetune_recipe
 
-    _quiet_progress_bars()
-    recipe = load_finetune_recipe(args.recipe, args.overrides)
     result = finetune_seeds(recipe)  # a stopped run raises RunStopped (the CLI's exit code)
     if not PartialState().is_main_process:
         return 0
@@ -77,19 +67,37 @@ def cmd_finetune(args) -> int:
     return 0
 
 
+def warn_incomplete_submission(tasks: list[str]) -> None:
+    """One line on stderr when ``--predict-test`` runs only some tasks: gluebenchmark.com
+    scores a submission only with every task's test predictions (and AX, from MNLI)."""
+    import sys
+
+    from .sweep import TRAINABLE
+
+    missing = [name for name in TRAINABLE if name not in tasks]
+    if missing:
+        print(f"warning: --predict-test with {len(tasks)} of the {len(TRAINABLE)} GLUE tasks (missing "
+              f"{','.join(missing)}): the zip is not a complete leaderboard submission; run all tasks "
+              "(no --tasks) for one", file=sys.stderr)
+
+
 def cmd_glue(args) -> int:
     from pathlib import Path
 
     from accelerate import PartialState
 
+    from ..cli import quiet_libraries
     from .sweep import RESULTS_JSON, RESULTS_MD, RESULTS_PNG, parse_tasks, run_glue
 
     rest = argparse.ArgumentParser(prog="bert-recipes glue", add_help=False)
     _glue_options(rest, args)
     rest.add_argument("overrides", nargs="*")
     args = rest.parse_intermixed_args(args.overrides, namespace=argparse.Namespace(recipe=args.recipe))
-    _quiet_progress_bars()
-    summary = run_glue(args.recipe, parse_tasks(args.tasks), args.overrides, predict_test=args.predict_test)
+    quiet_libraries()
+    tasks = parse_tasks(args.tasks)
+    if args.predict_test and PartialState().is_main_process:
+        warn_incomplete_submission(tasks)
+    summary = run_glue(args.recipe, tasks, args.overrides, predict_test=args.predict_test)
     if not PartialState().is_main_process:
         return 0
     root = Path(summary["output_dir"])

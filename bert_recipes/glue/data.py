@@ -165,9 +165,19 @@ def glue_task_dir(glue_dir: "str | os.PathLike", task: "str | GlueTask") -> Path
         return root / task.glue_folder
     if any((root / name).is_file() for name in task.split_files.values()):
         return root
+    example = root / task.glue_folder / next(iter(task.split_files.values()))
+    if not root.is_dir():
+        raise DataError(f"data.glue_dir: folder '{root}' not found; expected the GLUE root holding "
+                        f"{task.glue_folder}/ (e.g. {example}), or unset data.glue_dir to use the Hub")
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    import difflib
+
+    close = difflib.get_close_matches(task.glue_folder, folders, n=1, cutoff=0.5)
+    held = f"it holds {', '.join(folders[:12])}{' ...' if len(folders) > 12 else ''}" if folders else "it holds no folders"
+    hint = f"; rename '{close[0]}' to '{task.glue_folder}'" if close else ""
     raise DataError(
-        f"{root}: no GLUE folder '{task.glue_folder}' (expected the original GLUE layout, "
-        f"e.g. {root / task.glue_folder / next(iter(task.split_files.values()))})"
+        f"data.glue_dir: no GLUE folder '{task.glue_folder}' in {root} ({held}){hint}; expected the original "
+        f"GLUE layout, e.g. {example}"
     )
 
 
@@ -177,33 +187,69 @@ def glue_task_dir(glue_dir: "str | os.PathLike", task: "str | GlueTask") -> Path
 def load_glue_from_hub(task: "str | GlueTask", split: str):
     """Load a split from the Hub dataset ``nyu-mll/glue`` with the same columns as the TSVs.
 
+    Class labels are mapped by their ``ClassLabel`` names, not by position.
+
     Raises:
-        DataError: the Hub (or the cache) cannot provide it, e.g. when offline.
+        DataError: the Hub (or the cache) cannot provide it, e.g. when offline (one short
+            attempt: see :func:`~bert_recipes.hub.ensure_hub_reachable`), or its label names
+            are not the task's.
     """
     import datasets
+
+    from ..hub import ensure_hub_reachable
 
     task = get_task(task)
     split = task.canonical_split(split)
     where = f"{task.hub_name} (config '{task.hub_config}', split '{split}')"
+    ensure_hub_reachable()
     try:
         dataset = datasets.load_dataset(task.hub_name, task.hub_config, split=split)
     except Exception as exc:  # network, cache and format failures all end here
         reason = first_line(exc)[:200]
         raise DataError(
-            f"cannot load {where} from the Hugging Face Hub ({type(exc).__name__}: {reason}); "
-            "to read the original GLUE TSV files instead, pass glue_dir"
+            f"data.glue_dir: not set, and {where} cannot be loaded from the Hugging Face Hub or its cache "
+            f"({type(exc).__name__}: {reason}); set data.glue_dir=PATH to the GLUE TSV folders "
+            f"(e.g. PATH/{task.glue_folder}/train.tsv), or go online"
         ) from None
     wanted = list(glue_features(task))
     missing = [name for name in wanted if name not in dataset.column_names]
     if missing:
         raise DataError(f"{where}: missing column '{missing[0]}'; it has: {', '.join(dataset.column_names)}")
+    dataset = dataset.select_columns(wanted)
+    if not task.is_regression:
+        dataset = _labels_by_name(dataset, task, where)
     try:
-        return dataset.select_columns(wanted).cast(glue_features(task))
+        return dataset.cast(glue_features(task))
     except (ValueError, TypeError) as exc:
         raise DataError(f"{where}: unexpected column types ({exc})") from None
 
 
-def load_glue_split(task: "str | GlueTask", split: str, glue_dir: "str | os.PathLike | None" = None):
+def _labels_by_name(dataset, task: GlueTask, where: str):
+    """Class ids renumbered to ``task.label_names``' order by the split's ``ClassLabel`` NAMES
+    (a cast alone would keep the ids, i.e. map by position); hidden labels (-1) stay -1.
+
+    Raises:
+        DataError: the split's label names are not the task's.
+    """
+    import datasets
+
+    feature = dataset.features.get("label")
+    if not isinstance(feature, datasets.ClassLabel):
+        return dataset
+    theirs = [_norm_label(name) for name in feature.names]
+    ours = [_norm_label(name) for name in task.label_names]
+    if theirs == ours:
+        return dataset
+    if sorted(theirs) != sorted(ours) or len(set(theirs)) != len(theirs):
+        raise DataError(f"{where}: label names ({', '.join(feature.names)}) are not GLUE {task.name}'s "
+                        f"({', '.join(task.label_names)}); expected the same classes, in any order")
+    table = {i: ours.index(name) for i, name in enumerate(theirs)}
+    dataset = dataset.cast_column("label", datasets.Value("int64"))
+    return dataset.map(lambda row: {"label": table.get(row["label"], HIDDEN_LABEL)}, desc="labels by name")
+
+
+def load_glue_split(task: "str | GlueTask", split: str, glue_dir: "str | os.PathLike | None" = None,
+                    keep: bool = False):
     """Load one GLUE split: from ``glue_dir`` (original TSV layout) or, when it is None, the Hub.
 
     Args:
@@ -211,18 +257,37 @@ def load_glue_split(task: "str | GlueTask", split: str, glue_dir: "str | os.Path
         split: ``train``, ``validation`` (or ``dev``), ``test``; MNLI: ``validation_matched``,
             ``validation_mismatched``, ``test_matched``, ``test_mismatched``.
         glue_dir: the GLUE root (holding ``SST-2/`` ...) or the task's own folder.
+        keep: hold the result for the next identical call (a preflight check whose
+            dataset the run then uses, without reading it twice).
 
     Returns:
         A :class:`datasets.Dataset` with ``idx``, the text columns and ``label``.
 
     Raises:
-        UserError: unknown task or split. DataError: missing or malformed data.
+        UserError: unknown task or split. DataError: missing or malformed data, a train
+            split whose labels are all hidden (-1).
     """
     task = get_task(task)
     split = task.canonical_split(split)
-    if glue_dir is None:
-        return load_glue_from_hub(task, split)
-    return read_glue_tsv(glue_task_dir(glue_dir, task) / task.split_files[split], task, split)
+    path = None if glue_dir is None else glue_task_dir(glue_dir, task) / task.split_files[split]
+    stat = path.stat() if path is not None and path.is_file() else None
+    key = (task.name, split, str(path), stat and (stat.st_mtime_ns, stat.st_size))
+    if _KEPT.get("key") == key:  # the split a preflight loaded: used once
+        _KEPT.pop("key")
+        return _KEPT.pop("dataset")
+    if path is None:
+        dataset, source = load_glue_from_hub(task, split), f"{task.hub_name} (config '{task.hub_config}')"
+    else:
+        dataset, source = read_glue_tsv(path, task, split), str(path)
+    if split == "train" and not has_labels(dataset):
+        raise DataError(f"{source}: every label of the {task.name} train split is hidden (-1); fine-tuning needs "
+                        "labelled training data (the GLUE TSVs of data.glue_dir, or a dataset with labels)")
+    if keep:
+        _KEPT.update(key=key, dataset=dataset)
+    return dataset
+
+
+_KEPT: dict = {}  # the split a preflight loaded (load_glue_split(keep=True)), until its run loads it
 
 
 # --------------------------------------------------------------------------- features

@@ -49,11 +49,12 @@ from ..training.checkpoint import TrainerState, find_resume_checkpoint, load_che
 from ..training.loop import Run, train
 from ..training.optim import build_optimizer, build_scheduler
 from ..training.outdir import check_output_dir, prepare_output_dir
-from ..training.plan import Resolved, resolve
+from ..training.plan import Resolved, log_plan, resolve
+from ..training.resume import ResumePoint, check_resume, refuse_retraining_export, reschedule
 from ..training.reporting import Reporter
 from .batching import BatchPlan, collate_batch, load_splits
 from .classifier import build_classifier
-from .data import glue_task_dir, label_mapping
+from .data import glue_task_dir, label_mapping, load_glue_split
 from .evaluation import TEST_PREDICTIONS, evaluate, loss_sum, predict_test
 from .recipe import FinetuneRecipe
 from .tasks import GlueTask, get_task
@@ -72,6 +73,7 @@ class Checked:
     task: GlueTask
     resume: Path | None
     doomed: list[str]
+    point: ResumePoint | None = None
 
 
 def finetune(recipe: FinetuneRecipe) -> dict:
@@ -103,7 +105,9 @@ def preflight(recipe: FinetuneRecipe) -> Checked:
     Raises:
         UserError: a missing checkpoint folder, its labels conflict with the task's,
             ``data.max_seq_length`` beyond its positions, no GLUE folder for the task,
-            DeepSpeed with accumulation, an occupied ``output_dir``, a bad ``resume_from``.
+            DeepSpeed with accumulation, an occupied ``output_dir``, a bad ``resume_from``,
+            ``resume_from`` over an export without a checkpoint, a changed schedule on resume,
+            a train split that cannot be loaded or whose labels are all hidden.
     """
     task = get_task(recipe.task)
     for key, source in recipe.reads().items():
@@ -115,12 +119,16 @@ def preflight(recipe: FinetuneRecipe) -> Checked:
                         f"max_position_embeddings ({config.max_position_embeddings})")
     if recipe.data.glue_dir is not None:
         glue_task_dir(recipe.data.glue_dir, task)
+    load_glue_split(task, "train", recipe.data.glue_dir, keep=True)  # found, readable, labelled (build reuses it)
     state = launch_state()
-    plan = resolve(recipe, state.num_processes, log=state.is_main_process)
+    plan = resolve(recipe, state.num_processes, log=False)  # logged by build: errors come alone
     check_launch(recipe, plan.accumulation)
     doomed = check_output_dir(recipe, FINETUNE_ARTEFACTS)
     resume = find_resume_checkpoint(recipe.resume_from, Path(recipe.output_dir) / "checkpoints") if recipe.resume_from else None
-    return Checked(plan, task, resume, doomed)
+    if recipe.resume_from and resume is None:
+        refuse_retraining_export(Path(recipe.output_dir) / "best")
+    point = check_resume(recipe, resume) if resume is not None else None
+    return Checked(plan, task, resume, doomed, point)
 
 
 def build(checked: Checked) -> tuple[Run, "FinetuneJob"]:
@@ -130,6 +138,8 @@ def build(checked: Checked) -> tuple[Run, "FinetuneJob"]:
 
     recipe, task = checked.plan.recipe, checked.task
     accelerator = make_accelerator(recipe)
+    if accelerator.is_main_process:
+        log_plan(checked.plan)
     set_seed(recipe.seed)
     out = prepare_output_dir(recipe, accelerator, checked.doomed)
     start_trackers(accelerator, recipe)
@@ -153,6 +163,10 @@ def build(checked: Checked) -> tuple[Run, "FinetuneJob"]:
         state, _ = load_checkpoint(accelerator, checked.resume, scheduler)
         restore_best(state, out / "best", task)
         logger.info("resumed from %s at step %d", checked.resume, state.step)
+        if checked.point.changed:
+            before = scheduler.get_last_lr()[0]
+            reschedule(scheduler, train_cfg.learning_rate)
+            logger.warning("%s; lr %.3g -> %.3g", checked.point.note(), before, scheduler.get_last_lr()[0])
     logger.info("%s: %d training examples, %d steps per epoch, %d steps", task.name, len(splits["train"]),
                 plan.steps_per_epoch, total_steps)
     reporter = Reporter(accelerator, out, total_steps, initial_step=state.step, desc=f"finetune {task.name}")
@@ -269,7 +283,7 @@ def finetune_seeds(recipe: FinetuneRecipe) -> dict:
     out = Path(recipe.output_dir)
     if (out / RESULTS).exists() and not (recipe.overwrite or recipe.resume_from):
         raise UserError(f"output_dir: '{out}' already holds a run ({RESULTS}); "
-                        "set resume_from=latest to continue it or overwrite=true to replace it")
+                        "set resume_from=latest to continue it, overwrite=true to replace it, or output_dir=DIR for a new run")
     runs = {seed: finetune(recipe.model_copy(update={"seed": seed, "seeds": [], "output_dir": str(out / f"seed-{seed}")}))
             for seed in recipe.seeds}
     results = aggregate_seeds(get_task(recipe.task), runs)

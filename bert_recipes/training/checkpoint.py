@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import write_json
+from ..atomic import make_readable, write_json
 from ..errors import UserError
 from ..recipe_files import save_recipe
 
@@ -178,6 +178,7 @@ def save_checkpoint(accelerator, model: torch.nn.Module, scheduler, root: Path, 
     if accelerator.is_main_process:
         write_json(tmp / TRAINER_STATE, asdict(state))
         save_recipe(recipe, tmp)
+        make_readable(tmp)
         _fsync_tree(tmp)
         _write_manifest(tmp)
         _fsync_tree(tmp)

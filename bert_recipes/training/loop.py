@@ -103,11 +103,13 @@ class StepSums:
         return dict(zip(self.names, accelerator.reduce(self.values, reduction="sum").tolist()))
 
 
-def train(job: Job, run: Run) -> None:
+def train(job: Job, run: Run, checkpoint_at_end: bool = True) -> None:
     """Train ``run.model`` on ``job`` from ``run.state.step`` to ``job.total_steps``.
 
     Logs every ``train.logging_steps`` (and the last step), evaluates where the job says,
-    saves a checkpoint every ``train.save_steps`` and on SIGTERM/SIGINT.
+    saves a checkpoint every ``train.save_steps``, on SIGTERM/SIGINT and at the last step
+    (so a finished run can always be extended with ``resume_from=latest``; the benchmarks,
+    which call it chunk by chunk, pass ``checkpoint_at_end=False``).
 
     Raises:
         RunStopped: a signal stopped the run after its checkpoint was saved.
@@ -115,6 +117,7 @@ def train(job: Job, run: Run) -> None:
     """
     accelerator, state, config = run.accelerator, run.state, run.recipe.train
     interval, started = None, time.perf_counter()
+    saved_at = state.step if state.step else None  # a resumed run starts at its checkpoint
     run.model.train()
     with StopRequest() as stop:
         while state.step < job.total_steps:
@@ -135,10 +138,14 @@ def train(job: Job, run: Run) -> None:
             if stopping or (config.save_steps and state.step % config.save_steps == 0):
                 path = save_checkpoint(accelerator, run.model, run.scheduler, run.out / "checkpoints", state,
                                        run.recipe, job.data_state(), config.save_total_limit)
+                saved_at = state.step
                 if stopping:
                     stopped = RunStopped(stop.requested or "a signal", state.step, path)
                     run.reporter.close(), run.reporter.write(str(stopped)), accelerator.end_training()
                     raise stopped
+    if checkpoint_at_end and saved_at != state.step:  # the end of a run is always resumable
+        save_checkpoint(accelerator, run.model, run.scheduler, run.out / "checkpoints", state, run.recipe,
+                        job.data_state(), config.save_total_limit)
     verify_replicas_in_sync(accelerator, run.model)
 
 

@@ -13,14 +13,18 @@ from pathlib import Path
 
 from ..errors import UserError
 
-RUN_MARKERS = ("recipe.yaml", "metrics.jsonl", "checkpoints", "final")
-RUN_FILES = (*RUN_MARKERS, "tokenizer", "logs", "summary.json")
+# A folder holds a run once training has started: it has logged a step, saved a checkpoint
+# or exported. A run that failed before that (an empty corpus, a bad tokenizer) leaves only
+# recipe.yaml and tokenizer/, and the same command can simply be run again.
+RUN_MARKERS = ("metrics.jsonl", "checkpoints", "final", "best", "results.json")
+RUN_FILES = (*RUN_MARKERS, "recipe.yaml", "tokenizer", "logs", "summary.json")
 
 
 def check_output_dir(recipe, artefacts: tuple[str, ...] = ()) -> list[str]:
     """Check ``output_dir`` without touching it; return the names ``overwrite`` will delete.
 
-    A directory holding a previous run is accepted only when resuming (``resume_from``) or
+    A directory holding a previous run (one that started training: ``metrics.jsonl``,
+    ``checkpoints/``, an export) is accepted only when resuming (``resume_from``) or
     with ``overwrite: true``, which deletes that run's artefacts (recipe, metrics,
     checkpoints, export, tokenizer, and the command's own ``artefacts``) and nothing else.
 
@@ -36,7 +40,8 @@ def check_output_dir(recipe, artefacts: tuple[str, ...] = ()) -> list[str]:
     previous = [name for name in RUN_MARKERS if (out / name).exists()]
     if previous and not recipe.overwrite:
         raise UserError(f"output_dir: '{out}' already holds a run ({', '.join(previous)}); "
-                        "set resume_from=latest to continue it or overwrite=true to replace it")
+                        "set resume_from=latest to continue it, overwrite=true to replace it, "
+                        "or output_dir=DIR for a new run")
     doomed = [name for name in (*RUN_FILES, *artefacts) if (out / name).exists()] if recipe.overwrite else []
     if doomed:
         _check_overwrite_is_safe(recipe, out)

@@ -53,6 +53,13 @@ def resolve(recipe, world_size: int, log: bool = True) -> Resolved:
         recipe = recipe.model_copy(update={"train": train.model_copy(update={"gradient_accumulation_steps": accumulation})})
     resolved = Resolved(recipe, world_size, accumulation)
     if log:
-        logger.info("effective batch: %d sequences per optimizer step = %d per device x %d process(es) x %d accumulation step(s)",
-                    resolved.effective_batch, train.per_device_train_batch_size, world_size, accumulation)
+        log_plan(resolved)
     return resolved
+
+
+def log_plan(resolved: Resolved) -> None:
+    """The effective-batch line (commands log it once their preflight has passed, so a user
+    error is the only line on stderr)."""
+    logger.info("effective batch: %d sequences per optimizer step = %d per device x %d process(es) x %d accumulation step(s)",
+                resolved.effective_batch, resolved.recipe.train.per_device_train_batch_size, resolved.world_size,
+                resolved.accumulation)

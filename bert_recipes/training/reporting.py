@@ -71,6 +71,8 @@ class Reporter:
         self.accelerator = accelerator
         self.main = accelerator.is_main_process
         self.path = Path(output_dir) / "metrics.jsonl"
+        if self.main:
+            truncate_metrics(self.path, initial_step)
         self.interactive = interactive(self.main)
         self.bar = progress(total=total_steps, initial=initial_step, desc=desc, main=self.main)
         self.history: list[dict] = []
@@ -116,6 +118,33 @@ class Reporter:
         width = max((len(k) for k in rows), default=0)
         lines = ["-" * (width + 16), *(f"{k:<{width}}  {_fmt(v)}" for k, v in rows.items()), "-" * (width + 16)]
         return "\n".join(lines)
+
+
+def truncate_metrics(path: Path, step: int) -> int:
+    """Drop the records of ``path`` (a metrics.jsonl) logged after ``step``, atomically.
+
+    A resumed run restarts at its checkpoint's step: the steps a killed run logged after
+    that checkpoint are logged again, so the file keeps each step once. Unreadable lines
+    (a killed run's half-written last line) are dropped too. Returns the number of lines dropped.
+    """
+    from ..atomic import write_text
+
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+            keep = isinstance(record, dict) and int(record.get("step", 0)) <= step
+        except (ValueError, TypeError):
+            keep = False
+        if keep:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        write_text(path, "".join(line + "\n" for line in kept))
+    return dropped
 
 
 def _fmt(value) -> str:

@@ -1,0 +1,105 @@
+"""What a resume continues: the checkpoint's step, and whether the schedule may change.
+
+The learning-rate schedule is a function of the ``train`` keys in :data:`SCHEDULE_KEYS`. A
+resumed run compares them with the checkpoint's own ``recipe.yaml``:
+
+- all equal: the schedule continues exactly (the usual resume after a crash);
+- only ``train.max_steps`` raised (extending a finished or stopped run): allowed; the
+  schedule is recomputed for the new length from the checkpoint's step, and one line says
+  so with the learning rate before and after;
+- anything else (a new ``learning_rate``, warmup, scheduler type, epochs, or a smaller
+  ``max_steps``): refused with one line naming the key, unless
+  ``train.reschedule_on_resume: true``, which recomputes the schedule with the new values
+  from the checkpoint's step (and says so in one line).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import UserError
+from .checkpoint import TRAINER_STATE
+
+logger = logging.getLogger("bert_recipes")
+
+SCHEDULE_KEYS = ("max_steps", "num_train_epochs", "learning_rate", "lr_scheduler_type", "warmup_ratio", "warmup_steps")
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """A verified checkpoint to resume from: its path, step and the schedule keys that changed
+    (``{key: (checkpoint's value, recipe's value)}``; empty: the same schedule)."""
+
+    path: Path
+    step: int
+    changed: dict
+
+    def note(self) -> str | None:
+        """The one line a rescheduled resume prints (None when the schedule is unchanged)."""
+        if not self.changed:
+            return None
+        what = ", ".join(f"train.{key} {old} -> {new}" for key, (old, new) in self.changed.items())
+        return f"resume from step {self.step}: {what}: the learning-rate schedule is recomputed with the new values"
+
+
+def _checkpoint_train(path: Path) -> dict:
+    from ..recipe_files import parse_yaml
+
+    try:
+        saved = parse_yaml((path / "recipe.yaml").read_text(encoding="utf-8")) or {}
+    except (OSError, ValueError):
+        return {}
+    train = saved.get("train") if isinstance(saved, dict) else None
+    return train if isinstance(train, dict) else {}
+
+
+def check_resume(recipe, path: Path) -> ResumePoint:
+    """Compare ``recipe`` with the checkpoint at ``path`` (see the module doc).
+
+    Raises:
+        UserError: ``train.max_steps`` below the checkpoint's step, or a schedule key changed
+            without ``train.reschedule_on_resume: true``.
+    """
+    step = int(json.loads((path / TRAINER_STATE).read_text())["step"])
+    train, saved = recipe.train, _checkpoint_train(path)
+    if train.max_steps is not None and train.max_steps < step:
+        raise UserError(f"train.max_steps: {train.max_steps} is below the step of checkpoint {path} ({step}); "
+                        f"set train.max_steps={step} or more to continue that run")
+    changed = {key: (saved[key], getattr(train, key)) for key in SCHEDULE_KEYS
+               if key in saved and saved[key] != getattr(train, key)}
+    longer = "max_steps" in changed and (changed["max_steps"][0] or 0) < (train.max_steps or 0)
+    refused = [key for key in changed if not (key == "max_steps" and longer)]
+    if refused and not getattr(train, "reschedule_on_resume", False):
+        key = refused[0]
+        old, new = changed[key]
+        raise UserError(f"train.{key}: {new} differs from the value {old} of checkpoint {path}; resuming with another "
+                        f"schedule is refused: set train.{key}={old} to continue the same schedule, or "
+                        "train.reschedule_on_resume=true to recompute it with the new values from the checkpoint's step")
+    return ResumePoint(path, step, changed)
+
+
+def refuse_retraining_export(export: Path) -> None:
+    """``resume_from`` found no checkpoint: a fresh start, unless that would retrain over an export.
+
+    Raises:
+        UserError: ``export`` exists (only ``overwrite=true`` replaces it).
+    """
+    if export.exists():
+        raise UserError(f"resume_from: no complete checkpoint in {export.parent / 'checkpoints'} to continue, and "
+                        f"{export} holds an export: set overwrite=true to retrain from step 0 and replace it")
+
+
+def reschedule(scheduler, learning_rate: float) -> None:
+    """After loading a checkpoint into ``scheduler`` (a ``LambdaLR`` built for the new recipe):
+    base learning rate ``learning_rate`` and the current rate from the new schedule."""
+    scheduler.base_lrs = [learning_rate for _ in scheduler.base_lrs]
+    groups = scheduler.optimizer.param_groups
+    for group, base, factor in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in groups]
+
+
+__all__ = ["SCHEDULE_KEYS", "ResumePoint", "check_resume", "refuse_retraining_export", "reschedule"]
