@@ -5,14 +5,24 @@ For each task, the recipe is the base recipe, then the task's own file
 command-line overrides; ``task`` is set and ``output_dir`` becomes ``<output_dir>/<task>``.
 Every task recipe is validated (and its GLUE folder found) before any training starts.
 
+With a ``sweep.grid`` (see :class:`~bert_recipes.glue.recipe.SweepConfig`) each task runs
+every cell of its grid once per seed into ``<task>/<cell>/seed-<s>`` and keeps the cell with
+the best dev main metric averaged over seeds (``protocol: select``), or runs one
+configuration for every task (``protocol: fixed``). ``init_from_task`` orders the tasks
+(sources first) and starts a task from its source's chosen encoder (:mod:`.transfer`).
+``sweep.wnli`` includes WNLI, leaves it out, or answers it with the majority class.
+
 Written into the base recipe's ``output_dir``:
 
 - ``glue_results.json``: per task its dev metrics (mean and std with several seeds), its
   leaderboard entries, best export and run time; the GLUE score (the average of the
   entries of the tasks run: MNLI-m and MNLI-mm count as two, see
   :func:`~bert_recipes.glue.metrics.glue_score`);
-- ``glue_results.md``: the same as a Markdown table, the GLUE score last;
+- ``glue_results.md``: the same as a Markdown table (chosen configuration, mean ± std and
+  median over seeds, time, examples/s), the GLUE score last with the entries it averages,
+  the protocol, then every grid cell;
 - ``glue_results.png``: a bar chart of the entries and the score;
+- ``glue_grid.png``: with a grid, a heatmap of every task's cells (the chosen one framed);
 - with ``predict_test``: ``submission/submission.zip`` for gluebenchmark.com, with AX
   predicted by the MNLI model when MNLI is run and the AX data is available.
 """
