@@ -211,6 +211,7 @@ def test_early_stopping_stops_at_the_patience_and_keeps_the_best(checkpoint, tmp
         "train.max_steps": 6, "train.eval_steps": 1, "train.early_stopping_patience": 2}))
     result = finetune_module.finetune(recipe)
     assert (result["steps"], result["best_step"], result["stopped_early"]) == (4, 2, True)
+    assert result["train_examples"] == 4 * 2  # 4 steps of batch 2 (the fixture's 2 examples per epoch)
     assert result["dev"]["accuracy"] == 0.75
     assert json.loads((out / "best" / "eval_results.json").read_text())["step"] == 2
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl") if "eval_accuracy" in r] == [1, 2, 3, 4]

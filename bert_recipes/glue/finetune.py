@@ -189,7 +189,10 @@ class FinetuneJob:
             self.total_steps = run.state.step
 
     def window(self, step: int) -> list[dict]:
-        return [collate_batch(self.splits["train"], ids, self.collator, self.device) for ids in self.plan.window(step)]
+        ids = self.plan.window(step)
+        extra = self.run.state.extra  # examples trained on, all ranks (about: padded ranks repeat batches)
+        extra["train_examples"] = extra.get("train_examples", 0) + sum(map(len, ids)) * self.plan.world
+        return [collate_batch(self.splits["train"], batch, self.collator, self.device) for batch in ids]
 
     def counts(self, batch: dict) -> dict[str, torch.Tensor]:
         return {"examples": torch.tensor(len(batch["labels"]), device=self.device)}
@@ -202,8 +205,6 @@ class FinetuneJob:
                 "tokens": mask.sum(), "padded_tokens": torch.tensor(mask.numel(), device=self.device)}
 
     def metrics(self, sums: dict[str, float], elapsed: float, step: int) -> dict:
-        extra = self.run.state.extra
-        extra["train_examples"] = extra.get("train_examples", 0) + int(sums["examples"])
         if self.on_log is not None:
             self.on_log(step, sums["examples"], elapsed)
         return {
