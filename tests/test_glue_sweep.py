@@ -58,14 +58,21 @@ def test_results_json_md_and_png(sweep):
     assert summary["num_entries"] == 10
     assert summary["glue_score"] == pytest.approx(sum(entries) / len(entries))
 
-    table = (sweep / "glue_results.md").read_text().strip().splitlines()
+    text = (sweep / "glue_results.md").read_text()
+    table = text.split("\n\n")[0].strip().splitlines()  # the main table; the protocol follows
     assert table[0].startswith("| task |") and len(table) == 2 + 9 + 1
+    assert "Protocol: select over one configuration per task (no grid)" in text
+    assert "average of 10 entries (CoLA, SST-2, MRPC, STS-B, QQP, MNLI-m, MNLI-mm, QNLI, RTE, WNLI)" in rows_of(text)
     rows = table[2:]
     for row, name in zip(rows, ALL.split(",")):
         assert row.startswith(f"| {' / '.join(summary['tasks'][name]['entries'])} |")
     assert rows[-1].startswith("| **GLUE score** |") and f"**{100 * summary['glue_score']:.1f}**" in rows[-1]
     assert "MNLI-m / MNLI-mm" in (sweep / "glue_results.md").read_text()
     assert (sweep / "glue_results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def rows_of(text: str) -> str:
+    return text.split("\n\n")[0]
 
 
 def test_submission_zip_has_every_leaderboard_file_with_index_and_prediction(sweep):

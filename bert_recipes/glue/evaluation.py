@@ -111,3 +111,27 @@ def predict_test(accelerator, recipe: FinetuneRecipe, task: GlueTask, splits: di
         write_submission({name: (e["idx"], e["prediction"]) for name, e in entries.items()}, out / "predictions")
     accelerator.wait_for_everyone()
     return path
+
+
+def predict_export(recipe: FinetuneRecipe, out: Path) -> Path:
+    """Predict the test split(s) with the export ``out/best`` of a finished run (the sweep's
+    chosen cell and seed), outside its training: writes ``out/test_predictions.json`` and
+    ``out/predictions`` as :func:`predict_test` does. Returns the JSON path.
+
+    Raises:
+        UserError / DataError: no export in ``out/best``, missing test data.
+    """
+    from transformers import DataCollatorWithPadding
+
+    from ..tokenizer import recipe_tokenizer
+    from ..training.accelerator import make_accelerator
+    from .batching import load_splits
+    from .tasks import get_task
+
+    recipe = recipe.model_copy(update={"predict_test": True})
+    task = get_task(recipe.task)
+    accelerator = make_accelerator(recipe)
+    tokenizer = recipe_tokenizer(recipe)
+    splits = load_splits(recipe, task, tokenizer)
+    collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=recipe.data.pad_to_multiple_of, return_tensors="pt")
+    return predict_test(accelerator, recipe, task, splits, collator, Path(out))

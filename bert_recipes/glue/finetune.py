@@ -76,13 +76,20 @@ class Checked:
     point: ResumePoint | None = None
 
 
-def finetune(recipe: FinetuneRecipe) -> dict:
+def finetune(recipe: FinetuneRecipe, on_log=None) -> dict:
     """Fine-tune ``model.name_or_path`` on ``task`` with seed ``recipe.seed``.
+
+    Args:
+        on_log: optional ``callable(step, examples, seconds)`` called at every logging
+            step with the training examples and wall seconds of the interval (the sweep's
+            time estimate).
 
     Returns:
         ``results.json``'s content: ``task``, ``seed``, ``dev`` (the best evaluation's
         metrics, keys as :func:`~bert_recipes.glue.metrics.compute_metrics`), ``best``
-        (export folder), ``best_step``, ``steps``, ``epochs``, ``runtime_s`` and
+        (export folder), ``best_step``, ``steps``, ``epochs``, ``stopped_early`` (early
+        stopping ended the run), ``train_examples`` (examples trained on), ``runtime_s``
+        (wall seconds), ``examples_per_s`` (train_examples / runtime_s) and
         ``test_predictions`` (a JSON file, or None).
 
     Raises:
@@ -95,6 +102,7 @@ def finetune(recipe: FinetuneRecipe) -> dict:
         return json.loads((out / RESULTS).read_text())
     checked = preflight(recipe)
     run, job = build(checked)
+    job.on_log = on_log
     train(job, run)
     return export(run, job, started)
 
@@ -107,9 +115,13 @@ def preflight(recipe: FinetuneRecipe) -> Checked:
             ``data.max_seq_length`` beyond its positions, no GLUE folder for the task,
             DeepSpeed with accumulation, an occupied ``output_dir``, a bad ``resume_from``,
             ``resume_from`` over an export without a checkpoint, a changed schedule on resume,
-            a train split that cannot be loaded or whose labels are all hidden.
+            a train split that cannot be loaded or whose labels are all hidden,
+            ``init_from_task`` (a ``bert-recipes glue`` key).
     """
     task = get_task(recipe.task)
+    if recipe.init_from_task:
+        raise UserError(f"init_from_task ({recipe.init_from_task}) is read by `bert-recipes glue`, which runs the source "
+                        "task first and drops its head; `bert-recipes finetune` runs one task: remove the key")
     for key, source in recipe.reads().items():
         local_or_hub(source, key)
     config = load_config(recipe.model.name_or_path, recipe.model.trust_remote_code)
@@ -191,9 +203,15 @@ class FinetuneJob:
         self.plan, self.total_steps = plan, total_steps
         self.device = run.accelerator.device
         self.results: dict = {}
+        self.on_log = None  # callable(step, examples, seconds) or None
+        if run.state.extra.get("stopped_early"):  # resumed after early stopping: nothing left to train
+            self.total_steps = run.state.step
 
     def window(self, step: int) -> list[dict]:
-        return [collate_batch(self.splits["train"], ids, self.collator, self.device) for ids in self.plan.window(step)]
+        ids = self.plan.window(step)
+        extra = self.run.state.extra  # examples trained on, all ranks (about: padded ranks repeat batches)
+        extra["train_examples"] = extra.get("train_examples", 0) + sum(map(len, ids)) * self.plan.world
+        return [collate_batch(self.splits["train"], batch, self.collator, self.device) for batch in ids]
 
     def counts(self, batch: dict) -> dict[str, torch.Tensor]:
         return {"examples": torch.tensor(len(batch["labels"]), device=self.device)}
@@ -206,6 +224,8 @@ class FinetuneJob:
                 "tokens": mask.sum(), "padded_tokens": torch.tensor(mask.numel(), device=self.device)}
 
     def metrics(self, sums: dict[str, float], elapsed: float, step: int) -> dict:
+        if self.on_log is not None:
+            self.on_log(step, sums["examples"], elapsed)
         return {
             "loss": sums["loss_sum"] / sums["examples"],
             "samples_per_s": sums["examples"] / elapsed,
@@ -225,12 +245,21 @@ class FinetuneJob:
         return {"epoch": round(run.state.step / self.plan.steps_per_epoch, 4), **record}
 
     def after_evaluation(self, record: dict, step: int) -> None:
-        """Export the model to ``output_dir/best`` when its main metric beats the best so far."""
+        """Export the model to ``output_dir/best`` when its main metric beats the best so far;
+        with ``train.early_stopping_patience``, end the run after that many evaluations in a
+        row without improvement (the loop stops when ``total_steps`` reaches the step)."""
         run, state, main = self.run, self.run.state, self.task.main_metric
         if state.extra.get("best_step") is not None and comparable(self.results[main]) <= comparable(state.best_metric):
+            state.extra["evals_since_best"] = state.extra.get("evals_since_best", 0) + 1
+            patience = run.recipe.train.early_stopping_patience
+            if patience and state.extra["evals_since_best"] >= patience and step < self.total_steps:
+                logger.info("early stopping at step %d: %d evaluations without a better %s (best %.4f at step %d)",
+                            step, patience, main, state.best_metric, state.extra["best_step"])
+                state.extra["stopped_early"] = True
+                self.total_steps = step
             return
         state.best_metric = self.results[main]
-        state.extra.update(best_step=step, best_results=self.results)
+        state.extra.update(best_step=step, best_results=self.results, evals_since_best=0)
         full_state = run.accelerator.get_state_dict(run.model)  # every rank: gathers FSDP/DeepSpeed shards
         if run.accelerator.is_main_process:
             export_finetuned(run.accelerator.unwrap_model(run.model), self.tokenizer, run.recipe, self.task,
@@ -253,11 +282,14 @@ def export(run: Run, job: FinetuneJob, started: float) -> dict:
         "best_step": state.extra.get("best_step"),
         "steps": state.step,
         "epochs": round(state.step / job.plan.steps_per_epoch, 4),
+        "stopped_early": bool(state.extra.get("stopped_early")),
+        "train_examples": int(state.extra.get("train_examples", 0)),
         "test_predictions": None,
     }
     if run.recipe.predict_test:
         results["test_predictions"] = str(predict_test(run.accelerator, run.recipe, task, job.splits, job.collator, out))
     results["runtime_s"] = round(time.time() - started, 1)
+    results["examples_per_s"] = round(results["train_examples"] / max(results["runtime_s"], 1e-9), 2)
     if run.accelerator.is_main_process:
         write_json(out / RESULTS, results)
     run.reporter.write(run.reporter.summary({"steps": state.step, "best_step": results["best_step"],
@@ -266,7 +298,7 @@ def export(run: Run, job: FinetuneJob, started: float) -> dict:
     return results
 
 
-def finetune_seeds(recipe: FinetuneRecipe) -> dict:
+def finetune_seeds(recipe: FinetuneRecipe, on_log=None) -> dict:
     """Run the recipe once per seed of ``recipe.seeds`` (one run with ``seed`` when empty).
 
     Each seed runs into ``output_dir/seed-<s>``; ``output_dir/results.json`` gets the dev
@@ -279,15 +311,18 @@ def finetune_seeds(recipe: FinetuneRecipe) -> dict:
         RunStopped: a seed's run was stopped by a signal.
     """
     if not recipe.seeds:
-        return finetune(recipe)
+        return finetune(recipe, on_log)
     out = Path(recipe.output_dir)
     if (out / RESULTS).exists() and not (recipe.overwrite or recipe.resume_from):
         raise UserError(f"output_dir: '{out}' already holds a run ({RESULTS}); "
                         "set resume_from=latest to continue it, overwrite=true to replace it, or output_dir=DIR for a new run")
-    runs = {seed: finetune(recipe.model_copy(update={"seed": seed, "seeds": [], "output_dir": str(out / f"seed-{seed}")}))
+    runs = {seed: finetune(recipe.model_copy(update={"seed": seed, "seeds": [], "output_dir": str(out / f"seed-{seed}")}),
+                           on_log)
             for seed in recipe.seeds}
     results = aggregate_seeds(get_task(recipe.task), runs)
     results["runtime_s"] = round(sum(r.get("runtime_s") or 0.0 for r in runs.values()), 1)  # all seeds
+    results["train_examples"] = sum(int(r.get("train_examples") or 0) for r in runs.values())
+    results["examples_per_s"] = round(results["train_examples"] / max(results["runtime_s"], 1e-9), 2)
     if launch_state().is_main_process:
         save_recipe(recipe, out)
         write_json(out / RESULTS, results)

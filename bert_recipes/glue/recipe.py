@@ -50,6 +50,10 @@ class FinetuneTrainConfig(TrainConfig):
     ``num_train_epochs`` (may be fractional) or ``max_steps`` bounds the run; ``max_steps``
     wins when both are set. Evaluation runs at the end of every epoch, every ``eval_steps``
     steps when set, and at the last step.
+
+    ``early_stopping_patience`` (optional, in evaluations): stop once that many evaluations
+    in a row have not beaten the best dev main metric; the best model stays in
+    ``output_dir/best``. Set ``eval_steps`` too to evaluate more often than once per epoch.
     """
 
     num_train_epochs: Optional[float] = Field(3.0, gt=0)
@@ -57,6 +61,59 @@ class FinetuneTrainConfig(TrainConfig):
     learning_rate: float = Field(2e-5, gt=0.0)
     warmup_ratio: float = Field(0.1, ge=0.0, le=1.0)
     weight_decay: float = Field(0.01, ge=0.0)
+    early_stopping_patience: Optional[int] = Field(None, ge=1)  # evaluations without improvement; None: off
+
+
+GRID_KEYS = tuple(name for name in FinetuneTrainConfig.model_fields)
+
+
+class SweepConfig(Strict):
+    """How ``bert-recipes glue`` chooses each task's configuration (:mod:`.grid`).
+
+    ``grid``: ``{train key: [values]}``; the cells are the product of the lists, each run
+    once per seed of ``seeds``. Empty: one cell, the recipe's own ``train``. A per-task file
+    may set its own lists (they replace the shared ones key by key).
+    ``protocol``: ``select`` picks per task the cell with the best dev main metric averaged
+    over seeds; ``fixed`` runs one configuration for every task with no selection on dev
+    (a grid of one cell at most, the same ``train`` for every task), as Cramming compares
+    pretraining runs.
+    ``wnli``: ``include`` (train it and average it), ``exclude`` (leave it out of the run
+    and the score) or ``majority`` (no training: predict the training set's majority class,
+    the BERT paper's choice). Read from the base recipe only, like ``protocol``.
+    """
+
+    grid: dict[str, list] = {}
+    protocol: Literal["select", "fixed"] = "select"
+    wnli: Literal["include", "exclude", "majority"] = "include"
+
+    @field_validator("grid")
+    @classmethod
+    def _train_keys(cls, value: dict[str, list]) -> dict[str, list]:
+        for key, values in value.items():
+            if key not in GRID_KEYS:
+                raise ValueError(f"sweep.grid: '{key}' is not a train key (one of {', '.join(GRID_KEYS)})")
+            if not isinstance(values, list) or not values:
+                raise ValueError(f"sweep.grid.{key}: expected a non-empty list of values, got {values!r}")
+            if len(set(map(repr, values))) != len(values):
+                raise ValueError(f"sweep.grid.{key}: values must be distinct, got {values}")
+        return value
+
+    def cells(self, train: "FinetuneTrainConfig") -> list[dict]:
+        """The grid's cells as ``{train key: value}`` in order (the last key varies fastest);
+        ``[{}]`` for an empty grid. Each cell is validated on top of ``train`` and its
+        values normalised (YAML's ``5e-5`` string becomes the float ``5e-05``).
+
+        Raises:
+            ValueError: a value the train section refuses (e.g. a negative learning rate).
+        """
+        import itertools
+
+        keys = list(self.grid)
+        cells = []
+        for values in itertools.product(*(self.grid[k] for k in keys)):
+            checked = FinetuneTrainConfig.model_validate({**train.model_dump(), **dict(zip(keys, values))})
+            cells.append({key: getattr(checked, key) for key in keys})  # YAML's "5e-5" -> 5e-05
+        return cells
 
 
 class FinetuneRecipe(RunConfig):
@@ -70,6 +127,8 @@ class FinetuneRecipe(RunConfig):
     train: FinetuneTrainConfig = FinetuneTrainConfig()
     seeds: list[int] = []  # empty: one run with `seed`; else one sub-run per seed (output_dir/seed-<s>)
     predict_test: bool = False  # predict the unlabelled test split(s) with the best model
+    init_from_task: Optional[str] = None  # bert-recipes glue: start from that task's chosen encoder (head dropped)
+    sweep: SweepConfig = SweepConfig()  # bert-recipes glue: grid, protocol, WNLI (see SweepConfig)
 
     kind: ClassVar[str] = "fine-tuning"  # a class attribute, not a key: what overwrite=true may replace
 
@@ -97,6 +156,19 @@ class FinetuneRecipe(RunConfig):
             raise ValueError(f"'{task.name}' has no training data; it is predicted with the {task.predicted_with} model")
         return task.name
 
+    @field_validator("init_from_task")
+    @classmethod
+    def _known_source(cls, value: Optional[str]) -> Optional[str]:
+        if value is None:
+            return None
+        try:
+            task = get_task(value)
+        except UserError as exc:
+            raise ValueError(str(exc)) from None
+        if not task.dev_splits:
+            raise ValueError(f"'{task.name}' is not trained, it has no encoder to start from")
+        return task.name
+
     @field_validator("seeds")
     @classmethod
     def _distinct(cls, value: list[int]) -> list[int]:
@@ -115,6 +187,14 @@ class FinetuneRecipe(RunConfig):
             )
         if self.train.max_steps is None and self.train.num_train_epochs is None:
             raise ValueError("train.num_train_epochs or train.max_steps must bound the run")
+        if self.init_from_task == self.task:
+            raise ValueError(f"init_from_task: '{self.task}' cannot start from itself")
+        try:
+            self.sweep.cells(self.train)
+        except ValueError as exc:
+            first = exc.errors()[0] if hasattr(exc, "errors") else None
+            detail = f"{'.'.join(map(str, first['loc']))}: {first['msg']}" if first else str(exc)
+            raise ValueError(f"sweep.grid gives a bad train value ({detail})") from None
         return self
 
 
@@ -123,4 +203,5 @@ def load_finetune_recipe(path, overrides: list[str] | None = None) -> FinetuneRe
     return load_recipe(path, overrides, schema=FinetuneRecipe)
 
 
-__all__ = ["FinetuneDataConfig", "FinetuneModelConfig", "FinetuneRecipe", "FinetuneTrainConfig", "load_finetune_recipe"]
+__all__ = ["FinetuneDataConfig", "FinetuneModelConfig", "FinetuneRecipe", "FinetuneTrainConfig", "SweepConfig",
+           "load_finetune_recipe"]

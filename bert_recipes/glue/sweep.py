@@ -5,14 +5,24 @@ For each task, the recipe is the base recipe, then the task's own file
 command-line overrides; ``task`` is set and ``output_dir`` becomes ``<output_dir>/<task>``.
 Every task recipe is validated (and its GLUE folder found) before any training starts.
 
+With a ``sweep.grid`` (see :class:`~bert_recipes.glue.recipe.SweepConfig`) each task runs
+every cell of its grid once per seed into ``<task>/<cell>/seed-<s>`` and keeps the cell with
+the best dev main metric averaged over seeds (``protocol: select``), or runs one
+configuration for every task (``protocol: fixed``). ``init_from_task`` orders the tasks
+(sources first) and starts a task from its source's chosen encoder (:mod:`.transfer`).
+``sweep.wnli`` includes WNLI, leaves it out, or answers it with the majority class.
+
 Written into the base recipe's ``output_dir``:
 
 - ``glue_results.json``: per task its dev metrics (mean and std with several seeds), its
   leaderboard entries, best export and run time; the GLUE score (the average of the
   entries of the tasks run: MNLI-m and MNLI-mm count as two, see
   :func:`~bert_recipes.glue.metrics.glue_score`);
-- ``glue_results.md``: the same as a Markdown table, the GLUE score last;
+- ``glue_results.md``: the same as a Markdown table (chosen configuration, mean ± std and
+  median over seeds, time, examples/s), the GLUE score last with the entries it averages,
+  the protocol, then every grid cell;
 - ``glue_results.png``: a bar chart of the entries and the score;
+- ``glue_grid.png``: with a grid, a heatmap of every task's cells (the chosen one framed);
 - with ``predict_test``: ``submission/submission.zip`` for gluebenchmark.com, with AX
   predicted by the MNLI model when MNLI is run and the AX data is available.
 """
@@ -22,20 +32,24 @@ from __future__ import annotations
 import json
 import logging
 import os
-import statistics
 from pathlib import Path
+
+from pydantic import ValidationError
 
 from ..atomic import replacing, write_json, write_text
 from ..errors import UserError
-from ..recipe import validate
+from ..recipe import save_recipe, validate
 from ..recipe_files import apply_overrides, deep_merge, load_raw, read_yaml
 from ..training.reporting import progress
 from .data import glue_task_dir
-from .finetune import finetune_seeds
+from .evaluation import TEST_PREDICTIONS, predict_export
+from .finetune import RESULTS, finetune_seeds
+from .grid import GRID_PNG, SweepClock, cell_name, cell_summary, choose, format_duration, plot_grid, seed_stats
 from .metrics import glue_score, task_score
-from .recipe import FinetuneRecipe
+from .recipe import FinetuneRecipe, FinetuneTrainConfig, SweepConfig
 from .submission import write_submission
 from .tasks import TASKS, get_task
+from .transfer import check_architectures, export_encoder
 
 logger = logging.getLogger("bert_recipes")
 
@@ -84,40 +98,90 @@ def task_recipe(base: str | os.PathLike, task: str, overrides: list[str], root: 
     return validate(FinetuneRecipe, raw, source)
 
 
+def sweep_settings(root_raw: dict, source: str) -> SweepConfig:
+    """The base recipe's ``sweep`` section (protocol, WNLI option, shared grid), validated.
+
+    Raises:
+        RecipeError: a bad ``sweep`` key or value (one line).
+    """
+    section = root_raw.get("sweep") or {}
+    if not isinstance(section, dict):
+        raise UserError(f"{source}: sweep: expected a mapping, got {section!r}")
+    try:
+        return SweepConfig.model_validate(section)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(map(str, ("sweep", *first["loc"])))
+        raise UserError(f"{source}: {where}: {first['msg'].removeprefix('Value error, ')}") from None
+
+
 def run_glue(base: str | os.PathLike, tasks: list[str], overrides: list[str] | None = None,
              predict_test: bool = False) -> dict | None:
-    """Fine-tune ``tasks`` and write the results files (and the submission zip).
+    """Fine-tune ``tasks`` (each over its grid of cells x seeds) and write the results files.
+
+    Tasks run sources first (``init_from_task``), each cell once per seed; a finished cell
+    (its ``results.json``) is skipped with ``resume_from``. Before the first run, every
+    recipe, GLUE folder, grid, source task and architecture is checked; after the first
+    logging steps the whole sweep's training time is estimated and printed.
 
     Returns:
         The content of ``glue_results.json``.
 
     Raises:
-        UserError: a bad recipe, an unknown task, missing data (checked before training).
+        UserError: a bad recipe or grid, an unknown task, missing data, a missing source task
+            or a mismatched architecture, a fixed protocol with several configurations
+            (all checked before training).
         RunStopped: a run was stopped by a signal (its checkpoint resumes with
-            ``resume_from=latest``; finished tasks are reused).
+            ``resume_from=latest``; finished cells and tasks are reused).
     """
     overrides = list(overrides or [])
     root_raw = apply_overrides(load_raw(base), overrides)
     root = Path(root_raw.get("output_dir") or FinetuneRecipe.model_fields["output_dir"].default)
+    settings = sweep_settings(root_raw, str(base))
+    wnli = "wnli" in tasks and settings.wnli != "include"
+    trained = [name for name in tasks if not (wnli and name == "wnli")]
     recipes = {name: task_recipe(base, name, overrides, root, predict_test) for name in tasks}
     for recipe in recipes.values():
         if recipe.data.glue_dir is not None:
             glue_task_dir(recipe.data.glue_dir, recipe.task)
+    wnli_recipe = recipes.pop("wnli") if wnli else None
+    cells = {name: recipe.sweep.cells(recipe.train) for name, recipe in recipes.items()}
+    if settings.protocol == "fixed":
+        check_fixed(recipes, cells)
+    order = task_order(recipes, root)
+    for name in order:
+        source = recipes[name].init_from_task
+        if source:
+            source_model = recipes[source].model.name_or_path if source in recipes else finished_best(root, source)
+            check_architectures(name, source, recipes[name].model.name_or_path, source_model,
+                                recipes[name].model.trust_remote_code)
     from accelerate import PartialState
 
+    main = PartialState().is_main_process
+    clock = SweepClock(*planned_work(recipes, cells), printer=print if main else (lambda *a, **k: None))
     results = {}
-    with progress(total=len(recipes), desc="GLUE tasks", main=PartialState().is_main_process) as bar:
-        for name, recipe in recipes.items():
+    with progress(total=len(order), desc="GLUE tasks", main=main) as bar:
+        for name in order:
             bar.set_postfix_str(name)
+            recipe = recipes[name]
+            source = recipe.init_from_task
+            if source:
+                recipe = start_from_task(recipe, root, results.get(source))
             logger.info("GLUE %s -> %s", name, recipe.output_dir)
-            results[name] = finetune_seeds(recipe)  # a stopped run raises RunStopped
+            # a stopped run raises RunStopped; finished cells are skipped on resume
+            results[name] = run_task(recipe, cells[name], settings.protocol, clock, init_from=source)
             bar.update(1)
-    summary = summarise(results)
-    summary.update(recipe=str(base), output_dir=str(root))
-    if PartialState().is_main_process:
+    if wnli_recipe is not None and settings.wnli == "majority":
+        results["wnli"] = majority_class(wnli_recipe, root / "wnli", predict_test and main)
+    results = {name: results[name] for name in tasks if name in results}  # the leaderboard's order
+    summary = summarise(results, settings.protocol, settings.wnli if "wnli" in tasks else None)
+    summary.update(recipe=str(base), output_dir=str(root), estimate_s=clock.estimate_s)
+    if main:
         root.mkdir(parents=True, exist_ok=True)
         if predict_test:
             summary["submission"] = str(write_test_submission(results, root / "submission"))
+        grid_png = plot_grid(summary["tasks"], root / GRID_PNG)
+        summary["grid_png"] = str(grid_png) if grid_png else None
         write_json(root / RESULTS_JSON, summary)
         write_text(root / RESULTS_MD, results_markdown(summary))
         plot_results(summary, root / RESULTS_PNG)
@@ -125,30 +189,262 @@ def run_glue(base: str | os.PathLike, tasks: list[str], overrides: list[str] | N
     return summary
 
 
+# --------------------------------------------------------------------------- planning
+
+
+def check_fixed(recipes: dict[str, FinetuneRecipe], cells: dict[str, list[dict]]) -> None:
+    """The fixed protocol: one configuration, the same for every task.
+
+    Raises:
+        UserError: a grid with several cells, or tasks with different ``train`` sections.
+    """
+    first = None
+    for name, recipe in recipes.items():
+        if len(cells[name]) > 1:
+            raise UserError(f"sweep.protocol=fixed runs one configuration, but {name}'s sweep.grid has "
+                            f"{len(cells[name])} cells; remove the grid or use sweep.protocol=select")
+        train = {**recipe.train.model_dump(), **cells[name][0]}
+        if first is None:
+            first = (name, train)
+        elif train != first[1]:
+            diff = sorted(k for k in train if train[k] != first[1][k])
+            shown = ", ".join(f"train.{k} {first[1][k]} vs {train[k]}" for k in diff[:3])
+            raise UserError(f"sweep.protocol=fixed uses one configuration for every task, but {first[0]} and {name} "
+                            f"differ ({shown}); remove the per-task train keys or use sweep.protocol=select")
+
+
+def finished_best(root: Path, task: str) -> str:
+    """The chosen export of a task finished by an earlier sweep into ``root``.
+
+    Raises:
+        UserError: the task has no finished results there.
+    """
+    path = root / task / RESULTS
+    if path.is_file():
+        best = json.loads(path.read_text()).get("best")
+        if best and Path(best).is_dir():
+            return best
+    raise UserError(f"init_from_task '{task}': add {task} to --tasks (it runs first) or finish it into "
+                    f"{root / task} first; {path} has no chosen model")
+
+
+def task_order(recipes: dict[str, FinetuneRecipe], root: Path) -> list[str]:
+    """The leaderboard's order with every ``init_from_task`` source before the tasks that
+    start from it.
+
+    Raises:
+        UserError: a source that is neither run nor finished in ``root``, or a cycle.
+    """
+    order: list[str] = []
+    visiting: list[str] = []
+
+    def visit(name: str) -> None:
+        if name in order:
+            return
+        if name in visiting:
+            raise UserError(f"init_from_task makes a cycle: {' -> '.join([*visiting, name])}")
+        visiting.append(name)
+        source = recipes[name].init_from_task
+        if source in recipes:
+            visit(source)
+        elif source:
+            finished_best(root, source)
+        visiting.pop()
+        order.append(name)
+
+    for name in recipes:
+        visit(name)
+    return order
+
+
+def planned_work(recipes: dict[str, FinetuneRecipe], cells: dict[str, list[dict]]) -> tuple[float, int]:
+    """``(training examples, runs)`` of the cells not yet finished (finished ones: a
+    ``results.json`` with ``resume_from``): cells x seeds x (max_steps x batch, else
+    epochs x train size)."""
+    from ..training.accelerator import launch_state
+    from .data import load_glue_split
+
+    processes = launch_state().num_processes
+    examples, runs = 0.0, 0
+    for name, recipe in recipes.items():
+        size = None
+        for cell in cells[name]:
+            out = cell_dir(recipe, cell, cells[name])
+            if recipe.resume_from and (out / RESULTS).is_file():
+                continue
+            train = recipe.train.model_copy(update=cell)
+            seeds = max(1, len(recipe.seeds))
+            if train.max_steps:
+                per_run = train.max_steps * train.per_device_train_batch_size * processes * train.accumulation_for(processes)
+            else:
+                if size is None:
+                    size = len(load_glue_split(name, "train", recipe.data.glue_dir))
+                    size = min(size, recipe.data.max_train_samples or size)
+                per_run = size * float(train.num_train_epochs)
+            examples += seeds * per_run
+            runs += seeds
+    return examples, runs
+
+
+def cell_dir(recipe: FinetuneRecipe, cell: dict, cells: list[dict]) -> Path:
+    """A cell's run folder: the task's folder itself when the grid has no keys."""
+    out = Path(recipe.output_dir)
+    return out if cells == [{}] else out / cell_name(cell)
+
+
+def start_from_task(recipe: FinetuneRecipe, root: Path, source_result: dict | None) -> FinetuneRecipe:
+    """The recipe with ``model.name_or_path`` set to the source task's chosen encoder, head
+    dropped (exported to ``<root>/encoders/<source>``); ``init_from_task`` is cleared (it
+    is a sweep key; :func:`run_task` records it as ``init_from``)."""
+    source = recipe.init_from_task
+    best = source_result["best"] if source_result else finished_best(root, source)
+    dest = root / "encoders" / source
+    if launch_state_main():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        export_encoder(best, dest)
+    from accelerate import PartialState
+
+    PartialState().wait_for_everyone()
+    logger.info("%s starts from %s's chosen encoder (%s)", recipe.task, source, best)
+    return recipe.model_copy(update={"model": recipe.model.model_copy(update={"name_or_path": str(dest)}),
+                                     "init_from_task": None})
+
+
+def launch_state_main() -> bool:
+    from ..training.accelerator import launch_state
+
+    return launch_state().is_main_process
+
+
+# --------------------------------------------------------------------------- one task
+
+
+def run_task(recipe: FinetuneRecipe, cells: list[dict], protocol: str, clock=None, init_from: str | None = None) -> dict:
+    """Every cell of one task, then the choice.
+
+    Returns:
+        The task's results: the chosen cell's (``dev`` mean over seeds, ``runs``,
+        ``best`` = its best seed's export, ``test_predictions`` from that export) with
+        ``grid`` (every cell's :func:`~bert_recipes.glue.grid.cell_summary`),
+        ``chosen_index``, ``config`` (the chosen train values), ``protocol``, ``init_from``,
+        and ``runtime_s`` / ``train_examples`` / ``examples_per_s`` over all cells.
+        Written to ``output_dir/results.json`` when the grid has keys.
+
+    Raises:
+        UserError: the task folder holds results and neither resume nor overwrite is set.
+    """
+    task, out = get_task(recipe.task), Path(recipe.output_dir)
+    keys = ("learning_rate", "per_device_train_batch_size", "num_train_epochs", "max_steps")
+    if cells == [{}]:
+        result = dict(finetune_seeds(recipe, on_log=clock))
+        summaries, index, runtime = [cell_summary(task, {}, result)], 0, result.get("runtime_s")
+        config = {key: getattr(recipe.train, key) for key in keys}
+    else:
+        if recipe.resume_from and (out / RESULTS).is_file():
+            previous = json.loads((out / RESULTS).read_text())
+            if "grid" in previous:
+                logger.info("%s: every cell finished; reusing %s", task.name, out / RESULTS)
+                return previous
+        if (out / RESULTS).exists() and not (recipe.overwrite or recipe.resume_from):
+            raise UserError(f"output_dir: '{out}' already holds a sweep ({RESULTS}); set resume_from=latest to "
+                            "continue it cell by cell or overwrite=true to replace it")
+        runs = []
+        for cell in cells:
+            where = cell_dir(recipe, cell, cells)
+            if recipe.resume_from and (where / RESULTS).is_file():
+                logger.info("%s %s: finished; skipped", task.name, where.name)
+                runs.append(json.loads((where / RESULTS).read_text()))
+                continue
+            train = FinetuneTrainConfig.model_validate({**recipe.train.model_dump(), **cell})
+            cell_recipe = recipe.model_copy(update={"train": train, "output_dir": str(where), "predict_test": False})
+            logger.info("%s %s (%d seed(s))", task.name, where.name, max(1, len(recipe.seeds)))
+            runs.append(finetune_seeds(cell_recipe, on_log=clock))
+        summaries = [cell_summary(task, cell, r) for cell, r in zip(cells, runs)]
+        index = choose(summaries) if protocol == "select" else 0
+        result = dict(runs[index])
+        runtime = round(sum(r.get("runtime_s") or 0.0 for r in runs), 1)
+        result["train_examples"] = sum(int(r.get("train_examples") or 0) for r in runs)
+        result["examples_per_s"] = round(result["train_examples"] / max(runtime, 1e-9), 2)
+        train = {**recipe.train.model_dump(), **cells[index]}
+        config = {key: train[key] for key in keys}
+        if recipe.predict_test:
+            best_run = Path(result["best"]).parent
+            chosen = recipe.model_copy(update={"train": FinetuneTrainConfig.model_validate(train),
+                                               "output_dir": str(best_run), "seeds": []})
+            result["test_predictions"] = str(predict_export(chosen, best_run))
+    result.update(grid=summaries, chosen_index=index, config=config, protocol=protocol, init_from=init_from,
+                  runtime_s=runtime)
+    if cells != [{}] and launch_state_main():
+        save_recipe(recipe, out)
+        write_json(out / RESULTS, result)
+    return result
+
+
+def majority_class(recipe: FinetuneRecipe, out: Path, predict_test: bool) -> dict:
+    """WNLI answered with the training set's majority class (the BERT paper's choice): its
+    dev accuracy, and with ``predict_test`` that class for every test example."""
+    from collections import Counter
+
+    from .data import load_glue_split
+    from .tasks import submission_entry
+
+    task = get_task("wnli")
+    labels = list(load_glue_split(task, "train", recipe.data.glue_dir)["label"])
+    majority = min(Counter(labels).items(), key=lambda item: (-item[1], item[0]))[0]  # ties: the lower id
+    dev = list(load_glue_split(task, task.dev_splits[0], recipe.data.glue_dir)["label"])
+    result = {"task": "wnli", "dev": {"accuracy": sum(label == majority for label in dev) / len(dev)},
+              "majority_class": task.id2label[majority], "seeds": [], "best": None, "runtime_s": 0.0,
+              "protocol": "majority", "config": {}, "grid": [], "test_predictions": None}
+    if predict_test:
+        test = load_glue_split(task, "test", recipe.data.glue_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        path = write_json(out / TEST_PREDICTIONS, {submission_entry(task, "test"): {
+            "idx": list(test["idx"]), "prediction": [majority] * len(test)}})
+        result["test_predictions"] = str(path)
+    return result
+
+
 # --------------------------------------------------------------------------- summary
 
 
-def summarise(results: dict[str, dict]) -> dict:
-    """Per task: metrics, std, leaderboard entries (with std over seeds); the GLUE score."""
+def summarise(results: dict[str, dict], protocol: str = "select", wnli: str | None = None) -> dict:
+    """Per task: metrics (mean over seeds), std and median, leaderboard entries, the chosen
+    configuration, its grid; the GLUE score and which entries it averages.
+
+    ``wnli``: ``include``, ``exclude`` (WNLI is in no row and not averaged) or ``majority``
+    (its row is the majority class; averaged), None when WNLI was not asked for.
+    """
     tasks = {}
     for name, result in results.items():
         task = get_task(name)
         entries = task_score(task, result["dev"])
         runs = list(result.get("runs", {}).values())
-        per_seed = [task_score(task, r) for r in runs]
-        std = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in zip(*per_seed)] if per_seed else [0.0] * len(entries)
+        per_seed = [task_score(task, r) for r in runs] or [entries]
+        stats = [seed_stats(list(v)) for v in zip(*per_seed)]
         tasks[name] = {
             "metrics": result["dev"],
             "std": result.get("dev_std", {}),
             "entries": dict(zip(entry_names(task), entries)),
-            "entries_std": dict(zip(entry_names(task), std)),
+            "entries_std": dict(zip(entry_names(task), (s["std"] for s in stats))),
+            "entries_median": dict(zip(entry_names(task), (s["median"] for s in stats))),
             "main_metric": task.main_metric,
             "seeds": result.get("seeds", [result.get("seed")]),
             "best": result["best"],
             "runtime_s": result.get("runtime_s"),
+            "train_examples": result.get("train_examples"),
+            "examples_per_s": result.get("examples_per_s"),
+            "config": result.get("config", {}),
+            "init_from": result.get("init_from"),
+            "protocol": result.get("protocol", protocol),
+            "grid": result.get("grid", []),
+            "chosen_index": result.get("chosen_index", 0),
         }
+        if "majority_class" in result:
+            tasks[name]["majority_class"] = result["majority_class"]
     score = glue_score({name: t["metrics"] for name, t in tasks.items()})
-    return {"tasks": tasks, "glue_score": score, "num_entries": sum(len(t["entries"]) for t in tasks.values())}
+    averaged = [entry for row in tasks.values() for entry in row["entries"]]
+    return {"tasks": tasks, "glue_score": score, "num_entries": len(averaged), "score_entries": averaged,
+            "wnli": wnli, "protocol": protocol}
 
 
 def entry_names(task) -> list[str]:
@@ -161,28 +457,91 @@ def _pct(value: float, std: float | None = None) -> str:
     return f"{text} ± {100 * std:.1f}" if std is not None else text
 
 
-def _duration(seconds) -> str:
-    if seconds is None:
-        return "-"
-    minutes, secs = divmod(int(round(seconds)), 60)
-    return f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
+_duration = format_duration
+
+
+def _config(row: dict) -> str:
+    if "majority_class" in row:
+        return f"majority class ({row['majority_class']}), no training"
+    c = row.get("config") or {}
+    parts = []
+    if c.get("learning_rate") is not None:
+        parts.append(f"lr {c['learning_rate']:g}")
+    if c.get("per_device_train_batch_size") is not None:
+        parts.append(f"bs {c['per_device_train_batch_size']}")
+    if c.get("max_steps"):
+        parts.append(f"{c['max_steps']} steps")
+    elif c.get("num_train_epochs") is not None:
+        parts.append(f"{c['num_train_epochs']:g} ep")
+    text = ", ".join(parts) or "-"
+    if len(row.get("grid", [])) > 1:
+        text += f" (best of {len(row['grid'])} cells)" if row.get("protocol") == "select" else ""
+    if row.get("init_from"):
+        text += f", from {row['init_from']}"
+    return text
+
+
+def protocol_text(summary: dict) -> str:
+    """One sentence: which protocol produced the table."""
+    seeds = sorted({len(row["seeds"]) for row in summary["tasks"].values() if row["seeds"]})
+    seeds_text = "/".join(map(str, seeds)) or "1"
+    if summary.get("protocol") == "fixed":
+        return (f"Protocol: fixed (one configuration for every task, mean of {seeds_text} seed(s), no selection on "
+                "dev; test predictions from the best seed).")
+    cells = sorted({max(1, len(row["grid"])) for row in summary["tasks"].values() if "majority_class" not in row})
+    if cells in ([], [1]):
+        return f"Protocol: select over one configuration per task (no grid), mean of {seeds_text} seed(s)."
+    return (f"Protocol: select (per task, the grid cell with the best dev main metric averaged over {seeds_text} "
+            f"seed(s), out of {'/'.join(map(str, cells))} cells; test predictions from that cell's best seed).")
+
+
+def score_text(summary: dict) -> str:
+    """What the GLUE score averages, and what was done with WNLI."""
+    text = f"average of {summary['num_entries']} entries ({', '.join(summary['score_entries'])})"
+    if summary.get("wnli") == "exclude":
+        text += "; WNLI left out"
+    elif summary.get("wnli") == "majority":
+        text += "; WNLI = majority class"
+    return text
 
 
 def results_markdown(summary: dict) -> str:
-    """One row per task (dev metrics x 100, mean ± std over seeds), the GLUE score last."""
-    lines = ["| task | dev metrics | score | seeds | time |", "|---|---|---|---|---|"]
+    """One row per task (dev metrics x 100, mean ± std and median over seeds, the chosen
+    configuration, time of all its cells and training examples per second), the GLUE score
+    last; the protocol; then every grid cell of the tasks that have a grid."""
+    lines = ["| task | configuration | dev metrics | score | median | seeds | time | examples/s |",
+             "|---|---|---|---|---|---|---|---|"]
     total = 0.0
     for name, row in summary["tasks"].items():
         task = get_task(name)
         several = len(row["seeds"]) > 1  # mean ± sample std over the seeds
         metrics = ", ".join(f"{key} {_pct(row['metrics'][key], row['std'].get(key) if several else None)}"
-                            for key in task.metrics)
+                            for key in task.metrics if key in row["metrics"])
         score = " / ".join(_pct(v, row["entries_std"].get(k) if several else None) for k, v in row["entries"].items())
+        median = " / ".join(_pct(v) for v in row.get("entries_median", row["entries"]).values())
         total += row["runtime_s"] or 0.0
-        lines.append(f"| {' / '.join(row['entries'])} | {metrics} | {score} | {len(row['seeds'])} | "
-                     f"{_duration(row['runtime_s'])} |")
-    lines.append(f"| **GLUE score** | average of {summary['num_entries']} entries | "
-                 f"**{_pct(summary['glue_score'])}** | | {_duration(total)} |")
+        rate = f"{row['examples_per_s']:.1f}" if row.get("examples_per_s") else "-"
+        lines.append(f"| {' / '.join(row['entries'])} | {_config(row)} | {metrics} | {score} | {median} | "
+                     f"{len(row['seeds'])} | {_duration(row['runtime_s'])} | {rate} |")
+    lines.append(f"| **GLUE score** | | {score_text(summary)} | **{_pct(summary['glue_score'])}** | | | "
+                 f"{_duration(total)} | |")
+    lines += ["", protocol_text(summary)]
+    if summary.get("estimate_s") is not None:
+        lines.append(f"Estimated training time before the start: {_duration(summary['estimate_s'])}.")
+    for name, row in summary["tasks"].items():
+        if len(row.get("grid", [])) <= 1:
+            continue
+        lines += ["", f"### {' / '.join(row['entries'])}: every cell (dev {row['main_metric']} x 100 over seeds)", "",
+                  "| cell | mean | median | std | min | max | seeds | time | examples/s |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for index, cell in enumerate(row["grid"]):
+            m = cell["main"]
+            chosen = " **chosen**" if index == row["chosen_index"] else ""
+            rate = f"{cell['examples_per_s']:.1f}" if cell.get("examples_per_s") else "-"
+            lines.append(f"| {cell['name']}{chosen} | {_pct(m['mean'])} | {_pct(m['median'])} | {_pct(m['std'])} | "
+                         f"{_pct(m['min'])} | {_pct(m['max'])} | {m['n']} | {_duration(cell['runtime_s'])} | {rate} |")
+    if summary.get("grid_png"):
+        lines += ["", f"Heatmap: {Path(summary['grid_png']).name}"]
     return "\n".join(lines) + "\n"
 
 
@@ -229,4 +588,5 @@ def write_test_submission(results: dict[str, dict], out_dir: Path) -> Path:
     return write_submission(entries, out_dir)
 
 
-__all__ = ["entry_names", "parse_tasks", "plot_results", "results_markdown", "run_glue", "summarise", "task_recipe"]
+__all__ = ["check_fixed", "entry_names", "majority_class", "parse_tasks", "plot_results", "results_markdown", "run_glue",
+           "run_task", "summarise", "sweep_settings", "task_order", "task_recipe"]

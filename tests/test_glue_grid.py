@@ -1,0 +1,294 @@
+"""``bert-recipes glue`` sweeps on a tiny random BERT: the grid cell with the best dev mean is
+chosen, statistics over seeds, resume cell by cell, intermediate-task initialisation, early
+stopping, the WNLI options and the fixed protocol."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from bert_recipes.cli import main
+from bert_recipes.glue import finetune as finetune_module
+from bert_recipes.glue.grid import cell_name, cell_summary, choose, seed_stats
+from bert_recipes.glue.recipe import FinetuneRecipe, load_finetune_recipe
+from bert_recipes.glue.sweep import summarise
+from bert_recipes.glue.tasks import get_task
+
+from .test_finetune import FIXTURES, GLUE_RECIPES, overrides, read_jsonl
+
+GRID = ["sweep.grid.learning_rate=[1.0e-3,1.0e-5]", "seeds=[1,2]"]
+
+
+def glue(checkpoint, out, tasks, *extra, recipe=GLUE_RECIPES / "base.yaml", steps=2) -> int:
+    return main(["glue", str(recipe), "--tasks", tasks, *overrides(checkpoint, out, **{"train.max_steps": steps}),
+                 *extra])
+
+
+# --------------------------------------------------------------------------- statistics and choice
+
+
+def test_seed_stats_are_mean_median_and_sample_std():
+    stats = seed_stats([0.6, 0.7, 0.9])
+    assert stats["mean"] == pytest.approx(2.2 / 3)
+    assert stats["median"] == pytest.approx(0.7)
+    # deviations -0.1333, -0.0333, 0.1667: squares sum to 0.046667, / (3 - 1) = 0.023333
+    assert stats["std"] == pytest.approx(math.sqrt(0.0233333), rel=1e-4)
+    two = seed_stats([0.5, 0.8])
+    assert (two["median"], two["std"]) == (pytest.approx(0.65), pytest.approx(0.3 / math.sqrt(2)))
+    assert seed_stats([0.4])["std"] == 0.0
+    assert math.isnan(seed_stats([0.4, float("nan")])["mean"])
+
+
+def test_the_cell_with_the_best_dev_mean_is_chosen_not_the_best_seed():
+    task = get_task("rte")
+
+    def result(*accuracies):
+        return {"dev": {"accuracy": sum(accuracies) / len(accuracies)}, "seeds": list(range(len(accuracies))),
+                "runs": {str(i): {"accuracy": a} for i, a in enumerate(accuracies)}}
+
+    cells = [cell_summary(task, {"learning_rate": lr}, r) for lr, r in (
+        (5e-5, result(0.90, 0.50, 0.52)),  # the best single seed, mean 0.64
+        (3e-5, result(0.66, 0.68, 0.70)),  # the best mean: 0.68
+        (2e-5, result(0.68, 0.68, 0.68)),  # same mean: the first one wins the tie
+        (1e-5, result(float("nan"), 0.9, 0.9)),  # nan ranks last
+    )]
+    assert choose(cells) == 1
+    assert cells[1]["name"] == "lr3e-05" and cells[1]["main"]["median"] == pytest.approx(0.68)
+    assert cells[0]["main"]["std"] == pytest.approx(seed_stats([0.9, 0.5, 0.52])["std"])
+    assert cell_name({"learning_rate": 2e-5, "per_device_train_batch_size": 16, "num_train_epochs": 3.0}) == "lr2e-05_bs16_ep3"
+
+
+def test_grid_keys_and_values_are_checked_in_one_line(checkpoint, tmp_path, capsys):
+    for bad, message in (("sweep.grid.learnin_rate=[1.0e-3]", "sweep.grid: 'learnin_rate' is not a train key"),
+                         ("sweep.grid.learning_rate=[-1.0]", "sweep.grid gives a bad train value"),
+                         ("sweep.protocol=best", "sweep.protocol")):
+        code = glue(checkpoint, tmp_path / "o", "rte", bad)
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and "\n" not in err and message in err, err
+    assert not (tmp_path / "o").exists()
+
+
+# --------------------------------------------------------------------------- a grid sweep
+
+
+@pytest.fixture(scope="module")
+def grid_sweep(checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("grid") / "sweep"
+    import contextlib
+    import io
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        assert glue(checkpoint, out, "rte", *GRID, "--predict-test") == 0
+    return out, buffer.getvalue()
+
+
+def test_every_cell_runs_every_seed_and_the_best_mean_is_chosen(grid_sweep):
+    out, stdout = grid_sweep
+    task_dir = out / "rte"
+    cells = ["lr0.001", "lr1e-05"]
+    means = []
+    for name in cells:
+        result = json.loads((task_dir / name / "results.json").read_text())
+        assert result["seeds"] == [1, 2] and (task_dir / name / "seed-1" / "best").is_dir()
+        assert result["runtime_s"] > 0 and result["train_examples"] == 2 * 2 * 2  # seeds x steps x batch
+        means.append(sum(r["accuracy"] for r in result["runs"].values()) / 2)
+    summary = json.loads((out / "glue_results.json").read_text())
+    row = summary["tasks"]["rte"]
+    chosen = max(range(2), key=lambda i: (means[i], -i))
+    assert row["chosen_index"] == chosen and row["grid"][chosen]["name"] == cells[chosen]
+    assert row["metrics"]["accuracy"] == pytest.approx(means[chosen])
+    assert row["config"]["learning_rate"] == [1e-3, 1e-5][chosen]
+    assert [c["main"]["mean"] for c in row["grid"]] == pytest.approx(means)
+    # test predictions from the chosen cell's best seed
+    chosen_result = json.loads((task_dir / cells[chosen] / "results.json").read_text())
+    best_seed = chosen_result["best_seed"]
+    assert summary["tasks"]["rte"]["best"] == str(task_dir / cells[chosen] / f"seed-{best_seed}" / "best")
+    assert (task_dir / cells[chosen] / f"seed-{best_seed}" / "test_predictions.json").is_file()
+    assert Path(summary["submission"]).is_file()
+    text = (out / "glue_results.md").read_text()
+    assert "### RTE: every cell" in text and "**chosen**" in text and "Protocol: select (per task" in text
+    assert (out / "glue_grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "sweep estimate: about" in stdout and "4 run(s)" in stdout and summary["estimate_s"] > 0
+
+
+def test_an_interrupted_sweep_resumes_cell_by_cell(grid_sweep, checkpoint, tmp_path, caplog):
+    out, _ = grid_sweep
+    copy = tmp_path / "sweep"
+    shutil.copytree(out, copy)
+    first = copy / "rte" / "lr0.001"
+    before = {seed: (first / f"seed-{seed}" / "metrics.jsonl").read_text() for seed in (1, 2)}
+    # interrupted in the second cell: no results for it, nor for the task or the sweep
+    shutil.rmtree(copy / "rte" / "lr1e-05")
+    for stale in (copy / "rte" / "results.json", copy / "glue_results.json"):
+        stale.unlink()
+    caplog.set_level("INFO", logger="bert_recipes")
+    assert glue(checkpoint, copy, "rte", *GRID, "resume_from=latest") == 0
+    assert {seed: (first / f"seed-{seed}" / "metrics.jsonl").read_text() for seed in (1, 2)} == before
+    assert "rte lr0.001: finished; skipped" in caplog.text
+    assert (copy / "rte" / "lr1e-05" / "results.json").is_file()
+    assert len(json.loads((copy / "glue_results.json").read_text())["tasks"]["rte"]["grid"]) == 2
+    # without resume_from the finished sweep is not silently redone
+    assert glue(checkpoint, copy, "rte", *GRID) == 2
+
+
+# --------------------------------------------------------------------------- intermediate task
+
+
+def _recipes_with(tmp_path, **task_files) -> Path:
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    shutil.copy(GLUE_RECIPES / "base.yaml", folder / "base.yaml")
+    for name, text in task_files.items():
+        (folder / f"{name}.yaml").write_text(text)
+    return folder / "base.yaml"
+
+
+def test_init_from_task_runs_the_source_first_and_loads_its_encoder(checkpoint, tmp_path, caplog):
+    from transformers import BertForSequenceClassification
+
+    base = _recipes_with(tmp_path, mrpc="task: mrpc\ninit_from_task: rte\n")
+    out = tmp_path / "out"
+    caplog.set_level("INFO", logger="bert_recipes")
+    assert glue(checkpoint, out, "mrpc,rte", recipe=base) == 0
+    assert caplog.text.index("GLUE rte ->") < caplog.text.index("GLUE mrpc ->")  # the source first
+    encoder = out / "encoders" / "rte"
+    ran = load_finetune_recipe(out / "mrpc" / "recipe.yaml")
+    assert ran.model.name_or_path == str(encoder) and ran.init_from_task is None
+    source = BertForSequenceClassification.from_pretrained(out / "rte" / "best")
+    model = finetune_module.build_classifier(ran.model_copy(update={"resume_from": None}), get_task("mrpc"))
+    for key, value in source.bert.state_dict().items():
+        assert torch.equal(model.bert.state_dict()[key], value), key
+    assert not torch.equal(model.classifier.weight, source.classifier.weight)  # the head is dropped: fresh
+    summary = json.loads((out / "glue_results.json").read_text())
+    assert list(summary["tasks"]) == ["mrpc", "rte"] and summary["tasks"]["mrpc"]["init_from"] == "rte"
+    assert "from rte" in (out / "glue_results.md").read_text()
+
+
+def test_init_from_task_refuses_a_mismatched_architecture_or_a_missing_source(checkpoint, tmp_path, capsys):
+    from transformers import BertConfig, BertForPreTraining
+
+    wide = tmp_path / "wide"
+    BertForPreTraining(BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=128)).save_pretrained(wide)
+    shutil.copy(checkpoint / "tokenizer.json", wide)
+    base = _recipes_with(tmp_path, mrpc=f"task: mrpc\ninit_from_task: rte\nmodel: {{name_or_path: {wide}}}\n")
+    base.write_text(f"base: {GLUE_RECIPES / 'base.yaml'}\nmodel: {{name_or_path: {checkpoint}}}\n")
+    out = tmp_path / "out"
+    code = main(["glue", str(base), "--tasks", "mrpc,rte", f"data.glue_dir={FIXTURES}", f"output_dir={out}",
+                 "train.max_steps=1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and "init_from_task 'rte' has a different architecture" in err, err
+    assert "hidden_size 32 vs 64" in err and not out.exists()
+    code = glue(checkpoint, out, "mrpc", "init_from_task=rte")
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and "add rte to --tasks" in err, err
+    code = main(["finetune", str(GLUE_RECIPES / "mrpc.yaml"), *overrides(checkpoint, out), "init_from_task=rte"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "is read by `bert-recipes glue`" in err
+
+
+# --------------------------------------------------------------------------- early stopping
+
+
+def test_early_stopping_stops_at_the_patience_and_keeps_the_best(checkpoint, tmp_path, monkeypatch):
+    scores = iter([0.50, 0.75, 0.70, 0.75, 0.90, 0.95])  # best at step 2, then 2 evaluations without better
+    real = finetune_module.evaluate
+
+    def scripted(*args, **kwargs):
+        results, record = real(*args, **kwargs)
+        results["accuracy"] = record["eval_accuracy"] = next(scores)
+        return results, record
+
+    monkeypatch.setattr(finetune_module, "evaluate", scripted)
+    out = tmp_path / "run"
+    recipe = load_finetune_recipe(GLUE_RECIPES / "rte.yaml", overrides(checkpoint, out, **{
+        "train.max_steps": 6, "train.eval_steps": 1, "train.early_stopping_patience": 2}))
+    result = finetune_module.finetune(recipe)
+    assert (result["steps"], result["best_step"], result["stopped_early"]) == (4, 2, True)
+    assert result["train_examples"] == 4 * 2  # 4 steps of batch 2 (the fixture's 2 examples per epoch)
+    assert result["dev"]["accuracy"] == 0.75
+    assert json.loads((out / "best" / "eval_results.json").read_text())["step"] == 2
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl") if "eval_accuracy" in r] == [1, 2, 3, 4]
+
+
+# --------------------------------------------------------------------------- WNLI and the score
+
+
+def _wnli_glue_dir(tmp_path) -> Path:
+    """The fixtures with a WNLI whose training majority is entailment (1): dev accuracy 3/4."""
+    glue_dir = tmp_path / "glue"
+    shutil.copytree(FIXTURES, glue_dir)
+    rows = lambda labels: "index\tsentence1\tsentence2\tlabel\n" + "".join(  # noqa: E731
+        f"{i}\tThe cat sat on mat {i}.\tIt sat.\t{label}\n" for i, label in enumerate(labels))
+    (glue_dir / "WNLI" / "train.tsv").write_text(rows([1, 1, 0]))
+    (glue_dir / "WNLI" / "dev.tsv").write_text(rows([1, 0, 1, 1]))
+    return glue_dir
+
+
+def test_wnli_options_change_the_score_as_stated(checkpoint, tmp_path):
+    glue_dir = _wnli_glue_dir(tmp_path)
+    scores, texts, rows = {}, {}, {}
+    for option in ("include", "exclude", "majority"):
+        out = tmp_path / option
+        extra = [f"sweep.wnli={option}", f"data.glue_dir={glue_dir}"] + (["--predict-test"] if option == "majority" else [])
+        assert glue(checkpoint, out, "rte,wnli", *extra) == 0
+        summary = json.loads((out / "glue_results.json").read_text())
+        scores[option], texts[option], rows[option] = summary["glue_score"], (out / "glue_results.md").read_text(), summary
+    rte = rows["include"]["tasks"]["rte"]["entries"]["RTE"]  # same seed and data: the same RTE every time
+    wnli_trained = rows["include"]["tasks"]["wnli"]["entries"]["WNLI"]
+    assert scores["include"] == pytest.approx((rte + wnli_trained) / 2)
+    assert scores["exclude"] == pytest.approx(rte) and "wnli" not in rows["exclude"]["tasks"]
+    assert scores["majority"] == pytest.approx((rte + 0.75) / 2)
+    assert rows["majority"]["tasks"]["wnli"]["majority_class"] == "entailment"
+    assert "average of 2 entries (RTE, WNLI)" in texts["include"]
+    assert "average of 1 entries (RTE); WNLI left out" in texts["exclude"]
+    assert "average of 2 entries (RTE, WNLI); WNLI = majority class" in texts["majority"]
+    assert "majority class (entailment), no training" in texts["majority"]
+    assert not (tmp_path / "majority" / "wnli" / "seed-42").exists() and not (tmp_path / "majority" / "wnli" / "best").exists()
+    predictions = json.loads((tmp_path / "majority" / "wnli" / "test_predictions.json").read_text())
+    assert set(predictions["wnli"]["prediction"]) == {1}
+
+
+def test_summarise_states_the_averaged_entries():
+    results = {"rte": {"dev": {"accuracy": 0.6}, "best": "b"}, "wnli": {"dev": {"accuracy": 0.4}, "best": "c"}}
+    summary = summarise(results, wnli="include")
+    assert summary["glue_score"] == pytest.approx(0.5) and summary["score_entries"] == ["RTE", "WNLI"]
+
+
+# --------------------------------------------------------------------------- fixed protocol
+
+
+def test_fixed_protocol_runs_one_configuration_and_says_so(checkpoint, tmp_path, capsys):
+    out = tmp_path / "fixed"
+    assert glue(checkpoint, out, "rte,mrpc", "sweep.protocol=fixed", "seeds=[1,2]") == 0
+    text = (out / "glue_results.md").read_text()
+    assert "Protocol: fixed (one configuration for every task, mean of 2 seed(s), no selection on dev" in text
+    assert json.loads((out / "glue_results.json").read_text())["protocol"] == "fixed"
+    capsys.readouterr()
+    assert glue(checkpoint, tmp_path / "o", "rte", "sweep.protocol=fixed", *GRID) == 2
+    err = capsys.readouterr().err.strip()
+    assert "sweep.protocol=fixed runs one configuration" in err and "\n" not in err
+    base = _recipes_with(tmp_path, mrpc="task: mrpc\ntrain: {weight_decay: 0.1}\n")
+    assert glue(checkpoint, tmp_path / "o", "rte,mrpc", "sweep.protocol=fixed", recipe=base) == 2
+    err = capsys.readouterr().err.strip()
+    assert "mrpc and rte differ (train.weight_decay 0.1 vs 0.01)" in err and "\n" not in err
+
+
+def test_shipped_sweep_recipes_validate():
+    from bert_recipes.glue.sweep import sweep_settings, task_recipe
+    from bert_recipes.recipe_files import load_raw
+
+    paper = task_recipe(GLUE_RECIPES / "paper-sweep.yaml", "rte", ["model.name_or_path=x"], Path("r"), False)
+    assert len(paper.sweep.cells(paper.train)) == 8
+    assert {c["learning_rate"] for c in paper.sweep.cells(paper.train)} == {5e-5, 4e-5, 3e-5, 2e-5}
+    budget = task_recipe(GLUE_RECIPES / "budget-sweep.yaml", "rte", ["model.name_or_path=x"], Path("r"), False)
+    assert 1 < len(budget.sweep.cells(budget.train)) <= 4 and budget.seeds
+    fixed = sweep_settings(load_raw(GLUE_RECIPES / "fixed.yaml"), "fixed.yaml")
+    assert fixed.protocol == "fixed"
+    assert isinstance(FinetuneRecipe.model_fields["sweep"].default.grid, dict)
