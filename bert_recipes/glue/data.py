@@ -21,11 +21,11 @@ from __future__ import annotations
 import csv
 import math
 import os
-import re
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any
 
 from ..errors import DataError, UserError, first_line
+from .labels import label_mapping, norm_label
 from .tasks import GlueTask, get_task
 
 HIDDEN_LABEL = -1
@@ -236,8 +236,8 @@ def _labels_by_name(dataset, task: GlueTask, where: str):
     feature = dataset.features.get("label")
     if not isinstance(feature, datasets.ClassLabel):
         return dataset
-    theirs = [_norm_label(name) for name in feature.names]
-    ours = [_norm_label(name) for name in task.label_names]
+    theirs = [norm_label(name) for name in feature.names]
+    ours = [norm_label(name) for name in task.label_names]
     if theirs == ours:
         return dataset
     if sorted(theirs) != sorted(ours) or len(set(theirs)) != len(theirs):
@@ -356,65 +356,6 @@ def tokenize_glue(dataset, task: "str | GlueTask", tokenizer, max_seq_length: in
 
 
 # --------------------------------------------------------------------------- label mapping
-
-_GENERIC = re.compile(r"^label_\d+$")
-
-
-def _norm_label(name: Any) -> str:
-    return re.sub(r"[\s\-]+", "_", str(name).strip().lower())
-
-
-def label_mapping(task: "str | GlueTask", model_config: Any) -> Optional[dict[int, int]]:
-    """Reconcile a checkpoint's ``id2label`` with the task's labels, by name.
-
-    Args:
-        task: the GLUE task.
-        model_config: a ``PretrainedConfig`` (its ``id2label`` is read) or an ``id2label``
-            mapping itself; ``None`` means no label names.
-
-    Returns:
-        ``None`` when the task's ids can be used as they are: the checkpoint has no names,
-        generic ``LABEL_0``.. names (a fresh head), the task's names in the task's order,
-        or the task is the STS-B regression with a 1-output head. Otherwise
-        ``{task id: checkpoint id}`` when the checkpoint has the task's names in another
-        order (names compare case-insensitively, ``-``/space = ``_``; the TSV spelling,
-        e.g. ``"0"``/``"1"``, also counts).
-
-    Raises:
-        UserError: the names conflict (different names or a different number of classes).
-    """
-    task = get_task(task)
-    id2label = getattr(model_config, "id2label", model_config)
-    if not id2label:
-        return None
-    if not isinstance(id2label, Mapping):
-        raise UserError(f"model config id2label must be a mapping, got {type(id2label).__name__}")
-    try:
-        ordered = [id2label[key] for key in sorted(id2label, key=int)]
-    except (TypeError, ValueError):
-        raise UserError(f"model config id2label has non-integer ids: {sorted(map(str, id2label))}") from None
-    names = [_norm_label(name) for name in ordered]
-    if all(_GENERIC.match(name) for name in names):
-        return None
-    shown = ", ".join(map(str, ordered))
-    if task.is_regression:
-        if len(names) == 1:
-            return None
-        raise UserError(
-            f"checkpoint labels ({shown}) are classes, but GLUE task '{task.name}' is a regression "
-            "(1 output); start from a checkpoint without a task head"
-        )
-    for spelling in (task.label_names, task.tsv_labels):
-        wanted = [_norm_label(name) for name in spelling]
-        if sorted(names) == sorted(wanted) and len(set(names)) == len(names):
-            if names == wanted:
-                return None
-            return {task_id: names.index(name) for task_id, name in enumerate(wanted)}
-    raise UserError(
-        f"checkpoint labels ({shown}) do not match GLUE task '{task.name}' labels "
-        f"({', '.join(task.label_names)}); start from a checkpoint without a task head"
-    )
-
 
 __all__ = [
     "HIDDEN_LABEL",
