@@ -32,7 +32,7 @@ pretrain: $(STAMP)
 # `make finetune TASK=rte MODEL=path-or-hub-id GLUE_DIR=../shared/data/glue`: recipes/glue/$(TASK).yaml.
 finetune: $(STAMP)
 	@$(if $(TASK)$(MODEL)$(FT_RECIPE),true,test -d runs/tiny/final || { echo "error: runs/tiny/final not found: run 'make pretrain' first (or pass MODEL=path-or-hub-id)" >&2; exit 2; })
-	@$(if $(TASK),test -f recipes/glue/$(TASK).yaml || { echo "error: TASK=$(TASK): no recipe recipes/glue/$(TASK).yaml; tasks: $(filter-out base sample,$(basename $(notdir $(wildcard recipes/glue/*.yaml))))" >&2; exit 2; },true)
+	@$(if $(TASK),test -f recipes/glue/$(TASK).yaml || { echo "error: TASK=$(TASK): no recipe recipes/glue/$(TASK).yaml; tasks: $(filter-out base sample fixed budget-sweep paper-sweep,$(basename $(notdir $(wildcard recipes/glue/*.yaml))))" >&2; exit 2; },true)
 	$(BIN)/bert-recipes finetune $(if $(FT_RECIPE),$(FT_RECIPE),$(if $(TASK),recipes/glue/$(TASK).yaml,recipes/glue/sample.yaml)) $(if $(MODEL),model.name_or_path=$(MODEL)) $(if $(GLUE_DIR),data.glue_dir=$(GLUE_DIR)) $(ARGS)
 
 # `make glue MODEL=path-or-id GLUE_DIR=../shared/data/glue TASKS=cola,sst2,mrpc,stsb,rte`

@@ -27,12 +27,12 @@ from .modeling import BertPreTrainingObjective, build_pretraining_model, load_co
 from .pretrain_job import PretrainJob, eval_batches, evaluate
 from .recipe import PretrainRecipe, expand_files, save_recipe
 from .tokenizer import load_tokenizer, recipe_tokenizer, save_tokenizer
-from .training.accelerator import check_launch, launch_state, make_accelerator, start_trackers
+from .training.accelerator import check_launch, launch_state, start_run
 from .training.checkpoint import TrainerState, find_resume_checkpoint, load_checkpoint
 from .training.loop import Run, train
 from .training.optim import build_optimizer, build_scheduler
-from .training.outdir import check_output_dir, prepare_output_dir
-from .training.plan import Resolved, log_plan, resolve
+from .training.outdir import check_output_dir
+from .training.plan import Resolved, resolve
 from .training.resume import ResumePoint, check_resume, refuse_retraining_export, reschedule
 from .training.reporting import Reporter, interactive
 from .training.throughput import peak_flops_per_second
@@ -135,15 +135,8 @@ def check_has_text(files: list[str], key: str) -> None:
 
 def build(checked: Checked) -> tuple[Run, PretrainJob]:
     """Accelerator, run directory, tokenizer, model, optimizer, schedule, data; resumed state."""
-    from accelerate.utils import set_seed
-
     recipe = checked.plan.recipe
-    accelerator = make_accelerator(recipe)
-    if accelerator.is_main_process:
-        log_plan(checked.plan)
-    set_seed(recipe.seed)
-    out = prepare_output_dir(recipe, accelerator, checked.doomed)
-    start_trackers(accelerator, recipe)
+    accelerator, out = start_run(checked.plan, checked.doomed)
     tokenizer = prepare_tokenizer(recipe, out, accelerator, checked.train_files, resumed=checked.resume is not None)
     if accelerator.is_main_process:
         save_recipe(recipe, out)

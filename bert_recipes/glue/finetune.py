@@ -44,12 +44,12 @@ from ..data.packing import PackedFeatureCollator
 from ..modeling import classification_logits, load_config
 from ..recipe import save_recipe
 from ..tokenizer import recipe_tokenizer
-from ..training.accelerator import check_launch, launch_state, make_accelerator, start_trackers
+from ..training.accelerator import check_launch, launch_state, start_run
 from ..training.checkpoint import TrainerState, find_resume_checkpoint, load_checkpoint
 from ..training.loop import Run, train
 from ..training.optim import build_optimizer, build_scheduler
-from ..training.outdir import check_output_dir, prepare_output_dir
-from ..training.plan import Resolved, log_plan, resolve
+from ..training.outdir import check_output_dir
+from ..training.plan import Resolved, resolve
 from ..training.resume import ResumePoint, check_resume, refuse_retraining_export, reschedule
 from ..training.reporting import Reporter
 from .batching import BatchPlan, collate_batch, load_splits
@@ -145,16 +145,10 @@ def preflight(recipe: FinetuneRecipe) -> Checked:
 
 def build(checked: Checked) -> tuple[Run, "FinetuneJob"]:
     """Accelerator, run directory, tokenizer, classifier, splits, batch plan, optimizer, schedule."""
-    from accelerate.utils import set_seed
     from transformers import DataCollatorWithPadding
 
     recipe, task = checked.plan.recipe, checked.task
-    accelerator = make_accelerator(recipe)
-    if accelerator.is_main_process:
-        log_plan(checked.plan)
-    set_seed(recipe.seed)
-    out = prepare_output_dir(recipe, accelerator, checked.doomed)
-    start_trackers(accelerator, recipe)
+    accelerator, out = start_run(checked.plan, checked.doomed)
     tokenizer = recipe_tokenizer(recipe)
     model = build_classifier(recipe, task)
     splits = load_splits(recipe, task, tokenizer)

@@ -116,6 +116,24 @@ class SweepConfig(Strict):
         return cells
 
 
+def _trained_task(value: Optional[str], untrained: str) -> Optional[str]:
+    """The canonical name of a GLUE task that has training data (None stays None).
+
+    Raises:
+        ValueError: an unknown task, or one without training data (``untrained`` says why;
+            ``{}`` is replaced by the task that predicts it).
+    """
+    if value is None:
+        return None
+    try:
+        task = get_task(value)
+    except UserError as exc:
+        raise ValueError(str(exc)) from None
+    if not task.dev_splits:
+        raise ValueError(f"'{task.name}': " + untrained.format(task.predicted_with))
+    return task.name
+
+
 class FinetuneRecipe(RunConfig):
     """A GLUE fine-tuning recipe: one task, one checkpoint, one or several seeds."""
 
@@ -146,28 +164,12 @@ class FinetuneRecipe(RunConfig):
     @field_validator("task")
     @classmethod
     def _known_task(cls, value: Optional[str]) -> Optional[str]:
-        if value is None:
-            return None
-        try:
-            task = get_task(value)
-        except UserError as exc:
-            raise ValueError(str(exc)) from None
-        if not task.dev_splits:
-            raise ValueError(f"'{task.name}' has no training data; it is predicted with the {task.predicted_with} model")
-        return task.name
+        return _trained_task(value, "it has no training data; it is predicted with the {} model")
 
     @field_validator("init_from_task")
     @classmethod
     def _known_source(cls, value: Optional[str]) -> Optional[str]:
-        if value is None:
-            return None
-        try:
-            task = get_task(value)
-        except UserError as exc:
-            raise ValueError(str(exc)) from None
-        if not task.dev_splits:
-            raise ValueError(f"'{task.name}' is not trained, it has no encoder to start from")
-        return task.name
+        return _trained_task(value, "it is not trained, it has no encoder to start from")
 
     @field_validator("seeds")
     @classmethod

@@ -57,6 +57,25 @@ def make_accelerator(recipe):
     return accelerator
 
 
+def start_run(plan, doomed: list[str]):
+    """What every command does first once its preflight passed: the ``Accelerator``, the
+    effective-batch log line, the seed, the prepared output directory (``doomed`` deleted
+    under ``overwrite``) and the trackers. Returns ``(accelerator, output_dir)``."""
+    from accelerate.utils import set_seed
+
+    from .outdir import prepare_output_dir
+    from .plan import log_plan
+
+    recipe = plan.recipe
+    accelerator = make_accelerator(recipe)
+    if accelerator.is_main_process:
+        log_plan(plan)
+    set_seed(recipe.seed)
+    out = prepare_output_dir(recipe, accelerator, doomed)
+    start_trackers(accelerator, recipe)
+    return accelerator, out
+
+
 def start_trackers(accelerator, recipe, project_name: str = "bert-recipes") -> None:
     """Start the recipe's trackers: the project ``project_name``, a run named after the run
     directory (``runs/glue/rte/seed-42`` -> ``glue/rte/seed-42``), the recipe as config."""
