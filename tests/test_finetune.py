@@ -369,3 +369,19 @@ def test_preflight_refuses_before_an_old_run_is_deleted(task_runs, capsys, tmp_p
         err = capsys.readouterr().err.strip()
         assert code == 2 and err.startswith("error: ") and "\n" not in err, err
         assert sorted(p.name for p in old.iterdir()) == before
+
+
+def test_a_finished_finetune_extends_with_more_steps_and_is_left_alone_otherwise(checkpoint, tmp_path):
+    base = ["finetune", str(GLUE_RECIPES / "sst2.yaml")]
+    args = ["data.max_train_samples=24", "train.per_device_train_batch_size=4", "data.max_eval_samples=8"]
+    run = tmp_path / "run"
+    common = [*base, *overrides(checkpoint, run, **{"data.glue_dir": SAMPLE_GLUE, "train.max_steps": 4}), *args]
+    assert main(common) == 0
+    seed_dir = next(p for p in run.iterdir() if p.name.startswith("seed-")) if not (run / "metrics.jsonl").exists() else run
+    before = (seed_dir / "metrics.jsonl").read_text()
+    assert main([*common, "resume_from=latest"]) == 0  # the same schedule: complete, nothing trained
+    assert (seed_dir / "metrics.jsonl").read_text() == before
+    assert main([*common, "resume_from=latest", "train.max_steps=6"]) == 0  # more steps: continues
+    steps = sorted({r["step"] for r in read_jsonl(seed_dir / "metrics.jsonl") if "loss" in r})
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert json.loads((seed_dir / "results.json").read_text())["steps"] == 6

@@ -97,14 +97,25 @@ def finetune(recipe: FinetuneRecipe, on_log=None) -> dict:
         RunStopped: stopped by SIGTERM/SIGINT after saving a checkpoint.
     """
     started, out = time.time(), Path(recipe.output_dir)
-    if recipe.resume_from and (out / RESULTS).is_file():
-        logger.info("%s: already finished; reusing %s", out, out / RESULTS)
+    if recipe.resume_from and (out / RESULTS).is_file() and not asks_for_more(recipe, out):
+        logger.info("%s: the run is complete (same schedule); reusing %s", out, out / RESULTS)
         return json.loads((out / RESULTS).read_text())
     checked = preflight(recipe)
     run, job = build(checked)
     job.on_log = on_log
     train(job, run)
     return export(run, job, started)
+
+
+def asks_for_more(recipe: FinetuneRecipe, out: Path) -> bool:
+    """Whether a finished run in ``out`` is to be extended: ``train.max_steps`` or
+    ``train.num_train_epochs`` differ from its saved ``recipe.yaml`` (the resume then goes on
+    from the end-of-run checkpoint; the schedule checks of :mod:`~bert_recipes.training.resume`
+    apply)."""
+    from ..recipe_files import read_yaml
+
+    saved = (read_yaml(out / "recipe.yaml") or {}).get("train", {}) if (out / "recipe.yaml").is_file() else {}
+    return any(saved.get(key) != getattr(recipe.train, key) for key in ("max_steps", "num_train_epochs"))
 
 
 def preflight(recipe: FinetuneRecipe) -> Checked:

@@ -138,22 +138,9 @@ def run_glue(base: str | os.PathLike, tasks: list[str], overrides: list[str] | N
     root = Path(root_raw.get("output_dir") or FinetuneRecipe.model_fields["output_dir"].default)
     settings = sweep_settings(root_raw, str(base))
     wnli = "wnli" in tasks and settings.wnli != "include"
-    trained = [name for name in tasks if not (wnli and name == "wnli")]
     recipes = {name: task_recipe(base, name, overrides, root, predict_test) for name in tasks}
-    for recipe in recipes.values():
-        if recipe.data.glue_dir is not None:
-            glue_task_dir(recipe.data.glue_dir, recipe.task)
     wnli_recipe = recipes.pop("wnli") if wnli else None
-    cells = {name: recipe.sweep.cells(recipe.train) for name, recipe in recipes.items()}
-    if settings.protocol == "fixed":
-        check_fixed(recipes, cells)
-    order = task_order(recipes, root)
-    for name in order:
-        source = recipes[name].init_from_task
-        if source:
-            source_model = recipes[source].model.name_or_path if source in recipes else finished_best(root, source)
-            check_architectures(name, source, recipes[name].model.name_or_path, source_model,
-                                recipes[name].model.trust_remote_code)
+    cells, order = check_sweep(recipes, settings, root)
     from accelerate import PartialState
 
     main = PartialState().is_main_process
@@ -176,16 +163,42 @@ def run_glue(base: str | os.PathLike, tasks: list[str], overrides: list[str] | N
     summary = summarise(results, settings.protocol, settings.wnli if "wnli" in tasks else None)
     summary.update(recipe=str(base), output_dir=str(root), estimate_s=clock.estimate_s)
     if main:
-        root.mkdir(parents=True, exist_ok=True)
-        if predict_test:
-            summary["submission"] = str(write_test_submission(results, root / "submission"))
-        grid_png = plot_grid(summary["tasks"], root / GRID_PNG)
-        summary["grid_png"] = str(grid_png) if grid_png else None
-        write_json(root / RESULTS_JSON, summary)
-        write_text(root / RESULTS_MD, results_markdown(summary))
-        plot_results(summary, root / RESULTS_PNG)
+        write_report(summary, results, root, predict_test)
     PartialState().wait_for_everyone()
     return summary
+
+
+def check_sweep(recipes: dict[str, FinetuneRecipe], settings: SweepConfig, root: Path) -> tuple[dict, list[str]]:
+    """Before any training: every task's GLUE folder, its grid (a fixed protocol has one
+    configuration), the task order (sources first) and each source's architecture.
+    Returns ``(cells per task, task order)``; raises ``UserError`` as :func:`run_glue`.
+    """
+    for recipe in recipes.values():
+        if recipe.data.glue_dir is not None:
+            glue_task_dir(recipe.data.glue_dir, recipe.task)
+    cells = {name: recipe.sweep.cells(recipe.train) for name, recipe in recipes.items()}
+    if settings.protocol == "fixed":
+        check_fixed(recipes, cells)
+    order = task_order(recipes, root)
+    for name in order:
+        source = recipes[name].init_from_task
+        if source:
+            source_model = recipes[source].model.name_or_path if source in recipes else finished_best(root, source)
+            check_architectures(name, source, recipes[name].model.name_or_path, source_model,
+                                recipes[name].model.trust_remote_code)
+    return cells, order
+
+
+def write_report(summary: dict, results: dict, root: Path, predict_test: bool) -> None:
+    """``glue_results.json`` / ``.md`` / ``.png``, the grid heatmap and (``predict_test``) the submission."""
+    root.mkdir(parents=True, exist_ok=True)
+    if predict_test:
+        summary["submission"] = str(write_test_submission(results, root / "submission"))
+    grid_png = plot_grid(summary["tasks"], root / GRID_PNG)
+    summary["grid_png"] = str(grid_png) if grid_png else None
+    write_json(root / RESULTS_JSON, summary)
+    write_text(root / RESULTS_MD, results_markdown(summary))
+    plot_results(summary, root / RESULTS_PNG)
 
 
 # --------------------------------------------------------------------------- planning
