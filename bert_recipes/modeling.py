@@ -90,6 +90,11 @@ def block_diagonal_mask(segment_ids: torch.Tensor, attn_implementation: str, dty
     return same
 
 
+def packed_attention_mask(bert: nn.Module, segment_ids: torch.Tensor) -> torch.Tensor:
+    """:func:`block_diagonal_mask` for a ``BertModel``'s attention implementation and dtype."""
+    return block_diagonal_mask(segment_ids, bert.config._attn_implementation, bert.embeddings.word_embeddings.weight.dtype)
+
+
 def encode(model: nn.Module, input_ids, token_type_ids, attention_mask, position_ids=None, segment_ids=None,
            cls_index=None) -> tuple[torch.Tensor, torch.Tensor]:
     """The encoder outputs of a ``BertForPreTraining`` / ``BertForSequenceClassification``:
@@ -105,7 +110,7 @@ def encode(model: nn.Module, input_ids, token_type_ids, attention_mask, position
     if segment_ids is None:
         out = bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, return_dict=True)
         return out.last_hidden_state, out.pooler_output
-    mask = block_diagonal_mask(segment_ids, bert.config._attn_implementation, bert.embeddings.word_embeddings.weight.dtype)
+    mask = packed_attention_mask(bert, segment_ids)
     out = bert(input_ids=input_ids, attention_mask=mask, token_type_ids=token_type_ids, position_ids=position_ids,
                return_dict=True)
     hidden = out.last_hidden_state
@@ -125,8 +130,7 @@ def classification_logits(model: nn.Module, batch: dict, unwrap=lambda m: m) -> 
     if "segment_ids" not in inputs:
         return model(**inputs).logits
     core = unwrap(model)
-    mask = block_diagonal_mask(inputs["segment_ids"], core.config._attn_implementation,
-                               core.bert.embeddings.word_embeddings.weight.dtype)
+    mask = packed_attention_mask(core.bert, inputs["segment_ids"])
     out = model(input_ids=inputs["input_ids"], attention_mask=mask, token_type_ids=inputs["token_type_ids"],
                 position_ids=inputs["position_ids"], output_hidden_states=True)
     cls = out.hidden_states[-1].flatten(0, 1)[inputs["cls_index"]]

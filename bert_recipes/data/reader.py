@@ -54,9 +54,9 @@ def plain_backend(tokenizer):
     return plain
 
 
-def tokenize_sentences(tokenizer, sentences: list[str], keep_empty: bool = False, backend=None) -> list[list[int]]:
-    """Token ids per sentence in one batched call, empty ones dropped (kept with
-    ``keep_empty``). With ``backend`` (:func:`plain_backend`) the Rust tokenizer is called
+def tokenize_sentences(tokenizer, sentences: list[str], backend=None) -> list[list[int]]:
+    """Token ids per sentence in one batched call, empty ones dropped. With ``backend``
+    (:func:`plain_backend`) the Rust tokenizer is called
     directly (the transformers wrapper costs more than the tokenization itself for short
     batches); the ids are the same."""
     if not sentences:
@@ -66,7 +66,7 @@ def tokenize_sentences(tokenizer, sentences: list[str], keep_empty: bool = False
     else:
         encoded = tokenizer(sentences, add_special_tokens=False, return_attention_mask=False,
                             return_token_type_ids=False, verbose=False)["input_ids"]
-    return encoded if keep_empty else [ids for ids in encoded if ids]
+    return [ids for ids in encoded if ids]
 
 
 def unit_sentences(text: str, sentence_split: str) -> list[str]:
@@ -94,10 +94,11 @@ class IndexedCorpus:
         self._backend = plain_backend(tokenizer)
         self._fds: OrderedDict = OrderedDict()
         self._row_groups: OrderedDict = OrderedDict()
+        self._parquet: dict = {}  # file number -> pyarrow ParquetFile (its metadata read once)
 
     def __getstate__(self):  # DataLoader workers (spawn) reopen their own files
         state = dict(self.__dict__)
-        state["_fds"], state["_row_groups"] = OrderedDict(), OrderedDict()
+        state["_fds"], state["_row_groups"], state["_parquet"] = OrderedDict(), OrderedDict(), {}
         return state
 
     @property
@@ -134,8 +135,10 @@ class IndexedCorpus:
     def _row(self, number: int, row: int, purpose: str) -> str:
         import pyarrow.parquet as pq
 
-        path = self.index.files[number]
-        meta = pq.ParquetFile(path).metadata
+        if number not in self._parquet:
+            self._parquet[number] = pq.ParquetFile(self.index.files[number])
+        parquet = self._parquet[number]
+        meta = parquet.metadata
         group, first = 0, 0
         while first + meta.row_group(group).num_rows <= row:
             first += meta.row_group(group).num_rows
@@ -144,7 +147,7 @@ class IndexedCorpus:
         column = self._row_groups.pop(key, None)
         if column is None:
             self.bytes_read[purpose] += meta.row_group(group).total_byte_size
-            column = pq.ParquetFile(path).read_row_group(group, columns=[self.text_column]).column(0).to_pylist()
+            column = parquet.read_row_group(group, columns=[self.text_column]).column(0).to_pylist()
             if len(self._row_groups) >= 2:
                 self._row_groups.popitem(last=False)
         self._row_groups[key] = column
@@ -242,8 +245,8 @@ class IndexedCorpus:
         if self.index.sentence_split != "line" or last - unit == 1:
             return unit + 1
         budget = max(tokens_needed, 1) * BYTES_PER_TOKEN
-        sizes = self.index.unit_end[unit:last] - self.index.unit_start[unit]
-        return unit + 1 + min(int(np.searchsorted(sizes, budget)), last - unit - 1)
+        ends = self.index.unit_end[unit:last]  # a view: O(log units) per B segment, not O(units)
+        return unit + 1 + min(int(np.searchsorted(ends, int(self.index.unit_start[unit]) + budget)), last - unit - 1)
 
     def close(self) -> None:
         for fd in self._fds.values():

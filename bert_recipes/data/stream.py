@@ -40,7 +40,7 @@ from .index import build_index
 from .instances import InstanceBuilder, PairInstance
 from .masking import MaskingVocab, create_masked_lm_predictions
 from .packing import pack_rows
-from .reader import IndexedCorpus
+from .reader import IndexedCorpus, plain_backend, tokenize_sentences
 from .sources import IndexedSource, StreamedSource, new_stats
 
 logger = logging.getLogger("bert_recipes")
@@ -119,7 +119,9 @@ class PretrainingStream(torch.utils.data.IterableDataset):
             self._check_index(index)
             self.source = IndexedSource(self.corpus, self.builder, self.seed, cfg.interleave_documents)
         else:
-            self.source = StreamedSource(self.files, cfg, self.builder, self.seed, self._tokenize)
+            backend = plain_backend(tokenizer)
+            self.source = StreamedSource(self.files, cfg, self.builder, self.seed,
+                                         lambda sentences: tokenize_sentences(tokenizer, sentences, backend=backend))
         self._pending: Optional[dict] = None
         self._live: Optional[_StreamState] = None
 
@@ -280,14 +282,6 @@ class PretrainingStream(torch.utils.data.IterableDataset):
             st.epoch += 1
             st.position = self.source.new_position()
             st.stats = new_stats()
-
-    def _tokenize(self, sentences: list[str]) -> list[list[int]]:
-        """Token ids per sentence (one batched tokenizer call), empty ones dropped."""
-        if not sentences:
-            return []
-        encoded = self.tokenizer(sentences, add_special_tokens=False, return_attention_mask=False,
-                                 return_token_type_ids=False, verbose=False)["input_ids"]
-        return [ids for ids in encoded if ids]
 
     def _masked(self, pair: PairInstance, rng: np.random.Generator) -> list:
         input_ids, labels = create_masked_lm_predictions(
