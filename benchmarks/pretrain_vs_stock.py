@@ -18,7 +18,7 @@ multiple of ``data.pad_to_multiple_of``), ``BertPreTrainingObjective`` (MLM head
 masked positions) on a ``BertForPreTraining`` with the recipe's ``attn_implementation``
 (sdpa), ``build_optimizer`` (fused AdamW), and the real training loop
 (``bert_recipes.training.loop.train`` over a ``PretrainJob``: accumulation window, gradient
-clipping, non-finite checks, one host read per step) through Accelerate. Each round is one
+clipping, non-finite skips on the device, no host read off logging steps) through Accelerate. Each round is one
 call of ``train`` over that round's batches, logging once, at its last step.
 
 STOCK (transformers' own pieces only, as ``run_mlm``/``Trainer`` with ``pad_to_max_length``):

@@ -149,7 +149,9 @@ class BertPreTrainingObjective(nn.Module):
     ``forward`` takes the collator's batch (all ``torch.long``): ``input_ids``,
     ``token_type_ids``, ``attention_mask``, ``labels`` of shape [B, L] and
     ``next_sentence_label`` of shape [B], or a packed batch (``position_ids``,
-    ``segment_ids`` [R, L], ``cls_index`` [N]; see :func:`encode`). It returns a dict of 0-d tensors:
+    ``segment_ids`` [R, L], ``cls_index`` [N]; see :func:`encode`), and optionally
+    ``masked_lm_positions`` [M] (the flat indices of ``labels != -100``, which the collators
+    give; without it the head finds them on the device, a host sync). It returns a dict of 0-d tensors:
     ``mlm_loss_sum`` (sum of token cross-entropies in nats over the M masked tokens),
     ``nsp_loss_sum`` (sum over the B sequences), ``num_masked`` (M), ``num_sequences`` (B),
     ``mlm_correct`` and ``nsp_correct`` (argmax hits).
@@ -161,12 +163,14 @@ class BertPreTrainingObjective(nn.Module):
         self.sparse_mlm_head = sparse_mlm_head
 
     def forward(self, input_ids, token_type_ids, attention_mask, labels, next_sentence_label, position_ids=None,
-                segment_ids=None, cls_index=None, **_unused):
+                segment_ids=None, cls_index=None, masked_lm_positions=None, **_unused):
         sequence_output, pooled_output = encode(self.model, input_ids, token_type_ids, attention_mask, position_ids,
                                                 segment_ids, cls_index)
         heads = self.model.cls
         if self.sparse_mlm_head:
-            positions = (labels.flatten() != -100).nonzero().squeeze(1)  # [M], row-major: ONE host sync (its size)
+            positions = masked_lm_positions  # [M], row-major, from the collator: no host sync
+            if positions is None:
+                positions = (labels.flatten() != -100).nonzero().squeeze(1)  # a host sync (M is a shape)
             mlm_logits = heads.predictions(sequence_output.flatten(0, 1).index_select(0, positions))  # [M, V]
             mlm_targets = labels.flatten().index_select(0, positions)  # [M]
         else:

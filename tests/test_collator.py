@@ -31,7 +31,8 @@ def test_padded_length(longest, multiple, cap, expected):
 def test_collator_pads_to_a_multiple_of_8_with_the_right_values():
     collate = PretrainingCollator(SimpleNamespace(pad_token_id=PAD), pad_to_multiple_of=8, max_seq_length=128)
     batch = collate([instance(13, 1), instance(5, 0), instance(9, 1)])
-    assert set(batch) == {"input_ids", "token_type_ids", "attention_mask", "labels", "next_sentence_label"}
+    assert set(batch) == {"input_ids", "token_type_ids", "attention_mask", "labels", "next_sentence_label",
+                          "masked_lm_positions"}
     assert all(t.dtype == torch.long for t in batch.values())
     assert batch["input_ids"].shape == (3, 16) and batch["next_sentence_label"].tolist() == [1, 0, 1]
     row = 1  # the 5-token instance
@@ -40,6 +41,8 @@ def test_collator_pads_to_a_multiple_of_8_with_the_right_values():
     assert batch["token_type_ids"][row].tolist() == [0, 0, 1, 1, 1] + [0] * 11
     assert batch["labels"][row].tolist() == [-100, 10] + [-100] * 14
     assert (batch["attention_mask"].sum(1) == torch.tensor([13, 5, 9])).all()
+    # the masked tokens' flat positions in [3 * 16], row-major: what the sparse MLM head gathers
+    assert batch["masked_lm_positions"].tolist() == [0 * 16 + 1, 1 * 16 + 1, 2 * 16 + 1]  # column 1 of each row
 
 
 def test_collator_never_exceeds_max_seq_length_when_it_is_not_a_multiple():

@@ -163,7 +163,7 @@ def test_length_sorted_micro_batches_equal_the_whole_batch():
     assert window[0]["input_ids"].shape[1] < window[1]["input_ids"].shape[1]  # less padding
 
     split, whole = sharp_model(), sharp_model()
-    sums, _, _ = forward_backward(accelerator, BertPreTrainingObjective(split), job, window)
+    sums, _ = forward_backward(accelerator, BertPreTrainingObjective(split), job, window)
     out = BertPreTrainingObjective(whole)(**collate(instances))
     loss = normalised_loss(out)
     loss.backward()

@@ -76,6 +76,10 @@ def test_packed_rows_restart_positions_and_point_at_each_cls():
     assert packed["next_sentence_label"].tolist() == [x["next_sentence_label"] for x in items]
     assert packing_efficiency(packed) == pytest.approx(171 / 192)
     assert (packed["labels"][packed["attention_mask"] == 0] == -100).all()
+    # the masked tokens' flat positions: every labelled token of every instance, row-major
+    expected = sorted(int(packed["cls_index"][i]) + j for i, item in enumerate(items)
+                      for j, label in enumerate(item["labels"]) if label != -100)
+    assert packed["masked_lm_positions"].tolist() == expected and expected
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])

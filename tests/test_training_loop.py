@@ -4,6 +4,7 @@ a stopped run's outcome."""
 from __future__ import annotations
 
 import itertools
+import math
 import signal
 from pathlib import Path
 
@@ -22,12 +23,15 @@ from bert_recipes.training.signals import RunStopped
 
 from .conftest import TINY_RECIPE, tiny_overrides
 
-# Per optimizer step: the loop reads ONE tensor on the host ([grad norm, loss, stop requests]:
-# the skip and stop decisions the host makes); each micro-batch's forward makes two syncs of
-# its own, transformers' SDPA check for padding (`attention_mask.all()`) and the sparse MLM
-# head's `nonzero` (the number of masked tokens is a shape).
-LOOP_SYNCS_PER_STEP = 1
-FORWARD_SYNCS_PER_MICRO_BATCH = 2
+# Per optimizer step off the logging/eval/save steps: the loop reads nothing on the host (a
+# non-finite step is skipped on the device by fused AdamW's found_inf; the gradient norm and
+# the skip counts wait for the next logging step; a stop request is a host flag). The sparse
+# MLM head gathers the collator's masked_lm_positions (no `nonzero`). What is left is
+# transformers' own SDPA check for padding (`attention_mask.all()`, which picks the mask-free
+# kernel for an unpadded batch), once per padded micro-batch; a packed batch passes its
+# block-diagonal mask and makes none.
+LOOP_SYNCS_PER_STEP = 0
+FORWARD_SYNCS_PER_MICRO_BATCH = {"padded": 1, "packed": 0}
 PYTHON_READS = ("tolist", "numpy", "cpu")  # reads that never reach the dispatcher on a CPU tensor
 
 
@@ -67,18 +71,27 @@ class Records:
         self.lines.append(line)
 
 
-def random_batches(vocab: int, batch: int = 4, length: int = 24, seed: int = 0):
+def random_batches(vocab: int, batch: int = 4, length: int = 24, seed: int = 0, packed: bool = False):
+    """Batches as the collators lay them out (plain, or two instances per row when ``packed``)."""
     generator = torch.Generator().manual_seed(seed)
     while True:
         input_ids = torch.randint(5, vocab, (batch, length), generator=generator)
         labels = torch.full_like(input_ids, -100)
         labels[:, 1:4] = input_ids[:, 1:4]
-        yield {"input_ids": input_ids, "token_type_ids": torch.zeros_like(input_ids),
+        out = {"input_ids": input_ids, "token_type_ids": torch.zeros_like(input_ids),
                "attention_mask": torch.ones_like(input_ids), "labels": labels,
-               "next_sentence_label": torch.randint(0, 2, (batch,), generator=generator)}
+               "masked_lm_positions": (torch.arange(batch)[:, None] * length + torch.arange(1, 4)).flatten()}
+        half = length // 2
+        if packed:
+            out.update(position_ids=torch.arange(length).remainder(half).repeat(batch, 1),
+                       segment_ids=(torch.arange(length) // half + 1).repeat(batch, 1),
+                       cls_index=torch.arange(2 * batch) * half)
+        instances = 2 * batch if packed else batch
+        out["next_sentence_label"] = torch.randint(0, 2, (instances,), generator=generator)
+        yield out
 
 
-def tiny_run(tmp_path: Path, **train_overrides):
+def tiny_run(tmp_path: Path, packed: bool = False, **train_overrides):
     from accelerate import Accelerator
 
     overrides = {"train.gradient_accumulation_steps": 2, "train.logging_steps": 1000, **train_overrides}
@@ -91,15 +104,16 @@ def tiny_run(tmp_path: Path, **train_overrides):
     scheduler = build_scheduler(optimizer, recipe.train, recipe.train.max_steps)
     objective, optimizer = accelerator.prepare(BertPreTrainingObjective(model), optimizer)
     run = Run(accelerator, objective, optimizer, scheduler, recipe, tmp_path / "run", TrainerState(), Records())
-    job = PretrainJob(recipe, random_batches(100), accelerator.device, recipe.train.max_steps, model.config)
+    job = PretrainJob(recipe, random_batches(100, packed=packed), accelerator.device, recipe.train.max_steps, model.config)
     return run, job
 
 
-def test_host_syncs_per_optimizer_step_off_logging_steps(tmp_path, monkeypatch):
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_host_syncs_per_optimizer_step_off_logging_steps(tmp_path, monkeypatch, layout):
     """Every host sync between the starts of consecutive optimizer steps of a 2-micro-batch
     window, counted at the dispatcher: steps 1..4 do not log (logging_steps 1000), step 5
-    is the last and logs. The loop's own share is one read per step."""
-    run, job = tiny_run(tmp_path, **{"train.max_steps": 5})
+    is the last and logs. The loop's own share is none."""
+    run, job = tiny_run(tmp_path, packed=layout == "packed", **{"train.max_steps": 5})
     mode, python_reads = HostSyncs(), []
     for name in PYTHON_READS:
         real = getattr(torch.Tensor, name)
@@ -119,11 +133,61 @@ def test_host_syncs_per_optimizer_step_off_logging_steps(tmp_path, monkeypatch):
 
     micro_batches = run.recipe.train.gradient_accumulation_steps
     per_step = [b - a for a, b in itertools.pairwise(at_window)]  # steps 1..4, none of them logs
-    assert per_step == [LOOP_SYNCS_PER_STEP + FORWARD_SYNCS_PER_MICRO_BATCH * micro_batches] * 4 == [5] * 4
-    loop_reads = [[name for step, name in python_reads if step == k] for k in range(1, 5)]  # the loop's own
-    assert loop_reads == [["tolist"] * LOOP_SYNCS_PER_STEP] * 4
+    expected = LOOP_SYNCS_PER_STEP + FORWARD_SYNCS_PER_MICRO_BATCH[layout] * micro_batches
+    assert per_step == [expected] * 4 == [2 if layout == "padded" else 0] * 4
+    assert [name for step, name in python_reads if 1 <= step <= 4] == []  # the loop's own reads
     assert [r["step"] for r in run.reporter.records] == [5]  # the last step logs: its reads are allowed
     assert run.state.step == 5 and run.state.skipped_steps == 0
+    assert math.isfinite(run.reporter.records[0]["grad_norm"]) and run.reporter.records[0]["grad_norm"] > 0
+
+
+def test_a_nonfinite_step_is_skipped_on_the_device(tmp_path):
+    """A NaN loss at step 2 of 4 (no logging before step 4): fused AdamW's found_inf leaves
+    the weights and the optimizer state exactly as a step that was never taken, and the
+    logging step reads the skip count and the warning."""
+    run, job = tiny_run(tmp_path, **{"train.max_steps": 4, "train.gradient_accumulation_steps": 1})
+    forward, calls, snapshots = job.forward, {"n": 0}, {}
+
+    def poisoned(model, batch):
+        calls["n"] += 1
+        out = forward(model, batch)
+        if calls["n"] == 2:
+            snapshots["before"] = [p.detach().clone() for p in model.parameters()]
+            snapshots["steps"] = [s["step"].clone() for s in run.optimizer.optimizer.state.values()]
+            out["mlm_loss_sum"] = out["mlm_loss_sum"] * float("nan")
+        if calls["n"] == 3:  # step 3 starts from the weights step 1 left
+            snapshots["after"] = [p.detach().clone() for p in model.parameters()]
+            snapshots["steps_after"] = [s["step"].clone() for s in run.optimizer.optimizer.state.values()]
+        return out
+
+    job.forward = poisoned
+    train(job, run)
+    assert all(torch.equal(a, b) for a, b in zip(snapshots["before"], snapshots["after"]))
+    assert [int(s) for s in snapshots["steps"]] == [int(s) for s in snapshots["steps_after"]] == [1] * len(snapshots["steps"])
+    assert run.state.skipped_steps == 1 and run.state.consecutive_nonfinite == 0
+    assert [r["skipped_steps"] for r in run.reporter.records] == [1]
+
+
+def test_too_many_nonfinite_steps_are_seen_at_the_next_logging_step(tmp_path):
+    """NaN from step 2 on, at most 2 in a row, logging every 4 steps: the device counts, and
+    the read at step 4 (3 in a row) stops the run with the one-line error."""
+    from bert_recipes.errors import TrainingError
+
+    run, job = tiny_run(tmp_path, **{"train.max_steps": 8, "train.gradient_accumulation_steps": 1,
+                                     "train.logging_steps": 4, "train.max_consecutive_nonfinite_steps": 2})
+    forward, calls = job.forward, {"n": 0}
+
+    def poisoned(model, batch):
+        calls["n"] += 1
+        out = forward(model, batch)
+        if calls["n"] >= 2:
+            out["mlm_loss_sum"] = out["mlm_loss_sum"] * float("nan")
+        return out
+
+    job.forward = poisoned
+    with pytest.raises(TrainingError, match="^train.max_consecutive_nonfinite_steps: 3 consecutive steps"):
+        train(job, run)
+    assert run.state.step == 4 and run.state.skipped_steps == 3 and run.reporter.records == []
 
 
 def test_a_stopped_run_saves_and_raises_run_stopped(tmp_path):

@@ -33,8 +33,9 @@ class PretrainingCollator:
     ``__call__(instances)`` takes dicts with ``input_ids``, ``token_type_ids``, ``labels``
     (lists of ints of equal length) and ``next_sentence_label`` (int) and returns
     ``input_ids`` (padded with the pad id), ``token_type_ids`` (0), ``attention_mask``
-    (1 on tokens, 0 on padding), ``labels`` (-100 on padding): ``[B, L]``; and
-    ``next_sentence_label``: ``[B]``.
+    (1 on tokens, 0 on padding), ``labels`` (-100 on padding): ``[B, L]``;
+    ``next_sentence_label``: ``[B]``; and ``masked_lm_positions``: ``[M]``, the flat
+    (row-major) indices into ``[B * L]`` of the M masked tokens (see :func:`masked_lm_positions`).
 
     Raises:
         ValueError: an empty list of instances.
@@ -67,7 +68,19 @@ class PretrainingCollator:
             "attention_mask": torch.from_numpy(attention_mask),
             "labels": torch.from_numpy(labels),
             "next_sentence_label": torch.from_numpy(nsp),
+            "masked_lm_positions": masked_lm_positions(labels),
         }
 
 
-__all__ = ["PretrainingCollator", "padded_length"]
+def masked_lm_positions(labels: np.ndarray) -> torch.Tensor:
+    """The flat, row-major indices (``int64 [M]``) of the masked tokens of ``labels`` ``[B, L]``
+    (entries other than -100), found on the host while collating.
+
+    Google's ``masked_lm_positions`` (create_pretraining_data.py of google-research/bert), one
+    list for the batch: the sparse MLM head gathers these positions instead of searching
+    ``labels`` on the device, whose result size (M) would make the host wait for the device.
+    """
+    return torch.from_numpy(np.flatnonzero(labels.reshape(-1) != IGNORE_INDEX))
+
+
+__all__ = ["PretrainingCollator", "masked_lm_positions", "padded_length"]

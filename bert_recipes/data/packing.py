@@ -19,7 +19,8 @@ A packed batch holds, for R rows of length L and N instances:
 - ``segment_ids``: ``[R, L]``, 1, 2, ... for the instances of a row, 0 on padding;
   attention is confined to equal segment ids;
 - ``cls_index``: ``[N]``, the flat position (``row * L + column``) of each instance's [CLS];
-- ``next_sentence_label``: ``[N]``, in the order of ``cls_index`` (the batch's order).
+- ``next_sentence_label``: ``[N]``, in the order of ``cls_index`` (the batch's order);
+- ``masked_lm_positions``: ``[M]``, the flat positions of the masked tokens (pretraining rows).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from .collator import padded_length
+from .collator import masked_lm_positions, padded_length
 from .masking import IGNORE_INDEX
 
 
@@ -148,6 +149,8 @@ class PackedCollator:
                 start = end
         tensors = {key: torch.from_numpy(value) for key, value in out.items()}
         tensors["cls_index"] = torch.from_numpy(cls_index)
+        if "labels" in self.token_keys:  # pretraining rows: the masked tokens' positions
+            tensors["masked_lm_positions"] = masked_lm_positions(out["labels"])
         for key in self.instance_keys:
             if key in instances[0]:
                 tensors[key] = torch.tensor([x[key] for x in instances])  # int64, or float32 (STS-B scores)

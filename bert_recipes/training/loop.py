@@ -7,10 +7,11 @@ by a count over the whole window on all ranks (``Job.loss_terms``), so accumulat
 data parallelism compute what one large batch would.
 
 Host syncs. The hot path keeps every number on the device: per optimizer step there is one
-all-reduce (the window's counts and the stop requests) and ONE device-to-host read, of
-``[grad norm, this rank's loss, stop requests]``, because skipping a non-finite step and
-stopping on a signal are decisions the host makes. The named sums of a logging interval
-(:class:`StepSums`) stay on the device until a logging step reduces and reads them once.
+all-reduce (the window's counts) and no device-to-host read. A non-finite step is skipped
+on the device (fused AdamW's ``found_inf``, :func:`optimizer_step`), its count and the
+gradient norm wait in :class:`StepHealth`, the named sums of a logging interval in
+:class:`StepSums`, until a logging, evaluation or save step reads them once. A signal's
+stop request is a host flag, agreed between ranks on the host (:func:`any_rank_stopping`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 from ..errors import TrainingError
 from .accelerator import sharded_parameters
 from .checkpoint import TrainerState, save_checkpoint
-from .signals import RunStopped, StopRequest
+from .signals import RunStopped, StopRequest, any_rank_stopping
 
 logger = logging.getLogger("bert_recipes")
 
@@ -103,39 +104,93 @@ class StepSums:
         return dict(zip(self.names, accelerator.reduce(self.values, reduction="sum").tolist()))
 
 
+class StepHealth:
+    """Non-finite steps, counted on the device and read by the host only at read points.
+
+    ``values`` is ``[grad norm of the last step, skipped steps, non-finite steps in a row]``
+    (float64, on the device). :meth:`record` updates it without a host read and returns the
+    step's ``found_inf`` (1.0: skip it); :meth:`read` brings it to the host at a logging,
+    evaluation or save step, updates the :class:`TrainerState` and enforces
+    ``train.max_consecutive_nonfinite_steps``.
+    """
+
+    def __init__(self, state: TrainerState, device, limit: int):
+        self.state, self.limit, self.read_at = state, limit, state.step
+        self.values = torch.tensor([math.nan, state.skipped_steps, state.consecutive_nonfinite],
+                                   dtype=torch.float64, device=device)
+
+    def record(self, norm: torch.Tensor, loss: torch.Tensor, norm_counts: bool = True) -> torch.Tensor:
+        """Count a step with gradient norm ``norm`` and loss ``loss`` (0-d, on the device);
+        with ``norm_counts=False`` (fp16: the gradient scaler handles overflow) only the loss does."""
+        finite_loss = torch.isfinite(loss)
+        bad = ~(finite_loss & torch.isfinite(norm)) if norm_counts else ~finite_loss
+        bad = bad.double()
+        grad_norm = torch.where(finite_loss, norm.double(), math.nan)
+        self.values = torch.stack([grad_norm, self.values[1] + bad, (self.values[2] + 1) * bad])
+        return bad.float()
+
+    def read(self, step: int) -> float:
+        """The gradient norm of step ``step`` (1-based; NaN after a non-finite loss), read on the host.
+
+        Raises:
+            TrainingError: more than ``train.max_consecutive_nonfinite_steps`` in a row.
+        """
+        grad_norm, skipped, in_a_row = self.values.tolist()  # the host read
+        state, new = self.state, int(skipped) - self.state.skipped_steps
+        state.skipped_steps, state.consecutive_nonfinite = int(skipped), int(in_a_row)
+        if new:
+            logger.warning("steps %d-%d: %d step(s) with a non-finite loss or gradient skipped (%d in a row)",
+                           self.read_at + 1, step, new, state.consecutive_nonfinite)
+        self.read_at = step
+        if in_a_row > self.limit:
+            raise TrainingError(
+                f"train.max_consecutive_nonfinite_steps: {int(in_a_row)} consecutive steps had a "
+                "non-finite loss or gradient; lower train.learning_rate or check the data. The last checkpoint is intact."
+            )
+        return grad_norm
+
+
 def train(job: Job, run: Run, checkpoint_at_end: bool = True) -> None:
     """Train ``run.model`` on ``job`` from ``run.state.step`` to ``job.total_steps``.
 
     Logs every ``train.logging_steps`` (and the last step), evaluates where the job says,
     saves a checkpoint every ``train.save_steps``, on SIGTERM/SIGINT and at the last step
     (so a finished run can always be extended with ``resume_from=latest``; the benchmarks,
-    which call it chunk by chunk, pass ``checkpoint_at_end=False``).
+    which call it chunk by chunk, pass ``checkpoint_at_end=False``). Only those steps read
+    device values on the host (:class:`StepHealth`, :class:`StepSums`).
 
     Raises:
         RunStopped: a signal stopped the run after its checkpoint was saved.
-        TrainingError: too many consecutive non-finite steps.
+        TrainingError: too many consecutive non-finite steps (seen at the next read point).
     """
     accelerator, state, config = run.accelerator, run.state, run.recipe.train
     interval, started = None, time.perf_counter()
     saved_at = state.step if state.step else None  # a resumed run starts at its checkpoint
+    health = StepHealth(state, accelerator.device, config.max_consecutive_nonfinite_steps)
+    on_device = accelerator.mixed_precision != "fp16" and skips_on_device(run.optimizer, run.model)
     run.model.train()
     with StopRequest() as stop:
         while state.step < job.total_steps:
-            sums, loss, stops = forward_backward(accelerator, run.model, job, job.window(state.step), stop.requested)
-            grad_norm, stopping = optimizer_step(run, loss, stops)
+            sums, loss = forward_backward(accelerator, run.model, job, job.window(state.step))
+            optimizer_step(run, loss, health, on_device)
             state.step += 1
             interval = sums + interval
             run.reporter.advance(1)
-            if state.step % config.logging_steps == 0 or state.step == job.total_steps:
+            stopping = any_rank_stopping(accelerator, stop.requested is not None)
+            logs = state.step % config.logging_steps == 0 or state.step == job.total_steps
+            evaluates, saves = job.evaluates_at(state.step), stopping or (config.save_steps and state.step % config.save_steps == 0)
+            if logs or evaluates or saves:
+                grad_norm = health.read(state.step)  # raises after too many non-finite steps, before anything is saved
+            if logs:
                 record = job.metrics(interval.host(accelerator), time.perf_counter() - started, state.step)
                 record.update(lr=run.scheduler.get_last_lr()[0], grad_norm=grad_norm, skipped_steps=state.skipped_steps)
                 run.reporter.log(record, state.step)
                 interval, started = None, time.perf_counter()
-            if job.evaluates_at(state.step):
+            if evaluates:
                 record = job.evaluate()
                 run.reporter.log(record, state.step)
                 job.after_evaluation(record, state.step)
-            if stopping or (config.save_steps and state.step % config.save_steps == 0):
+            if saves:
                 path = save_checkpoint(accelerator, run.model, run.scheduler, run.out / "checkpoints", state,
                                        run.recipe, job.data_state(), config.save_total_limit)
                 saved_at = state.step
@@ -149,27 +204,24 @@ def train(job: Job, run: Run, checkpoint_at_end: bool = True) -> None:
     verify_replicas_in_sync(accelerator, run.model)
 
 
-def forward_backward(accelerator, model, job: Job, window: list[dict], stop_requested=None):
+def forward_backward(accelerator, model, job: Job, window: list[dict]):
     """Forward and backward over one accumulation window.
 
     The loss of micro-batch k is ``world * sum_t(sum_t_k / count_t)`` with count_t the
     count of the whole window on all ranks; DDP's gradient mean over ``world`` ranks then
     gives the gradient of the global mean loss. Gradients are synchronised only on the last
-    micro-batch. No host reads: the counts are reduced (with the ranks' stop requests) on
-    the device.
+    micro-batch. No host reads: the counts are reduced on the device.
 
     Returns:
-        ``(sums, loss, stops)``: this rank's :class:`StepSums` of the window, this rank's
-        share of the step loss (0-d; the ranks' shares add up to the step loss) and the
-        number of ranks asking to stop (0-d), all on the device.
+        ``(sums, loss)``: this rank's :class:`StepSums` of the window and this rank's share
+        of the step loss (0-d; the ranks' shares add up to the step loss), on the device.
     """
     counts = [job.counts(batch) for batch in window]
     names = tuple(counts[0])
     local = [sum(c[name] for c in counts) for name in names]
-    flag = torch.tensor(float(stop_requested is not None), device=accelerator.device)
-    reduced = accelerator.reduce(torch.stack([torch.as_tensor(v, device=accelerator.device).double() for v in local]
-                                             + [flag.double()]), reduction="sum")
-    total = dict(zip(names, reduced[:-1]))
+    reduced = accelerator.reduce(torch.stack([torch.as_tensor(v, device=accelerator.device).double() for v in local]),
+                                 reduction="sum")
+    total = dict(zip(names, reduced))
     world, sums = accelerator.num_processes, None
     for k, batch in enumerate(window):
         with contextlib.nullcontext() if k == len(window) - 1 else accelerator.no_sync(model):
@@ -177,47 +229,53 @@ def forward_backward(accelerator, model, job: Job, window: list[dict], stop_requ
             accelerator.backward(world * sum(out[term] / total[count] for term, count in job.loss_terms.items()))
         sums = StepSums.of(out) + sums
     loss = sum(sums[term] / total[count] for term, count in job.loss_terms.items())
-    return sums, loss, reduced[-1]
+    return sums, loss
 
 
-def optimizer_step(run: Run, loss: torch.Tensor, stops: torch.Tensor) -> tuple[float, bool]:
+def optimizer_step(run: Run, loss: torch.Tensor, health: StepHealth, on_device: bool) -> None:
     """Clip gradients and take one optimizer step unless the loss or gradients are not finite.
 
-    A non-finite step is skipped (gradients dropped, weights untouched) and counted in
-    ``state.skipped_steps`` / ``state.consecutive_nonfinite``; with fp16, overflowing
-    gradients are left to the gradient scaler, which skips the step and lowers its scale.
-    The scheduler advances either way, so the learning rate follows the step counter. A NaN
-    on any rank reaches every rank through the gradient all-reduce, so ranks agree.
-
-    Returns:
-        ``(grad_norm, stopping)``: the global gradient norm before clipping and whether a
-        rank asked to stop, from the step's one device-to-host read.
+    A non-finite step is skipped (weights and optimizer state untouched) and counted by
+    ``health``. With torch's fused Adam/AdamW the skip is decided on the device: the
+    kernel's ``found_inf`` input (the one ``torch.amp.GradScaler`` uses) makes it a no-op,
+    so no value is read on the host (``on_device``, from :func:`skips_on_device`). Other
+    optimizers (LAMB, DeepSpeed's, sharded FSDP parameters) and fp16 (whose gradient scaler
+    skips overflowing steps and lowers its scale) read the step's health on the host, once
+    per step. The scheduler advances
+    either way, so the learning rate follows the step counter. A NaN on any rank reaches
+    every rank through the gradient all-reduce, so ranks agree.
 
     Raises:
-        TrainingError: more than ``train.max_consecutive_nonfinite_steps`` in a row.
+        TrainingError: (host-read optimizers) more than ``train.max_consecutive_nonfinite_steps`` in a row.
     """
-    accelerator, state, config = run.accelerator, run.state, run.recipe.train
+    accelerator, config = run.accelerator, run.recipe.train
     limit = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
     norm = _scalar(accelerator.clip_grad_norm_(run.model.parameters(), limit), loss.device)
-    grad_norm, loss_value, stopping = torch.stack([norm, loss.double(), stops.double()]).tolist()  # the host read
     fp16 = accelerator.mixed_precision == "fp16"
-    if math.isfinite(loss_value) and (math.isfinite(grad_norm) or fp16):
-        run.optimizer.step()
-        state.consecutive_nonfinite = 0
+    found_inf = health.record(norm, loss, norm_counts=not fp16)
+    if on_device:
+        inner = getattr(run.optimizer, "optimizer", run.optimizer)
+        inner.found_inf, inner.grad_scale = found_inf.to(norm.device), None
+        try:
+            run.optimizer.step()
+        finally:
+            del inner.found_inf, inner.grad_scale
     else:
-        if accelerator.scaler is not None:
+        health.read(run.state.step + 1)
+        if run.state.consecutive_nonfinite == 0:
+            run.optimizer.step()
+        elif accelerator.scaler is not None:
             accelerator.scaler.update()  # clip_grad_norm_ unscaled the gradients of this skipped step
-        state.skipped_steps += 1
-        state.consecutive_nonfinite += 1
-        logger.warning("step %d: non-finite loss or gradient; step skipped (%d in a row)", state.step + 1, state.consecutive_nonfinite)
-        if state.consecutive_nonfinite > config.max_consecutive_nonfinite_steps:
-            raise TrainingError(
-                f"train.max_consecutive_nonfinite_steps: {state.consecutive_nonfinite} consecutive steps had a "
-                "non-finite loss or gradient; lower train.learning_rate or check the data. The last checkpoint is intact."
-            )
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return (grad_norm if math.isfinite(loss_value) else float("nan")), stopping > 0
+
+
+def skips_on_device(optimizer, model) -> bool:
+    """Whether ``optimizer`` (or the one Accelerate wraps) takes ``found_inf`` (torch's fused
+    Adam/AdamW) for these plain, unsharded parameters."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)
+    fused = isinstance(optimizer, torch.optim.Adam) and bool(optimizer.defaults.get("fused"))
+    return fused and not any(hasattr(p, "full_tensor") for p in model.parameters())
 
 
 def _scalar(value, device) -> torch.Tensor:

@@ -4,6 +4,7 @@ the command line, which exits with the signal's code."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 from pathlib import Path
@@ -63,3 +64,28 @@ def stopped_exit_code() -> int:
     that ``make pretrain && make finetune`` or a job script does not go on as if it had finished."""
     name = StopRequest.last_signal or "SIGTERM"
     return 128 + int(getattr(signal, name))
+
+
+def any_rank_stopping(accelerator, requested: bool) -> bool:
+    """Whether any rank asked to stop, the same answer on every rank, without waiting for the device.
+
+    One process answers with its own flag. Several all-reduce their flags on the host, over
+    a gloo process group (the default group when it is gloo, else one made once for this),
+    so the decision never waits for a GPU.
+    """
+    if accelerator.num_processes == 1:
+        return requested
+    import torch
+    import torch.distributed as dist
+
+    flag = torch.tensor([float(requested)])
+    dist.all_reduce(flag, group=_host_group())
+    return flag[0].tolist() > 0  # a CPU tensor: no device sync
+
+
+@functools.cache
+def _host_group():
+    """The process group for host-side agreements: the default one if it is gloo, else a new gloo group."""
+    import torch.distributed as dist
+
+    return None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")

@@ -1,0 +1,131 @@
+"""Does our pretraining transfer? A pretraining export against the same architecture from
+random initialisation, fine-tuned with one fixed GLUE protocol. Writes JSON.
+
+    python benchmarks/transfer.py --model runs/mini/final --glue-dir ../shared/data/glue \
+        [--tasks sst2,mrpc,stsb] [--seeds 1,2,3] [--jobs 2] [--out-dir runs/transfer] \
+        [train.max_steps=300 train.learning_rate=1e-4 ...]
+
+Both arms run ``bert-recipes glue recipes/glue/fixed.yaml`` (one configuration for every
+task, no selection on dev, as Cramming compares pretraining runs) with the same overrides
+and seeds. The random arm is ``BertForPreTraining(config)`` of the export's own config,
+saved with the export's tokenizer (seeded, ``--init-seed``), so the only difference is the
+weights. Per task it reports the dev score (the task's leaderboard entry: MRPC the mean of
+F1 and accuracy, STS-B of Pearson and Spearman, x100) of each seed, and the paired
+difference pretrained - random with its mean and sample std over seeds. The two arms run as
+``--jobs`` parallel processes, each with ``OMP_NUM_THREADS = cores / jobs``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.common import machine_info, write_json  # noqa: E402
+
+
+def random_init_copy(export: Path, out: Path, seed: int) -> Path:
+    """``out``: the export's config and tokenizer with freshly initialised weights."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, BertForPreTraining
+
+    if (out / "config.json").is_file():
+        return out
+    config = AutoConfig.from_pretrained(export)
+    torch.manual_seed(seed)
+    BertForPreTraining(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(export).save_pretrained(out)
+    return out
+
+
+def per_seed_scores(root: Path, task: str) -> dict[int, float]:
+    """``{seed: dev score x100}`` of one task of a finished fixed-protocol GLUE run."""
+    from bert_recipes.glue.metrics import task_score
+
+    scores = {}
+    for path in sorted((root / task).glob("**/seed-*/results.json")):
+        result = json.loads(path.read_text())
+        scores[int(result["seed"])] = 100 * statistics.fmean(task_score(task, result["dev"]))
+    return scores
+
+
+def run_arms(arms: dict[str, Path], args, overrides: list[str]) -> dict[str, float]:
+    """Run the fixed protocol on each arm, ``args.jobs`` at a time; wall seconds per arm."""
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    seeds = "[" + ", ".join(str(s) for s in args.seeds) + "]"
+    pending, running, wall = list(arms.items()), {}, {}
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            name, model = pending.pop(0)
+            command = [sys.executable, "-m", "bert_recipes", "glue", str(REPO / "recipes/glue/fixed.yaml"),
+                       "--tasks", ",".join(args.tasks), f"model.name_or_path={model}", f"data.glue_dir={args.glue_dir}",
+                       f"output_dir={args.out_dir / name}", f"seeds={seeds}", "resume_from=latest", *overrides]
+            log = open(args.out_dir / f"{name}.log", "a")
+            running[name] = (subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT), time.perf_counter(), log)
+            print(f"{name}: started ({threads} thread(s)); log {args.out_dir / name}.log", flush=True)
+        for name, (process, started, log) in list(running.items()):
+            if process.poll() is not None:
+                log.close(), running.pop(name)
+                wall[name] = time.perf_counter() - started
+                if process.returncode:
+                    raise SystemExit(f"error: the {name} arm failed (exit {process.returncode}); see {args.out_dir / name}.log")
+        time.sleep(2)
+    return wall
+
+
+def compare(arms: dict[str, Path], args) -> dict:
+    tasks = {}
+    for task in args.tasks:
+        scores = {name: per_seed_scores(args.out_dir / name, task) for name in arms}
+        seeds = sorted(set(scores["pretrained"]) & set(scores["random"]))
+        diffs = [scores["pretrained"][s] - scores["random"][s] for s in seeds]
+        tasks[task] = {
+            "seeds": seeds,
+            **{name: {"per_seed": [scores[name][s] for s in seeds], "mean": statistics.fmean(scores[name][s] for s in seeds)}
+               for name in arms},
+            "difference": {"per_seed": diffs, "mean": statistics.fmean(diffs),
+                           "std": statistics.stdev(diffs) if len(diffs) > 1 else 0.0},
+        }
+    return tasks
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, required=True, help="a pretraining export (runs/<name>/final)")
+    parser.add_argument("--glue-dir", type=Path, required=True)
+    parser.add_argument("--tasks", type=lambda s: s.split(","), default=["sst2", "mrpc", "stsb"])
+    parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 3])
+    parser.add_argument("--jobs", type=int, default=2, help="arms run in parallel")
+    parser.add_argument("--init-seed", type=int, default=0)
+    parser.add_argument("--out-dir", type=Path, default=REPO / "runs" / "transfer")
+    parser.add_argument("--out", default=None, help="JSON path (default: OUT_DIR/transfer.json)")
+    args, overrides = parser.parse_known_args()
+    if not (args.model / "config.json").is_file():
+        raise SystemExit(f"error: --model: '{args.model}' is not a pretraining export (no config.json)")
+    if not args.glue_dir.is_dir():
+        raise SystemExit(f"error: --glue-dir: '{args.glue_dir}' is not a folder")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    arms = {"pretrained": args.model.resolve(), "random": random_init_copy(args.model, args.out_dir / "random-init", args.init_seed)}
+    wall = run_arms(arms, args, overrides)
+    tasks = compare(arms, args)
+    print(f"{'task':6} {'pretrained':>22} {'random init':>22} {'difference (mean +- std)':>26}")
+    for task, row in tasks.items():
+        cells = [", ".join(f"{v:.1f}" for v in row[name]["per_seed"]) for name in arms]
+        diff = row["difference"]
+        print(f"{task:6} {cells[0]:>22} {cells[1]:>22} {diff['mean']:>+18.1f} +- {diff['std']:.1f}")
+    record = {"model": str(args.model), "tasks": tasks, "seeds": args.seeds, "overrides": overrides,
+              "protocol": "recipes/glue/fixed.yaml", "wall_s": wall, "machine": machine_info()}
+    print("wrote", write_json(args.out or args.out_dir / "transfer.json", record))
+
+
+if __name__ == "__main__":
+    main()
