@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from bert_recipes.cli import main
+from bert_recipes.errors import UserError
 from bert_recipes.glue import finetune as finetune_module
 from bert_recipes.glue.grid import cell_name, cell_summary, choose, seed_stats
 from bert_recipes.glue.recipe import FinetuneRecipe, load_finetune_recipe
@@ -278,6 +279,25 @@ def test_fixed_protocol_runs_one_configuration_and_says_so(checkpoint, tmp_path,
     assert glue(checkpoint, tmp_path / "o", "rte,mrpc", "sweep.protocol=fixed", recipe=base) == 2
     err = capsys.readouterr().err.strip()
     assert "mrpc and rte differ (train.weight_decay 0.1 vs 0.01)" in err and "\n" not in err
+
+
+def test_fixed_protocol_accepts_the_shipped_task_files():
+    """SST-2 logs at its own cadence: bookkeeping, not training, so recipes/glue/fixed.yaml runs
+    over the shipped files of the five shared tasks; a training key still differs. (MNLI, QNLI
+    and QQP also evaluate more often, which changes the checkpoint kept: that one is refused.)"""
+    from bert_recipes.glue.sweep import check_fixed, task_recipe
+
+    tasks = ["cola", "sst2", "mrpc", "stsb", "rte"]
+    recipes = {t: task_recipe(GLUE_RECIPES / "fixed.yaml", t, ["model.name_or_path=x"], Path("r"), False) for t in tasks}
+    assert recipes["sst2"].train.logging_steps != recipes["mrpc"].train.logging_steps
+    check_fixed(recipes, {t: [{}] for t in tasks})  # no error
+    changed = {**recipes, "rte": recipes["rte"].model_copy(update={"train": recipes["rte"].train.model_copy(
+        update={"warmup_ratio": 0.2})})}
+    with pytest.raises(UserError, match="differ \\(train.warmup_ratio"):
+        check_fixed(changed, {t: [{}] for t in tasks})
+    qqp = task_recipe(GLUE_RECIPES / "fixed.yaml", "qqp", ["model.name_or_path=x"], Path("r"), False)
+    with pytest.raises(UserError, match="differ \\(train.eval_steps 0 vs 5000\\)"):
+        check_fixed({**recipes, "qqp": qqp}, {t: [{}] for t in [*tasks, "qqp"]})
 
 
 def test_shipped_sweep_recipes_validate():

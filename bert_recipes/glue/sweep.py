@@ -204,8 +204,13 @@ def write_report(summary: dict, results: dict, root: Path, predict_test: bool) -
 # --------------------------------------------------------------------------- planning
 
 
+# train keys that change how a run is logged or saved, not what it learns: free per task under the fixed protocol
+BOOKKEEPING = ("logging_steps", "save_steps", "save_total_limit", "per_device_eval_batch_size")
+
+
 def check_fixed(recipes: dict[str, FinetuneRecipe], cells: dict[str, list[dict]]) -> None:
-    """The fixed protocol: one configuration, the same for every task.
+    """The fixed protocol: one configuration, the same for every task (the :data:`BOOKKEEPING`
+    keys aside, so the shipped per-task files, SST-2's logging cadence say, pass).
 
     Raises:
         UserError: a grid with several cells, or tasks with different ``train`` sections.
@@ -215,7 +220,8 @@ def check_fixed(recipes: dict[str, FinetuneRecipe], cells: dict[str, list[dict]]
         if len(cells[name]) > 1:
             raise UserError(f"sweep.protocol=fixed runs one configuration, but {name}'s sweep.grid has "
                             f"{len(cells[name])} cells; remove the grid or use sweep.protocol=select")
-        train = {**recipe.train.model_dump(), **cells[name][0]}
+        train = {key: value for key, value in {**recipe.train.model_dump(), **cells[name][0]}.items()
+                 if key not in BOOKKEEPING}
         if first is None:
             first = (name, train)
         elif train != first[1]:
