@@ -50,6 +50,15 @@ def test_invalid_regex_and_missing_jsonl_column(tmp_path, capsys):
     assert "data.text_column: column 'text' not found" in error_line(capsys)
 
 
+def test_a_bad_jsonl_record_is_named_by_its_line(tmp_path, capsys):
+    records = tmp_path / "docs.jsonl"
+    good = [f'{{"text": "Record {i} has a sentence. It has a second one too."}}' for i in range(6)]
+    records.write_text("\n".join([*good[:3], "", '{"text": "unterminated', *good[3:]]) + "\n")  # line 5 is bad
+    assert pretrain(tmp_path, [records], **{"data.document_split": "record"}) == 2
+    assert error_line(capsys) == (f"error: data.text_column: line 5 of {records} is not a JSON object with "
+                                  "column 'text'")
+
+
 def test_non_utf8_bytes_and_a_megabyte_line_train(tmp_path):
     bad = tmp_path / "latin1.txt"
     bad.write_bytes("Caf\xe9 au lait is warm. The caf\xe9 opens early.\n\nA second document. It has two sentences.\n".encode("latin-1"))

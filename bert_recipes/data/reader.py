@@ -124,11 +124,19 @@ class IndexedCorpus:
                             "its index); restore it or start a new run")
         return data
 
-    def _record(self, number: int, raw: bytes) -> str:
+    def _record(self, number: int, raw: bytes, start: int) -> str:
+        """The text column of the JSON Lines record at byte ``start`` of file ``number``.
+
+        Raises:
+            DataError: the record is not a JSON object with the column (naming its line).
+        """
         try:
             value = json.loads(raw)[self.text_column]
         except (ValueError, KeyError, TypeError):
-            raise DataError(f"data.text_column: a record of {self.index.files[number]} is not a JSON object with "
+            path = self.index.files[number]
+            with open(path, "rb") as f:  # only on the error path: the line number of the record
+                line = f.read(start).count(b"\n") + 1
+            raise DataError(f"data.text_column: line {line} of {path} is not a JSON object with "
                             f"column '{self.text_column}'") from None
         return "" if value is None else str(value)
 
@@ -165,7 +173,8 @@ class IndexedCorpus:
         data = self._read(number, base, int(index.unit_end[last - 1]), purpose)
         pieces = [data[int(index.unit_start[u]) - base : int(index.unit_end[u]) - base] for u in range(first, last)]
         if kind == "json":
-            return [self._record(number, piece) for piece in pieces]
+            return [self._record(number, piece, int(index.unit_start[u]))
+                    for u, piece in zip(range(first, last), pieces)]
         return [piece.decode("utf-8", "replace") for piece in pieces]
 
     def sentences(self, doc: int) -> list[str]:
