@@ -11,7 +11,9 @@ and seeds. The random arm is ``BertForPreTraining(config)`` of the export's own 
 saved with the export's tokenizer (seeded, ``--init-seed``), so the only difference is the
 weights. Per task it reports the dev score (the task's leaderboard entry: MRPC the mean of
 F1 and accuracy, STS-B of Pearson and Spearman, x100) of each seed, and the paired
-difference pretrained - random with its mean and sample std over seeds. The two arms run as
+difference pretrained - random with its mean and sample std over seeds; and, to explain a
+difference, how spread out each encoder's pooled [CLS] vectors are before fine-tuning
+(:func:`representation_spread`). The two arms run as
 ``--jobs`` parallel processes, each with ``OMP_NUM_THREADS = cores / jobs``.
 """
 
@@ -55,6 +57,41 @@ def per_seed_scores(root: Path, task: str) -> dict[int, float]:
         result = json.loads(path.read_text())
         scores[int(result["seed"])] = 100 * statistics.fmean(task_score(task, result["dev"]))
     return scores
+
+
+def representation_spread(model_dir: Path, task: str, glue_dir: Path, n: int = 256) -> dict:
+    """What an encoder hands the classifier before fine-tuning, on ``n`` dev examples of
+    ``task``: :func:`spread` of the pooled [CLS] vectors (one per example) and of the last
+    layer's vectors of every real token (1.0 mean cosine: every input looks the same, a
+    collapsed encoder)."""
+    import torch
+    from transformers import AutoTokenizer, BertModel
+
+    from bert_recipes.glue.data import load_glue_split
+    from bert_recipes.glue.tasks import get_task
+
+    spec = get_task(task)
+    rows = load_glue_split(spec, spec.dev_splits[0], glue_dir).select(range(n))
+    texts = [list(rows[column]) for column in spec.text_columns]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    batch = tokenizer(*texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
+    model = BertModel.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        out = model(**batch)
+    tokens = out.last_hidden_state[batch["attention_mask"].bool()].double()  # [T, H], every real token
+    return {"examples": n, "cls": spread(out.pooler_output.double()), "tokens": spread(tokens)}
+
+
+def spread(vectors) -> dict:
+    """Mean cosine similarity between different rows of ``vectors`` [N, H] and the share of
+    their variance on the first principal component."""
+    import torch
+
+    n = vectors.shape[0]
+    unit = torch.nn.functional.normalize(vectors, dim=1)
+    cosine = ((unit @ unit.T).sum() - n) / (n * (n - 1))
+    variances = torch.linalg.svdvals(vectors - vectors.mean(0)) ** 2
+    return {"mean_cosine": float(cosine), "top_component_share": float(variances[0] / variances.sum())}
 
 
 def run_arms(arms: dict[str, Path], args, overrides: list[str]) -> dict[str, float]:
@@ -115,6 +152,11 @@ def main() -> None:
         raise SystemExit(f"error: --glue-dir: '{args.glue_dir}' is not a folder")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     arms = {"pretrained": args.model.resolve(), "random": random_init_copy(args.model, args.out_dir / "random-init", args.init_seed)}
+    spreads = {name: representation_spread(path, args.tasks[0], args.glue_dir) for name, path in arms.items()}
+    for name, v in spreads.items():
+        print(f"{name} before fine-tuning, {args.tasks[0]} dev: " + "; ".join(
+            f"{kind} mean cosine {v[kind]['mean_cosine']:.3f}, top component {v[kind]['top_component_share']:.2f}"
+            for kind in ("cls", "tokens")))
     wall = run_arms(arms, args, overrides)
     tasks = compare(arms, args)
     print(f"{'task':6} {'pretrained':>22} {'random init':>22} {'difference (mean +- std)':>26}")
@@ -122,7 +164,7 @@ def main() -> None:
         cells = [", ".join(f"{v:.1f}" for v in row[name]["per_seed"]) for name in arms]
         diff = row["difference"]
         print(f"{task:6} {cells[0]:>22} {cells[1]:>22} {diff['mean']:>+18.1f} +- {diff['std']:.1f}")
-    record = {"model": str(args.model), "tasks": tasks, "seeds": args.seeds, "overrides": overrides,
+    record = {"model": str(args.model), "tasks": tasks, "representation_before_finetuning": spreads, "seeds": args.seeds, "overrides": overrides,
               "protocol": "recipes/glue/fixed.yaml", "wall_s": wall, "machine": machine_info()}
     print("wrote", write_json(args.out or args.out_dir / "transfer.json", record))
 
