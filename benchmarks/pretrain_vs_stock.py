@@ -72,6 +72,7 @@ SHAPES = {
     # name: (recipe, CPU batch size, goal ours/stock on CPU)
     "tiny": ("recipes/pretrain/tiny.yaml", None, 1.5),  # None: the recipe's batch size (16)
     "bert-base": ("recipes/pretrain/bert-base-phase1.yaml", 8, 1.2),
+    "mini": ("recipes/pretrain/mini.yaml", None, 2.0),  # the recipe's batch (32) of full-length book instances
 }
 LOSS_TOLERANCE = 1e-5
 
@@ -393,7 +394,7 @@ def profile_steps(shape: str, args, steps: dict, batches: list) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", default="tiny,bert-base", help="comma-separated: tiny, bert-base")
+    parser.add_argument("--shapes", default="tiny,bert-base", help="comma-separated: tiny, bert-base, mini")
     parser.add_argument("--corpus", default=default_corpus())
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=None, help="steps per round (default: tiny 5, bert-base 1)")

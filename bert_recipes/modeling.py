@@ -187,7 +187,7 @@ class BertPreTrainingObjective(nn.Module):
             "mlm_loss_sum": mlm_loss_sum,
             "nsp_loss_sum": nsp_loss_sum,
             "num_masked": valid.sum(),
-            "num_sequences": torch.tensor(next_sentence_label.numel(), device=input_ids.device),
+            "num_sequences": torch.full((), next_sentence_label.numel(), dtype=torch.long, device=input_ids.device),
             "mlm_correct": mlm_correct,
             "nsp_correct": nsp_correct,
         }

@@ -51,10 +51,10 @@ class PretrainJob:
 
     def counts(self, batch: dict) -> dict[str, torch.Tensor]:
         return {"num_masked": (batch["labels"] != -100).sum(),
-                "num_sequences": torch.tensor(batch["next_sentence_label"].numel(), device=self.device)}
+                "num_sequences": torch.full((), batch["next_sentence_label"].numel(), dtype=torch.long, device=self.device)}
 
     def forward(self, model, batch: dict) -> dict[str, torch.Tensor]:
-        computed = torch.tensor(batch["attention_mask"].numel(), device=batch["attention_mask"].device)
+        computed = torch.full((), batch["attention_mask"].numel(), dtype=torch.long, device=batch["attention_mask"].device)
         return {**model(**batch), "num_tokens": batch["attention_mask"].sum(), "num_computed_tokens": computed}
 
     def metrics(self, sums: dict[str, float], elapsed: float, step: int) -> dict:

@@ -43,9 +43,11 @@ class HostSyncs(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.count = 0
+        self.constants = 0  # torch.tensor(value, device=...): on a GPU a copy from the host that waits
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         aten = torch.ops.aten
+        self.constants += func is aten.lift_fresh.default
         boolean_index = func is aten.index.Tensor and any(i is not None and i.dtype == torch.bool for i in args[1])
         if boolean_index or func in (aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default):
             self.count += 1
@@ -124,9 +126,16 @@ def test_host_syncs_per_optimizer_step_off_logging_steps(tmp_path, monkeypatch, 
             return _real(self, *args, **kwargs)
 
         monkeypatch.setattr(torch.Tensor, name, counting)
-    at_window = []
+    at_window, constants = [], []
     window = job.window
-    job.window = lambda step: at_window.append(mode.count) or window(step)
+
+    def windowed(step):
+        at_window.append(mode.count)
+        batches = window(step)  # the data (built on the host) is not the step's
+        constants.append(mode.constants)
+        return batches
+
+    job.window = windowed
     with mode:
         train(job, run)
     monkeypatch.undo()
@@ -136,6 +145,8 @@ def test_host_syncs_per_optimizer_step_off_logging_steps(tmp_path, monkeypatch, 
     expected = LOOP_SYNCS_PER_STEP + FORWARD_SYNCS_PER_MICRO_BATCH[layout] * micro_batches
     assert per_step == [expected] * 4 == [2 if layout == "padded" else 0] * 4
     assert [name for step, name in python_reads if 1 <= step <= 4] == []  # the loop's own reads
+    # no host-made constants either: counts are made on the device (torch.full), none copied from the host
+    assert [b - a for a, b in itertools.pairwise(constants)] == [0] * 4
     assert [r["step"] for r in run.reporter.records] == [5]  # the last step logs: its reads are allowed
     assert run.state.step == 5 and run.state.skipped_steps == 0
     assert math.isfinite(run.reporter.records[0]["grad_norm"]) and run.reporter.records[0]["grad_norm"] > 0

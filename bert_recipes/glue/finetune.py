@@ -219,14 +219,14 @@ class FinetuneJob:
         return [collate_batch(self.splits["train"], batch, self.collator, self.device) for batch in ids]
 
     def counts(self, batch: dict) -> dict[str, torch.Tensor]:
-        return {"examples": torch.tensor(len(batch["labels"]), device=self.device)}
+        return {"examples": torch.full((), len(batch["labels"]), dtype=torch.long, device=self.device)}
 
     def forward(self, model, batch: dict) -> dict[str, torch.Tensor]:
         mask = batch["attention_mask"]
         logits = classification_logits(model, batch, self.run.accelerator.unwrap_model)
         return {"loss_sum": loss_sum(logits, batch["labels"], self.task),
-                "examples": torch.tensor(len(batch["labels"]), device=self.device),
-                "tokens": mask.sum(), "padded_tokens": torch.tensor(mask.numel(), device=self.device)}
+                "examples": torch.full((), len(batch["labels"]), dtype=torch.long, device=self.device),
+                "tokens": mask.sum(), "padded_tokens": torch.full((), mask.numel(), dtype=torch.long, device=self.device)}
 
     def metrics(self, sums: dict[str, float], elapsed: float, step: int) -> dict:
         if self.on_log is not None:
