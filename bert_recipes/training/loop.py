@@ -171,12 +171,14 @@ def train(job: Job, run: Run, checkpoint_at_end: bool = True) -> None:
     run.model.train()
     with StopRequest() as stop:
         while state.step < job.total_steps:
-            sums, loss = forward_backward(accelerator, run.model, job, job.window(state.step))
+            window = job.window(state.step)
+            requested = stop.requested is not None  # once the step has its data; agreed between ranks after it
+            sums, loss = forward_backward(accelerator, run.model, job, window)
             optimizer_step(run, loss, health, on_device)
             state.step += 1
             interval = sums + interval
             run.reporter.advance(1)
-            stopping = any_rank_stopping(accelerator, stop.requested is not None)
+            stopping = any_rank_stopping(accelerator, requested)
             logs = state.step % config.logging_steps == 0 or state.step == job.total_steps
             evaluates, saves = job.evaluates_at(state.step), stopping or (config.save_steps and state.step % config.save_steps == 0)
             if logs or evaluates or saves:
