@@ -12,8 +12,9 @@ saved with the export's tokenizer (seeded, ``--init-seed``), so the only differe
 weights. Per task it reports the dev score (the task's leaderboard entry: MRPC the mean of
 F1 and accuracy, STS-B of Pearson and Spearman, x100) of each seed, and the paired
 difference pretrained - random with its mean and sample std over seeds; and, to explain a
-difference, how spread out each encoder's pooled [CLS] vectors are before fine-tuning
-(:func:`representation_spread`). The two arms run as
+difference, how spread out each encoder's pooled [CLS] and token vectors are before
+fine-tuning (:func:`representation_spread`) and what a logistic regression on its frozen
+features reaches on ``--probe-task`` (:func:`linear_probe`). The two arms run as
 ``--jobs`` parallel processes, each with ``OMP_NUM_THREADS = cores / jobs``.
 """
 
@@ -82,6 +83,45 @@ def representation_spread(model_dir: Path, task: str, glue_dir: Path, n: int = 2
     return {"examples": n, "cls": spread(out.pooler_output.double()), "tokens": spread(tokens)}
 
 
+def linear_probe(model_dir: Path, task: str, glue_dir: Path, n_train: int = 2000) -> dict:
+    """Dev accuracy of a logistic regression on frozen features of ``n_train`` training
+    examples of a classification ``task``: the mean of the last layer's token vectors, and the
+    pooled [CLS]. Separates what the encoder knows from what 300 fine-tuning steps make of it."""
+    import torch
+    from sklearn.linear_model import LogisticRegression
+    from transformers import AutoTokenizer, BertModel
+
+    from bert_recipes.glue.data import load_glue_split
+    from bert_recipes.glue.tasks import get_task
+
+    spec = get_task(task)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = BertModel.from_pretrained(model_dir).eval()
+
+    def features(split: str, n: int | None):
+        rows = load_glue_split(spec, split, glue_dir)
+        rows = rows.select(range(min(n, len(rows)))) if n else rows
+        mean, cls = [], []
+        for start in range(0, len(rows), 128):
+            part = rows.select(range(start, min(start + 128, len(rows))))
+            batch = tokenizer(*[list(part[c]) for c in spec.text_columns], padding=True, truncation=True,
+                              max_length=128, return_tensors="pt")
+            with torch.no_grad():
+                out = model(**batch)
+            mask = batch["attention_mask"].unsqueeze(-1).float()
+            mean.append((out.last_hidden_state * mask).sum(1) / mask.sum(1))
+            cls.append(out.pooler_output)
+        return torch.cat(mean).numpy(), torch.cat(cls).numpy(), list(rows["label"])
+
+    train_mean, train_cls, y_train = features("train", n_train)
+    dev_mean, dev_cls, y_dev = features(spec.dev_splits[0], None)
+    probe = {}
+    for name, x_train, x_dev in (("mean_tokens", train_mean, dev_mean), ("cls", train_cls, dev_cls)):
+        classifier = LogisticRegression(max_iter=2000).fit(x_train, y_train)
+        probe[name] = float(classifier.score(x_dev, y_dev))
+    return {"train_examples": len(y_train), "dev_examples": len(y_dev), **probe}
+
+
 def spread(vectors) -> dict:
     """Mean cosine similarity between different rows of ``vectors`` [N, H] and the share of
     their variance on the first principal component."""
@@ -143,6 +183,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 3])
     parser.add_argument("--jobs", type=int, default=2, help="arms run in parallel")
     parser.add_argument("--init-seed", type=int, default=0)
+    parser.add_argument("--probe-task", default="sst2", help="a classification task for the frozen-feature probe")
     parser.add_argument("--out-dir", type=Path, default=REPO / "runs" / "transfer")
     parser.add_argument("--out", default=None, help="JSON path (default: OUT_DIR/transfer.json)")
     args, overrides = parser.parse_known_args()
@@ -157,6 +198,10 @@ def main() -> None:
         print(f"{name} before fine-tuning, {args.tasks[0]} dev: " + "; ".join(
             f"{kind} mean cosine {v[kind]['mean_cosine']:.3f}, top component {v[kind]['top_component_share']:.2f}"
             for kind in ("cls", "tokens")))
+    probes = {name: linear_probe(path, args.probe_task, args.glue_dir) for name, path in arms.items()}
+    for name, v in probes.items():
+        print(f"{name} linear probe on {args.probe_task} ({v['train_examples']} train examples), dev accuracy: "
+              f"mean tokens {v['mean_tokens']:.3f}, [CLS] {v['cls']:.3f}")
     wall = run_arms(arms, args, overrides)
     tasks = compare(arms, args)
     print(f"{'task':6} {'pretrained':>22} {'random init':>22} {'difference (mean +- std)':>26}")
@@ -164,7 +209,8 @@ def main() -> None:
         cells = [", ".join(f"{v:.1f}" for v in row[name]["per_seed"]) for name in arms]
         diff = row["difference"]
         print(f"{task:6} {cells[0]:>22} {cells[1]:>22} {diff['mean']:>+18.1f} +- {diff['std']:.1f}")
-    record = {"model": str(args.model), "tasks": tasks, "representation_before_finetuning": spreads, "seeds": args.seeds, "overrides": overrides,
+    record = {"model": str(args.model), "tasks": tasks, "representation_before_finetuning": spreads,
+              "linear_probe": probes, "seeds": args.seeds, "overrides": overrides,
               "protocol": "recipes/glue/fixed.yaml", "wall_s": wall, "machine": machine_info()}
     print("wrote", write_json(args.out or args.out_dir / "transfer.json", record))
 
