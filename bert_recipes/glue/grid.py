@@ -1,5 +1,6 @@
 """Hyper-parameter grids of ``bert-recipes glue``: cell names, statistics over seeds, the
-choice of a cell on dev, the time estimate and the grid heatmap.
+choice of a cell on dev, the fixed protocol's one-configuration check, the time estimate and
+the grid heatmap.
 
 A cell is ``{train key: value}`` (see :class:`~bert_recipes.glue.recipe.SweepConfig`); its
 runs live in ``<output_dir>/<task>/<cell name>/seed-<s>`` and its ``results.json`` (written
@@ -14,6 +15,7 @@ import statistics
 from pathlib import Path
 
 from ..atomic import replacing
+from ..errors import UserError
 from .finetune import comparable
 from .metrics import task_score
 from .tasks import GlueTask
@@ -188,5 +190,33 @@ def plot_grid(tasks: dict[str, dict], path: Path) -> Path | None:
     return path
 
 
-__all__ = ["SweepClock", "cell_name", "cell_summary", "choose", "format_duration", "per_seed_scores", "plot_grid",
-           "seed_stats"]
+
+# train keys that change how a run is logged or saved, not what it learns: free per task under the fixed protocol
+BOOKKEEPING = ("logging_steps", "save_steps", "save_total_limit", "per_device_eval_batch_size")
+
+
+def check_fixed(recipes: dict[str, "FinetuneRecipe"], cells: dict[str, list[dict]]) -> None:
+    """The fixed protocol: one configuration, the same for every task (the :data:`BOOKKEEPING`
+    keys aside, so the shipped per-task files, SST-2's logging cadence say, pass).
+
+    Raises:
+        UserError: a grid with several cells, or tasks with different ``train`` sections.
+    """
+    first = None
+    for name, recipe in recipes.items():
+        if len(cells[name]) > 1:
+            raise UserError(f"sweep.protocol=fixed runs one configuration, but {name}'s sweep.grid has "
+                            f"{len(cells[name])} cells; remove the grid or use sweep.protocol=select")
+        train = {key: value for key, value in {**recipe.train.model_dump(), **cells[name][0]}.items()
+                 if key not in BOOKKEEPING}
+        if first is None:
+            first = (name, train)
+        elif train != first[1]:
+            diff = sorted(k for k in train if train[k] != first[1][k])
+            shown = ", ".join(f"train.{k} {first[1][k]} vs {train[k]}" for k in diff[:3])
+            raise UserError(f"sweep.protocol=fixed uses one configuration for every task, but {first[0]} and {name} "
+                            f"differ ({shown}); remove the per-task train keys or use sweep.protocol=select")
+
+
+__all__ = ["BOOKKEEPING", "SweepClock", "cell_name", "cell_summary", "check_fixed", "choose", "format_duration",
+           "per_seed_scores", "plot_grid", "seed_stats"]

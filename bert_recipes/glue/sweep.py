@@ -44,7 +44,7 @@ from ..training.reporting import progress
 from .data import glue_task_dir
 from .evaluation import predict_export
 from .finetune import RESULTS, finetune_seeds
-from .grid import GRID_PNG, SweepClock, cell_name, cell_summary, choose, plot_grid
+from .grid import GRID_PNG, SweepClock, cell_name, cell_summary, check_fixed, choose, plot_grid
 from .recipe import FinetuneRecipe, FinetuneTrainConfig, SweepConfig
 from .report import entry_names, majority_class, plot_results, results_markdown, summarise, write_test_submission
 from .tasks import TASKS, get_task
@@ -202,33 +202,6 @@ def write_report(summary: dict, results: dict, root: Path, predict_test: bool) -
 
 
 # --------------------------------------------------------------------------- planning
-
-
-# train keys that change how a run is logged or saved, not what it learns: free per task under the fixed protocol
-BOOKKEEPING = ("logging_steps", "save_steps", "save_total_limit", "per_device_eval_batch_size")
-
-
-def check_fixed(recipes: dict[str, FinetuneRecipe], cells: dict[str, list[dict]]) -> None:
-    """The fixed protocol: one configuration, the same for every task (the :data:`BOOKKEEPING`
-    keys aside, so the shipped per-task files, SST-2's logging cadence say, pass).
-
-    Raises:
-        UserError: a grid with several cells, or tasks with different ``train`` sections.
-    """
-    first = None
-    for name, recipe in recipes.items():
-        if len(cells[name]) > 1:
-            raise UserError(f"sweep.protocol=fixed runs one configuration, but {name}'s sweep.grid has "
-                            f"{len(cells[name])} cells; remove the grid or use sweep.protocol=select")
-        train = {key: value for key, value in {**recipe.train.model_dump(), **cells[name][0]}.items()
-                 if key not in BOOKKEEPING}
-        if first is None:
-            first = (name, train)
-        elif train != first[1]:
-            diff = sorted(k for k in train if train[k] != first[1][k])
-            shown = ", ".join(f"train.{k} {first[1][k]} vs {train[k]}" for k in diff[:3])
-            raise UserError(f"sweep.protocol=fixed uses one configuration for every task, but {first[0]} and {name} "
-                            f"differ ({shown}); remove the per-task train keys or use sweep.protocol=select")
 
 
 def finished_best(root: Path, task: str) -> str:
