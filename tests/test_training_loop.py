@@ -201,6 +201,28 @@ def test_too_many_nonfinite_steps_are_seen_at_the_next_logging_step(tmp_path):
     assert run.state.step == 4 and run.state.skipped_steps == 3 and run.reporter.records == []
 
 
+def test_a_run_of_nonfinite_steps_that_recovered_before_the_read_still_stops_the_run(tmp_path):
+    """NaN at steps 2-5, finite again at 6, logging at 8, at most 2 in a row: the read at step 8
+    sees the longest run (4), not the current one (0), as a host read every step would."""
+    from bert_recipes.errors import TrainingError
+
+    run, job = tiny_run(tmp_path, **{"train.max_steps": 8, "train.gradient_accumulation_steps": 1,
+                                     "train.logging_steps": 8, "train.max_consecutive_nonfinite_steps": 2})
+    forward, calls = job.forward, {"n": 0}
+
+    def poisoned(model, batch):
+        calls["n"] += 1
+        out = forward(model, batch)
+        if 2 <= calls["n"] <= 5:
+            out["mlm_loss_sum"] = out["mlm_loss_sum"] * float("nan")
+        return out
+
+    job.forward = poisoned
+    with pytest.raises(TrainingError, match="^train.max_consecutive_nonfinite_steps: 4 consecutive steps"):
+        train(job, run)
+    assert run.state.step == 8 and run.state.skipped_steps == 4 and run.state.consecutive_nonfinite == 0
+
+
 def test_a_stopped_run_saves_and_raises_run_stopped(tmp_path):
     """A signal before step 2 is seen by every rank at step 2's reduction: checkpoint 2,
     then RunStopped (the CLI turns it into exit code 128 + signal)."""

@@ -107,8 +107,8 @@ class StepSums:
 class StepHealth:
     """Non-finite steps, counted on the device and read by the host only at read points.
 
-    ``values`` is ``[grad norm of the last step, skipped steps, non-finite steps in a row]``
-    (float64, on the device). :meth:`record` updates it without a host read and returns the
+    ``values`` is ``[grad norm of the last step, skipped steps, non-finite steps in a row, the
+    longest such run since the last read]`` (float64, on the device). :meth:`record` updates it without a host read and returns the
     step's ``found_inf`` (1.0: skip it); :meth:`read` brings it to the host at a logging,
     evaluation or save step, updates the :class:`TrainerState` and enforces
     ``train.max_consecutive_nonfinite_steps``.
@@ -116,8 +116,8 @@ class StepHealth:
 
     def __init__(self, state: TrainerState, device, limit: int):
         self.state, self.limit, self.read_at = state, limit, state.step
-        self.values = torch.tensor([math.nan, state.skipped_steps, state.consecutive_nonfinite],
-                                   dtype=torch.float64, device=device)
+        self.values = torch.tensor([math.nan, state.skipped_steps, state.consecutive_nonfinite,
+                                    state.consecutive_nonfinite], dtype=torch.float64, device=device)
 
     def record(self, norm: torch.Tensor, loss: torch.Tensor, norm_counts: bool = True) -> torch.Tensor:
         """Count a step with gradient norm ``norm`` and loss ``loss`` (0-d, on the device);
@@ -126,7 +126,8 @@ class StepHealth:
         bad = ~(finite_loss & torch.isfinite(norm)) if norm_counts else ~finite_loss
         bad = bad.double()
         grad_norm = torch.where(finite_loss, norm.double(), math.nan)
-        self.values = torch.stack([grad_norm, self.values[1] + bad, (self.values[2] + 1) * bad])
+        in_a_row = (self.values[2] + 1) * bad
+        self.values = torch.stack([grad_norm, self.values[1] + bad, in_a_row, torch.maximum(self.values[3], in_a_row)])
         return bad.float()
 
     def read(self, step: int) -> float:
@@ -135,16 +136,17 @@ class StepHealth:
         Raises:
             TrainingError: more than ``train.max_consecutive_nonfinite_steps`` in a row.
         """
-        grad_norm, skipped, in_a_row = self.values.tolist()  # the host read
+        grad_norm, skipped, in_a_row, longest = self.values.tolist()  # the host read
         state, new = self.state, int(skipped) - self.state.skipped_steps
         state.skipped_steps, state.consecutive_nonfinite = int(skipped), int(in_a_row)
         if new:
-            logger.warning("steps %d-%d: %d step(s) with a non-finite loss or gradient skipped (%d in a row)",
-                           self.read_at + 1, step, new, state.consecutive_nonfinite)
+            logger.warning("steps %d-%d: %d step(s) with a non-finite loss or gradient skipped (at most %d in a "
+                           "row, %d now)", self.read_at + 1, step, new, longest, in_a_row)
         self.read_at = step
-        if in_a_row > self.limit:
+        self.values[3] = self.values[2]  # the next interval's longest run starts from the current one
+        if longest > self.limit:  # a run that ended before this read counts too
             raise TrainingError(
-                f"train.max_consecutive_nonfinite_steps: {int(in_a_row)} consecutive steps had a "
+                f"train.max_consecutive_nonfinite_steps: {int(longest)} consecutive steps had a "
                 "non-finite loss or gradient; lower train.learning_rate or check the data. The last checkpoint is intact."
             )
         return grad_norm

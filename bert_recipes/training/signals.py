@@ -4,7 +4,6 @@ the command line, which exits with the signal's code."""
 
 from __future__ import annotations
 
-import functools
 import logging
 import signal
 from pathlib import Path
@@ -83,9 +82,16 @@ def any_rank_stopping(accelerator, requested: bool) -> bool:
     return flag[0].tolist() > 0  # a CPU tensor: no device sync
 
 
-@functools.cache
+_HOST_GROUP: list = []  # [(the default group it was made under, the gloo group)]
+
+
 def _host_group():
-    """The process group for host-side agreements: the default one if it is gloo, else a new gloo group."""
+    """The process group for host-side agreements: the default one if it is gloo, else a gloo
+    group made once per default group (a new one after the default group is re-created)."""
     import torch.distributed as dist
 
-    return None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    if dist.get_backend() == "gloo":
+        return None
+    if not _HOST_GROUP or _HOST_GROUP[0][0] is not dist.group.WORLD:
+        _HOST_GROUP[:] = [(dist.group.WORLD, dist.new_group(backend="gloo"))]
+    return _HOST_GROUP[0][1]
