@@ -179,6 +179,20 @@ def test_a_nonfinite_step_is_skipped_on_the_device(tmp_path):
     assert [r["skipped_steps"] for r in run.reporter.records] == [1]
 
 
+def poison(job, bad) -> None:
+    """Make the job's training forward return a NaN MLM loss on the calls (1-based) where ``bad(call)``."""
+    forward, calls = job.forward, {"n": 0}
+
+    def poisoned(model, batch):
+        calls["n"] += 1
+        out = forward(model, batch)
+        if bad(calls["n"]):
+            out["mlm_loss_sum"] = out["mlm_loss_sum"] * float("nan")
+        return out
+
+    job.forward = poisoned
+
+
 def test_too_many_nonfinite_steps_are_seen_at_the_next_logging_step(tmp_path):
     """NaN from step 2 on, at most 2 in a row, logging every 4 steps: the device counts, and
     the read at step 4 (3 in a row) stops the run with the one-line error."""
@@ -186,16 +200,7 @@ def test_too_many_nonfinite_steps_are_seen_at_the_next_logging_step(tmp_path):
 
     run, job = tiny_run(tmp_path, **{"train.max_steps": 8, "train.gradient_accumulation_steps": 1,
                                      "train.logging_steps": 4, "train.max_consecutive_nonfinite_steps": 2})
-    forward, calls = job.forward, {"n": 0}
-
-    def poisoned(model, batch):
-        calls["n"] += 1
-        out = forward(model, batch)
-        if calls["n"] >= 2:
-            out["mlm_loss_sum"] = out["mlm_loss_sum"] * float("nan")
-        return out
-
-    job.forward = poisoned
+    poison(job, lambda call: call >= 2)
     with pytest.raises(TrainingError, match="^train.max_consecutive_nonfinite_steps: 3 consecutive steps"):
         train(job, run)
     assert run.state.step == 4 and run.state.skipped_steps == 3 and run.reporter.records == []
@@ -208,16 +213,7 @@ def test_a_run_of_nonfinite_steps_that_recovered_before_the_read_still_stops_the
 
     run, job = tiny_run(tmp_path, **{"train.max_steps": 8, "train.gradient_accumulation_steps": 1,
                                      "train.logging_steps": 8, "train.max_consecutive_nonfinite_steps": 2})
-    forward, calls = job.forward, {"n": 0}
-
-    def poisoned(model, batch):
-        calls["n"] += 1
-        out = forward(model, batch)
-        if 2 <= calls["n"] <= 5:
-            out["mlm_loss_sum"] = out["mlm_loss_sum"] * float("nan")
-        return out
-
-    job.forward = poisoned
+    poison(job, lambda call: 2 <= call <= 5)
     with pytest.raises(TrainingError, match="^train.max_consecutive_nonfinite_steps: 4 consecutive steps"):
         train(job, run)
     assert run.state.step == 8 and run.state.skipped_steps == 4 and run.state.consecutive_nonfinite == 0
