@@ -76,6 +76,12 @@ def build_pretraining_model(recipe, tokenizer):
     return BertForPreTraining(bert_config(recipe, len(tokenizer)))
 
 
+def device_count(n: int, device) -> torch.Tensor:
+    """``n`` as a 0-d int64 tensor made on ``device`` by a fill kernel: ``torch.tensor(n,
+    device=...)`` copies from the host instead, which on a GPU waits for the queued work."""
+    return torch.full((), n, dtype=torch.long, device=device)
+
+
 def block_diagonal_mask(segment_ids: torch.Tensor, attn_implementation: str, dtype: torch.dtype) -> torch.Tensor:
     """Attention confined to each packed instance: ``[R, 1, L, L]`` from ``segment_ids`` ``[R, L]``.
 
@@ -187,7 +193,7 @@ class BertPreTrainingObjective(nn.Module):
             "mlm_loss_sum": mlm_loss_sum,
             "nsp_loss_sum": nsp_loss_sum,
             "num_masked": valid.sum(),
-            "num_sequences": torch.full((), next_sentence_label.numel(), dtype=torch.long, device=input_ids.device),
+            "num_sequences": device_count(next_sentence_label.numel(), input_ids.device),
             "mlm_correct": mlm_correct,
             "nsp_correct": nsp_correct,
         }

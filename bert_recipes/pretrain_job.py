@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from .data.loader import build_eval_batches
-from .modeling import training_flops_per_token
+from .modeling import device_count, training_flops_per_token
 from .training.accelerator import in_lockstep
 from .training.loop import StepSums
 from .training.reporting import progress
@@ -51,10 +51,10 @@ class PretrainJob:
 
     def counts(self, batch: dict) -> dict[str, torch.Tensor]:
         return {"num_masked": (batch["labels"] != -100).sum(),
-                "num_sequences": torch.full((), batch["next_sentence_label"].numel(), dtype=torch.long, device=self.device)}
+                "num_sequences": device_count(batch["next_sentence_label"].numel(), self.device)}
 
     def forward(self, model, batch: dict) -> dict[str, torch.Tensor]:
-        computed = torch.full((), batch["attention_mask"].numel(), dtype=torch.long, device=batch["attention_mask"].device)
+        computed = device_count(batch["attention_mask"].numel(), batch["attention_mask"].device)
         return {**model(**batch), "num_tokens": batch["attention_mask"].sum(), "num_computed_tokens": computed}
 
     def metrics(self, sums: dict[str, float], elapsed: float, step: int) -> dict:

@@ -41,7 +41,7 @@ from ..errors import UserError
 from ..export import export_finetuned
 from ..hub import local_or_hub
 from ..data.packing import PackedFeatureCollator
-from ..modeling import classification_logits, load_config
+from ..modeling import classification_logits, device_count, load_config
 from ..recipe import save_recipe
 from ..tokenizer import recipe_tokenizer
 from ..training.accelerator import check_launch, launch_state, start_run
@@ -219,14 +219,14 @@ class FinetuneJob:
         return [collate_batch(self.splits["train"], batch, self.collator, self.device) for batch in ids]
 
     def counts(self, batch: dict) -> dict[str, torch.Tensor]:
-        return {"examples": torch.full((), len(batch["labels"]), dtype=torch.long, device=self.device)}
+        return {"examples": device_count(len(batch["labels"]), self.device)}
 
     def forward(self, model, batch: dict) -> dict[str, torch.Tensor]:
         mask = batch["attention_mask"]
         logits = classification_logits(model, batch, self.run.accelerator.unwrap_model)
         return {"loss_sum": loss_sum(logits, batch["labels"], self.task),
-                "examples": torch.full((), len(batch["labels"]), dtype=torch.long, device=self.device),
-                "tokens": mask.sum(), "padded_tokens": torch.full((), mask.numel(), dtype=torch.long, device=self.device)}
+                "examples": device_count(len(batch["labels"]), self.device),
+                "tokens": mask.sum(), "padded_tokens": device_count(mask.numel(), self.device)}
 
     def metrics(self, sums: dict[str, float], elapsed: float, step: int) -> dict:
         if self.on_log is not None:

@@ -108,10 +108,10 @@ class StepHealth:
     """Non-finite steps, counted on the device and read by the host only at read points.
 
     ``values`` is ``[grad norm of the last step, skipped steps, non-finite steps in a row, the
-    longest such run since the last read]`` (float64, on the device). :meth:`record` updates it without a host read and returns the
-    step's ``found_inf`` (1.0: skip it); :meth:`read` brings it to the host at a logging,
-    evaluation or save step, updates the :class:`TrainerState` and enforces
-    ``train.max_consecutive_nonfinite_steps``.
+    longest such run since the last read]`` (float64, on the device). :meth:`record` updates
+    it without a host read and returns the step's ``found_inf`` (1.0: skip it); :meth:`read`
+    brings it to the host at a logging, evaluation or save step, updates the
+    :class:`TrainerState` and enforces ``train.max_consecutive_nonfinite_steps``.
     """
 
     def __init__(self, state: TrainerState, device, limit: int):
@@ -182,7 +182,8 @@ def train(job: Job, run: Run, checkpoint_at_end: bool = True) -> None:
             run.reporter.advance(1)
             stopping = any_rank_stopping(accelerator, requested)
             logs = state.step % config.logging_steps == 0 or state.step == job.total_steps
-            evaluates, saves = job.evaluates_at(state.step), stopping or (config.save_steps and state.step % config.save_steps == 0)
+            evaluates = job.evaluates_at(state.step)
+            saves = stopping or (config.save_steps and state.step % config.save_steps == 0)
             if logs or evaluates or saves:
                 grad_norm = health.read(state.step)  # raises after too many non-finite steps, before anything is saved
             if logs:
@@ -245,9 +246,8 @@ def optimizer_step(run: Run, loss: torch.Tensor, health: StepHealth, on_device: 
     so no value is read on the host (``on_device``, from :func:`skips_on_device`). Other
     optimizers (LAMB, DeepSpeed's, sharded FSDP parameters) and fp16 (whose gradient scaler
     skips overflowing steps and lowers its scale) read the step's health on the host, once
-    per step. The scheduler advances
-    either way, so the learning rate follows the step counter. A NaN on any rank reaches
-    every rank through the gradient all-reduce, so ranks agree.
+    per step. The scheduler advances either way, so the learning rate follows the step
+    counter. A NaN on any rank reaches every rank through the gradient all-reduce, so ranks agree.
 
     Raises:
         TrainingError: (host-read optimizers) more than ``train.max_consecutive_nonfinite_steps`` in a row.
