@@ -60,66 +60,62 @@ def per_seed_scores(root: Path, task: str) -> dict[int, float]:
     return scores
 
 
-def representation_spread(model_dir: Path, task: str, glue_dir: Path, n: int = 256) -> dict:
-    """What an encoder hands the classifier before fine-tuning, on ``n`` dev examples of
-    ``task``: :func:`spread` of the pooled [CLS] vectors (one per example) and of the last
-    layer's vectors of every real token (1.0 mean cosine: every input looks the same, a
-    collapsed encoder)."""
-    import torch
-    from transformers import AutoTokenizer, BertModel
+class FrozenEncoder:
+    """An export's ``BertModel`` and tokenizer, loaded once, run without gradients on GLUE rows."""
 
-    from bert_recipes.glue.data import load_glue_split
-    from bert_recipes.glue.tasks import get_task
+    def __init__(self, model_dir: Path, task: str, glue_dir: Path):
+        from transformers import AutoTokenizer, BertModel
 
-    spec = get_task(task)
-    rows = load_glue_split(spec, spec.dev_splits[0], glue_dir).select(range(n))
-    texts = [list(rows[column]) for column in spec.text_columns]
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    batch = tokenizer(*texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
-    model = BertModel.from_pretrained(model_dir).eval()
-    with torch.no_grad():
-        out = model(**batch)
-    tokens = out.last_hidden_state[batch["attention_mask"].bool()].double()  # [T, H], every real token
-    return {"examples": n, "cls": spread(out.pooler_output.double()), "tokens": spread(tokens)}
+        from bert_recipes.glue.data import load_glue_split
+        from bert_recipes.glue.tasks import get_task
 
+        self.spec, self.glue_dir, self.load_split = get_task(task), glue_dir, load_glue_split
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = BertModel.from_pretrained(model_dir).eval()
 
-def linear_probe(model_dir: Path, task: str, glue_dir: Path, n_train: int = 2000) -> dict:
-    """Dev accuracy of a logistic regression on frozen features of ``n_train`` training
-    examples of a classification ``task``: the mean of the last layer's token vectors, and the
-    pooled [CLS]. Separates what the encoder knows from what 300 fine-tuning steps make of it."""
-    import torch
-    from sklearn.linear_model import LogisticRegression
-    from transformers import AutoTokenizer, BertModel
+    def rows(self, split: str, n: int | None = None):
+        rows = self.load_split(self.spec, split, self.glue_dir)
+        return rows.select(range(min(n, len(rows)))) if n else rows
 
-    from bert_recipes.glue.data import load_glue_split
-    from bert_recipes.glue.tasks import get_task
+    def outputs(self, rows, batch_size: int = 128):
+        """``(pooled [CLS] [N, H], mean token vector [N, H], every real token's vector [T, H])``, float32."""
+        import torch
 
-    spec = get_task(task)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = BertModel.from_pretrained(model_dir).eval()
-
-    def features(split: str, n: int | None):
-        rows = load_glue_split(spec, split, glue_dir)
-        rows = rows.select(range(min(n, len(rows)))) if n else rows
-        mean, cls = [], []
-        for start in range(0, len(rows), 128):
-            part = rows.select(range(start, min(start + 128, len(rows))))
-            batch = tokenizer(*[list(part[c]) for c in spec.text_columns], padding=True, truncation=True,
-                              max_length=128, return_tensors="pt")
+        pooled, mean, tokens = [], [], []
+        for start in range(0, len(rows), batch_size):
+            part = rows.select(range(start, min(start + batch_size, len(rows))))
+            batch = self.tokenizer(*[list(part[c]) for c in self.spec.text_columns], padding=True, truncation=True,
+                                   max_length=128, return_tensors="pt")
             with torch.no_grad():
-                out = model(**batch)
+                out = self.model(**batch)
             mask = batch["attention_mask"].unsqueeze(-1).float()
+            pooled.append(out.pooler_output)
             mean.append((out.last_hidden_state * mask).sum(1) / mask.sum(1))
-            cls.append(out.pooler_output)
-        return torch.cat(mean).numpy(), torch.cat(cls).numpy(), list(rows["label"])
+            tokens.append(out.last_hidden_state[batch["attention_mask"].bool()])
+        return torch.cat(pooled), torch.cat(mean), torch.cat(tokens)
 
-    train_mean, train_cls, y_train = features("train", n_train)
-    dev_mean, dev_cls, y_dev = features(spec.dev_splits[0], None)
+
+def representation_spread(encoder: FrozenEncoder, n: int = 256) -> dict:
+    """What an encoder hands the classifier before fine-tuning, on ``n`` dev examples of its
+    task: :func:`spread` of the pooled [CLS] vectors (one per example) and of the last layer's
+    vectors of every real token (1.0 mean cosine: every input looks the same, a collapsed encoder)."""
+    pooled, _, tokens = encoder.outputs(encoder.rows(encoder.spec.dev_splits[0], n))
+    return {"examples": n, "cls": spread(pooled.double()), "tokens": spread(tokens.double())}
+
+
+def linear_probe(encoder: FrozenEncoder, n_train: int = 2000) -> dict:
+    """Dev accuracy of a logistic regression on frozen features of ``n_train`` training
+    examples of a classification task: the mean of the last layer's token vectors, and the
+    pooled [CLS]. Separates what the encoder knows from what 300 fine-tuning steps make of it."""
+    from sklearn.linear_model import LogisticRegression
+
+    train, dev = encoder.rows("train", n_train), encoder.rows(encoder.spec.dev_splits[0])
+    (train_cls, train_mean, _), (dev_cls, dev_mean, _) = encoder.outputs(train), encoder.outputs(dev)
     probe = {}
     for name, x_train, x_dev in (("mean_tokens", train_mean, dev_mean), ("cls", train_cls, dev_cls)):
-        classifier = LogisticRegression(max_iter=2000).fit(x_train, y_train)
-        probe[name] = float(classifier.score(x_dev, y_dev))
-    return {"train_examples": len(y_train), "dev_examples": len(y_dev), **probe}
+        classifier = LogisticRegression(max_iter=2000).fit(x_train.numpy(), list(train["label"]))
+        probe[name] = float(classifier.score(x_dev.numpy(), list(dev["label"])))
+    return {"train_examples": len(train), "dev_examples": len(dev), **probe}
 
 
 def spread(vectors) -> dict:
@@ -193,12 +189,12 @@ def main() -> None:
         raise SystemExit(f"error: --glue-dir: '{args.glue_dir}' is not a folder")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     arms = {"pretrained": args.model.resolve(), "random": random_init_copy(args.model, args.out_dir / "random-init", args.init_seed)}
-    spreads = {name: representation_spread(path, args.tasks[0], args.glue_dir) for name, path in arms.items()}
+    spreads = {name: representation_spread(FrozenEncoder(path, args.tasks[0], args.glue_dir)) for name, path in arms.items()}
     for name, v in spreads.items():
         print(f"{name} before fine-tuning, {args.tasks[0]} dev: " + "; ".join(
             f"{kind} mean cosine {v[kind]['mean_cosine']:.3f}, top component {v[kind]['top_component_share']:.2f}"
             for kind in ("cls", "tokens")))
-    probes = {name: linear_probe(path, args.probe_task, args.glue_dir) for name, path in arms.items()}
+    probes = {name: linear_probe(FrozenEncoder(path, args.probe_task, args.glue_dir)) for name, path in arms.items()}
     for name, v in probes.items():
         print(f"{name} linear probe on {args.probe_task} ({v['train_examples']} train examples), dev accuracy: "
               f"mean tokens {v['mean_tokens']:.3f}, [CLS] {v['cls']:.3f}")
