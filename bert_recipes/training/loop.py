@@ -259,7 +259,7 @@ def optimizer_step(run: Run, loss: torch.Tensor, health: StepHealth, on_device: 
     found_inf = health.record(norm, loss, norm_counts=not fp16)
     if on_device:
         inner = getattr(run.optimizer, "optimizer", run.optimizer)
-        inner.found_inf, inner.grad_scale = found_inf.to(norm.device), None
+        inner.found_inf, inner.grad_scale = found_inf, None
         try:
             run.optimizer.step()
         finally:
