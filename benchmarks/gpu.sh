@@ -3,7 +3,8 @@
 #   bert-base shape, seq 128, bf16 autocast: sequences/s, MFU (peak from
 #   bert_recipes/training/throughput.py: 989 TFLOP/s dense bf16 for H100 SXM / H200; goal >= 45%),
 #   and the A/B ratio ours vs the stock transformers pipeline (benchmarks/pretrain_vs_stock.py),
-#   once eager, once with padding-free packed batches (--packing, issue 14) and once with
+#   once eager, once with padding-free packed batches (--packing, issue 14; again through
+#   flash-attn's variable-length kernel when flash_attn is installed) and once with
 #   train.torch_compile (ours compiled; stock never is).
 #
 #   benchmarks/gpu.sh                  # on the GPU machine, from anywhere in the checkout
@@ -79,6 +80,11 @@ run() {  # $1 = name, rest = extra arguments of pretrain_vs_stock.py
 
 run eager
 run packed --packing --no-optimizer-bench   # issue 14: each batch packed into rows of 128 (same instances)
+if "$PY" -c "import flash_attn" >/dev/null 2>&1; then  # issue 14: packed rows through flash-attn's varlen kernel
+  run packed_flash --packing --attn flash_attention_2 --no-optimizer-bench
+else
+  say "flash_attn is not installed: the packed_flash run (variable-length kernel) is skipped"
+fi
 if [ "$SMOKE" = 1 ]; then
   say "SMOKE: the compiled run is skipped (Inductor on a CPU takes minutes for bert-base)"
 else
@@ -89,7 +95,7 @@ fi
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
-for name in ("eager", "packed", "compiled"):
+for name in ("eager", "packed", "packed_flash", "compiled"):
     path = out / f"gpu_pretrain_vs_stock_{name}.json"
     if not path.is_file():
         print(f"{name}: no result ({path} missing)")

@@ -187,8 +187,10 @@ def window_loss(objective, window: list[dict]) -> float:
 
 def run_shape(shape: str, args, accelerator, files: list[str], optimizer_spec) -> dict:
     path, cpu_batch, goal = SHAPES[shape]
-    recipe = load_recipe(REPO / path, overrides=(["model.config.hidden_dropout_prob=0", "model.config.attention_probs_dropout_prob=0"]
-                                                 if args.dropout_off else []))
+    overrides = [f"model.attn_implementation={args.attn}"] if args.attn else []
+    if args.dropout_off:
+        overrides += ["model.config.hidden_dropout_prob=0", "model.config.attention_probs_dropout_prob=0"]
+    recipe = load_recipe(REPO / path, overrides=overrides)
     device = accelerator.device
     batch_size = args.batch_size or (recipe.train.per_device_train_batch_size if cpu_batch is None or device.type == "cuda" else cpu_batch)
     steps = args.steps or (5 if shape == "tiny" else 1)
@@ -403,6 +405,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="default: the recipe's per_device_train_batch_size (bert-base: 8 on CPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", choices=("no", "bf16"), default="no", help="both variants (default fp32)")
+    parser.add_argument("--attn", choices=("sdpa", "eager", "flash_attention_2", "flash_attention_3"), default=None,
+                        help="ours' model.attn_implementation (default: the recipe's); with --packing a flash-attn "
+                             "implementation runs the packed rows through its variable-length kernel")
     parser.add_argument("--stock-attn", choices=("default", "eager", "sdpa"), default="default")
     parser.add_argument("--compile", action="store_true", help="ours with train.torch_compile (objective.compile(dynamic=True))")
     parser.add_argument("--peak-flops", type=float, default=None, help="peak FLOP/s for MFU (default: GPU table / CPU matmul)")

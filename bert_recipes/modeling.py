@@ -82,13 +82,48 @@ def device_count(n: int, device) -> torch.Tensor:
     return torch.full((), n, dtype=torch.long, device=device)
 
 
+#: Attention implementations that take packed rows as one flattened sequence with
+#: ``cu_seq_lens`` (flash-attn's variable-length kernel through transformers' attention
+#: interface) instead of a block-diagonal mask; see :func:`register_varlen_attention`.
+VARLEN_ATTENTION = {"flash_attention_2", "flash_attention_3"}
+
+
+def is_varlen_attention(attn_implementation: str) -> bool:
+    """True for flash-attn implementations (``flash_attention_2/3`` and Hub kernels such as
+    ``kernels-community/flash-attn2``) and those added by :func:`register_varlen_attention`."""
+    return attn_implementation in VARLEN_ATTENTION or "flash" in attn_implementation
+
+
+def register_varlen_attention(name: str, function) -> None:
+    """Register ``function`` with transformers' ``AttentionInterface`` under ``name`` and
+    treat it as variable-length: it receives ``attention_mask=None`` and the keyword
+    arguments ``cu_seq_lens_q/k`` (int32 ``[S + 1]``) and ``max_length_q/k`` (int), as
+    transformers' flash-attn integration does (``DataCollatorWithFlattening``)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(name, function)
+    VARLEN_ATTENTION.add(name)
+
+
+def cu_seq_lens(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Cumulative segment boundaries ``[S + 1]`` (int32) of packed rows ``segment_ids`` ``[R, L]``
+    read as one flattened sequence of ``R * L`` tokens: every instance is a segment, and so
+    is each row's padding tail, so no kernel ever attends across instances or rows."""
+    flat = segment_ids.flatten()
+    starts = torch.ones_like(flat, dtype=torch.bool)
+    starts[1:] = flat[1:] != flat[:-1]
+    starts[:: segment_ids.shape[1]] = True  # a row always starts a segment
+    bounds = torch.cat([starts.nonzero().squeeze(1), torch.tensor([flat.numel()], device=flat.device)])
+    return bounds.to(torch.int32)
+
+
 def block_diagonal_mask(segment_ids: torch.Tensor, attn_implementation: str, dtype: torch.dtype) -> torch.Tensor:
     """Attention confined to each packed instance: ``[R, 1, L, L]`` from ``segment_ids`` ``[R, L]``.
 
     Query i may attend to key j when both carry the same segment id; padding (segment 0)
     attends to padding only, so no query row is empty (an all-masked row would make SDPA
-    return NaN). Boolean (True = attend) for SDPA / flash attention; additive (0 or the
-    dtype's minimum) for the eager implementation.
+    return NaN). Boolean (True = attend) for SDPA; additive (0 or the dtype's minimum) for
+    the eager implementation.
     """
     same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
     if attn_implementation == "eager":
@@ -101,25 +136,46 @@ def packed_attention_mask(bert: nn.Module, segment_ids: torch.Tensor) -> torch.T
     return block_diagonal_mask(segment_ids, bert.config._attn_implementation, bert.embeddings.word_embeddings.weight.dtype)
 
 
+def packed_inputs(bert: nn.Module, input_ids, token_type_ids, position_ids, segment_ids,
+                  cu_seqlens: torch.Tensor | None = None) -> dict:
+    """Keyword arguments of a ``BertModel`` (or a model around one) forward for packed rows
+    ``[R, L]``.
+
+    With a variable-length attention (:func:`is_varlen_attention`: flash-attn on a GPU) the
+    rows are flattened into one sequence ``[1, R * L]`` with ``cu_seq_lens`` (the collator's,
+    else :func:`cu_seq_lens` on the device, a host sync) and no mask, so attention costs the
+    instances' own lengths; otherwise the rows go as they are with the block-diagonal mask.
+    Either way the model's hidden states flatten to the same ``R * L`` positions.
+    """
+    if not is_varlen_attention(bert.config._attn_implementation):
+        return {"input_ids": input_ids, "token_type_ids": token_type_ids, "position_ids": position_ids,
+                "attention_mask": packed_attention_mask(bert, segment_ids)}
+    cu = cu_seq_lens(segment_ids) if cu_seqlens is None else cu_seqlens.to(torch.int32)
+    width = int(input_ids.shape[1])  # an upper bound of every segment's length: no host read
+    return {"input_ids": input_ids.reshape(1, -1), "token_type_ids": token_type_ids.reshape(1, -1),
+            "position_ids": position_ids.reshape(1, -1), "attention_mask": None,
+            "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": width, "max_length_k": width}
+
+
 def encode(model: nn.Module, input_ids, token_type_ids, attention_mask, position_ids=None, segment_ids=None,
-           cls_index=None) -> tuple[torch.Tensor, torch.Tensor]:
+           cls_index=None, cu_seq_lens=None) -> tuple[torch.Tensor, torch.Tensor]:
     """The encoder outputs of a ``BertForPreTraining`` / ``BertForSequenceClassification``:
     ``(sequence_output [R, L, H], pooled_output [N, H])``.
 
     A plain batch (one instance per row, N = R) goes through ``model.bert`` as it is. A
-    packed batch (``segment_ids``, ``position_ids``, ``cls_index`` from
+    packed batch (``segment_ids``, ``position_ids``, ``cls_index`` and ``cu_seq_lens`` from
     :class:`~bert_recipes.data.packing.PackedCollator`) runs the same modules with positions
-    restarting per instance and a block-diagonal attention mask, and applies the model's
+    restarting per instance and attention confined to each instance (:func:`packed_inputs`:
+    a block-diagonal mask, or flash-attn's variable-length kernel), and applies the model's
     own pooler (dense + tanh) to each instance's [CLS] vector.
     """
     bert = model.bert
     if segment_ids is None:
         out = bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, return_dict=True)
         return out.last_hidden_state, out.pooler_output
-    mask = packed_attention_mask(bert, segment_ids)
-    out = bert(input_ids=input_ids, attention_mask=mask, token_type_ids=token_type_ids, position_ids=position_ids,
+    out = bert(**packed_inputs(bert, input_ids, token_type_ids, position_ids, segment_ids, cu_seq_lens),
                return_dict=True)
-    hidden = out.last_hidden_state
+    hidden = out.last_hidden_state.reshape(*input_ids.shape, -1)
     cls = hidden.flatten(0, 1)[cls_index]
     return hidden, bert.pooler.activation(bert.pooler.dense(cls))
 
@@ -128,17 +184,17 @@ def classification_logits(model: nn.Module, batch: dict, unwrap=lambda m: m) -> 
     """Logits ``[N, C]`` of a ``BertForSequenceClassification`` for a plain batch (N = rows)
     or a packed one (:class:`~bert_recipes.data.packing.PackedFeatureCollator`).
 
-    A packed batch runs through ``model`` itself (so a DDP wrapper sees the forward) with a
-    block-diagonal mask and restarting positions; the pooler, dropout and classifier of the
-    unwrapped model (``unwrap(model)``) are then applied at each example's [CLS].
+    A packed batch runs through ``model`` itself (so a DDP wrapper sees the forward) with
+    :func:`packed_inputs` (restarting positions; a block-diagonal mask or the
+    variable-length kernel); the pooler, dropout and classifier of the unwrapped model
+    (``unwrap(model)``) are then applied at each example's [CLS].
     """
     inputs = {key: value for key, value in batch.items() if key != "labels"}
     if "segment_ids" not in inputs:
         return model(**inputs).logits
     core = unwrap(model)
-    mask = packed_attention_mask(core.bert, inputs["segment_ids"])
-    out = model(input_ids=inputs["input_ids"], attention_mask=mask, token_type_ids=inputs["token_type_ids"],
-                position_ids=inputs["position_ids"], output_hidden_states=True)
+    out = model(**packed_inputs(core.bert, inputs["input_ids"], inputs["token_type_ids"], inputs["position_ids"],
+                                inputs["segment_ids"], inputs.get("cu_seq_lens")), output_hidden_states=True)
     cls = out.hidden_states[-1].flatten(0, 1)[inputs["cls_index"]]
     pooled = core.bert.pooler.activation(core.bert.pooler.dense(cls))
     return core.classifier(core.dropout(pooled))
@@ -155,7 +211,7 @@ class BertPreTrainingObjective(nn.Module):
     ``forward`` takes the collator's batch (all ``torch.long``): ``input_ids``,
     ``token_type_ids``, ``attention_mask``, ``labels`` of shape [B, L] and
     ``next_sentence_label`` of shape [B], or a packed batch (``position_ids``,
-    ``segment_ids`` [R, L], ``cls_index`` [N]; see :func:`encode`), and optionally
+    ``segment_ids`` [R, L], ``cls_index`` [N], ``cu_seq_lens`` [S + 1]; see :func:`encode`), and optionally
     ``masked_lm_positions`` [M] (the flat indices of ``labels != -100``, which the collators
     give; without it the head finds them on the device, a host sync). It returns a dict of 0-d tensors:
     ``mlm_loss_sum`` (sum of token cross-entropies in nats over the M masked tokens),
@@ -169,9 +225,9 @@ class BertPreTrainingObjective(nn.Module):
         self.sparse_mlm_head = sparse_mlm_head
 
     def forward(self, input_ids, token_type_ids, attention_mask, labels, next_sentence_label, position_ids=None,
-                segment_ids=None, cls_index=None, masked_lm_positions=None, **_unused):
+                segment_ids=None, cls_index=None, masked_lm_positions=None, cu_seq_lens=None, **_unused):
         sequence_output, pooled_output = encode(self.model, input_ids, token_type_ids, attention_mask, position_ids,
-                                                segment_ids, cls_index)
+                                                segment_ids, cls_index, cu_seq_lens)
         heads = self.model.cls
         if self.sparse_mlm_head:
             positions = masked_lm_positions  # [M], row-major, from the collator: no host sync
@@ -221,5 +277,6 @@ def training_flops_per_token(config, seq_len: int, predictions_per_token: float 
     return 3.0 * forward
 
 
-__all__ = ["BertPreTrainingObjective", "bert_config", "block_diagonal_mask", "build_pretraining_model", "classification_logits", "encode",
-           "load_config", "load_pretrained", "training_flops_per_token"]
+__all__ = ["VARLEN_ATTENTION", "BertPreTrainingObjective", "bert_config", "block_diagonal_mask", "build_pretraining_model",
+           "classification_logits", "cu_seq_lens", "encode", "is_varlen_attention", "load_config", "load_pretrained",
+           "packed_inputs", "register_varlen_attention", "training_flops_per_token"]

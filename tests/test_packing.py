@@ -11,10 +11,31 @@ import torch
 
 from bert_recipes.data.collator import PretrainingCollator
 from bert_recipes.data.packing import PackedCollator, first_fit_decreasing, packing_efficiency
-from bert_recipes.modeling import BertPreTrainingObjective
+from bert_recipes.modeling import BertPreTrainingObjective, register_varlen_attention
 
 PAD, CLS, SEP, MASK = 0, 2, 3, 4
 MAX_LEN = 64
+
+
+VARLEN_CALLS: list[int] = []  # segments per call of varlen_reference
+
+
+def varlen_reference(module, query, key, value, attention_mask, dropout=0.0, scaling=None, cu_seq_lens_q=None,
+                     cu_seq_lens_k=None, max_length_q=None, max_length_k=None, **_):
+    """flash-attn's variable-length contract on the CPU, for the tests: one flattened sequence
+    ``[1, heads, T, d]``, no mask, SDPA over each ``cu_seq_lens`` segment on its own."""
+    VARLEN_CALLS.append(cu_seq_lens_q.numel() - 1)
+    assert attention_mask is None and query.shape[0] == 1 and torch.equal(cu_seq_lens_q, cu_seq_lens_k)
+    assert cu_seq_lens_q.dtype == torch.int32 and int(cu_seq_lens_q[-1]) == query.shape[2]
+    bounds = cu_seq_lens_q.tolist()
+    assert max(b - a for a, b in zip(bounds, bounds[1:])) <= max_length_q == max_length_k
+    out = torch.cat([torch.nn.functional.scaled_dot_product_attention(
+        query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], dropout_p=dropout, scale=scaling)
+        for a, b in zip(bounds, bounds[1:])], dim=2)
+    return out.transpose(1, 2).contiguous(), None
+
+
+register_varlen_attention("varlen_reference", varlen_reference)
 
 
 class Tok:
@@ -82,20 +103,32 @@ def test_packed_rows_restart_positions_and_point_at_each_cls():
     assert packed["masked_lm_positions"].tolist() == expected and expected
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_cu_seq_lens_mark_every_instance_and_padding_tail():
+    packed = PackedCollator(Tok(), max_seq_length=MAX_LEN)(batch_of([64, 5, 30, 20, 12, 40]))
+    # rows: [64] | [40, 20, pad 4] | [30, 12, 5, pad 17]
+    assert packed["cu_seq_lens"].dtype == torch.int32
+    assert packed["cu_seq_lens"].tolist() == [0, 64, 104, 124, 128, 158, 170, 175, 192]
+    one_row = PackedCollator(Tok(), max_seq_length=MAX_LEN)(batch_of([64]))
+    assert one_row["cu_seq_lens"].tolist() == [0, 64]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "varlen_reference"])
 def test_packed_losses_and_gradients_equal_unpacked(attn):
     items = batch_of([64, 5, 33, 17, 61, 9, 25, 40])  # one at full length, one of 5 tokens
     unpacked = PretrainingCollator(Tok(), max_seq_length=MAX_LEN)(items)
     packed = PackedCollator(Tok(), max_seq_length=MAX_LEN)(items)
     assert packed["input_ids"].shape[0] < unpacked["input_ids"].shape[0]
+    VARLEN_CALLS.clear()
     results = []
-    for batch in (unpacked, packed):
-        objective = BertPreTrainingObjective(model(attn))
+    for batch, implementation in ((unpacked, "sdpa" if attn == "varlen_reference" else attn), (packed, attn)):
+        objective = BertPreTrainingObjective(model(implementation))
         out = objective(**batch)
         (out["mlm_loss_sum"] / out["num_masked"] + out["nsp_loss_sum"] / out["num_sequences"]).backward()
         grads = {name: p.grad.clone() for name, p in objective.named_parameters() if p.grad is not None}
         results.append((out, grads))
     (a, grads_a), (b, grads_b) = results
+    if attn == "varlen_reference":  # the kernel ran, once per layer, on the flattened rows
+        assert VARLEN_CALLS[-2:] == [len(packed["cu_seq_lens"]) - 1] * 2
     for key in ("mlm_loss_sum", "nsp_loss_sum"):  # the MLM and NSP parts separately
         assert float(a[key]) == pytest.approx(float(b[key]), abs=1e-5)
     for key in ("num_masked", "num_sequences", "mlm_correct", "nsp_correct"):
@@ -105,11 +138,12 @@ def test_packed_losses_and_gradients_equal_unpacked(attn):
         torch.testing.assert_close(grads_a[name], grads_b[name], rtol=0, atol=1e-5, msg=name)
 
 
-def test_attention_never_crosses_instances():
+@pytest.mark.parametrize("attn", ["sdpa", "varlen_reference"])
+def test_attention_never_crosses_instances(attn):
     from bert_recipes.modeling import encode
 
     items = batch_of([64, 20, 20, 24])
-    m = model().eval()
+    m = model(attn).eval()
     packed = PackedCollator(Tok(), max_seq_length=MAX_LEN)(items)
     assert packed["input_ids"].shape[0] == 2  # [64] and [24, 20, 20]
     changed = [dict(x) for x in items]
@@ -184,6 +218,36 @@ def test_stream_packs_rows_and_resumes_exactly(tmp_path):
             assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
 
 
+def test_batch_packing_keeps_each_batch_s_instances(tmp_path):
+    """``data.packing: batch``: the same instances per step as unpacked, in fewer rows."""
+    from bert_recipes.data import build_pretraining_dataloader
+    from bert_recipes.inspect_batches import batch_examples
+    from bert_recipes.recipe import DataConfig
+    from tests.data_fixtures import make_doc, make_vocab_tokenizer, write_blank_line_corpus
+
+    tok = make_vocab_tokenizer()
+    rng = random.Random(6)
+    files = [str(write_blank_line_corpus(tmp_path / f"{f}.txt", [make_doc(f * 6 + k, rng.randint(1, 8), 6, rng)
+                                                                for k in range(6)])) for f in range(3)]
+    batches = {}
+    for packing in (False, "batch"):
+        c = DataConfig(train_files=files, max_seq_length=64, max_predictions_per_seq=10, shuffle_buffer_size=8,
+                       packing=packing)
+        loader = build_pretraining_dataloader(c, tok, files, batch_size=8, seed=3, num_workers=0)
+        batches[packing] = [batch for _, batch in zip(range(12), loader)]
+    fewer_rows = 0
+    for plain, packed in zip(batches[False], batches["batch"]):
+        assert packed["input_ids"].shape[1] == 64 and len(packed["next_sentence_label"]) == 8
+        fewer_rows += packed["input_ids"].shape[0] < 8
+        unpadded = [{key: [v for v, m in zip(example[key], example["attention_mask"]) if m] for key in
+                     ("input_ids", "token_type_ids", "labels")} | {"nsp": example["next_sentence_label"]}
+                    for example in batch_examples(plain)]
+        mine = [{key: example[key] for key in ("input_ids", "token_type_ids", "labels")}
+                | {"nsp": example["next_sentence_label"]} for example in batch_examples(packed)]
+        assert mine == unpadded  # the same instances, in the same order
+    assert fewer_rows >= 6
+
+
 @pytest.mark.slow
 def test_packed_run_exports_the_same_format(tmp_path):
     from safetensors.torch import load_file
@@ -192,7 +256,7 @@ def test_packed_run_exports_the_same_format(tmp_path):
     from tests.conftest import TINY_RECIPE, tiny_overrides
 
     shapes = []
-    for packing in ("false", "true"):
+    for packing in ("false", "true", "batch"):
         out = tmp_path / packing
         assert main(["pretrain", str(TINY_RECIPE), *tiny_overrides(out, **{"data.packing": packing})]) == 0
         weights = load_file(out / "final" / "model.safetensors")
@@ -205,8 +269,8 @@ def test_packed_run_exports_the_same_format(tmp_path):
 # ----------------------------------------------------------------------------- fine-tuning
 
 
-@pytest.mark.parametrize("regression", [False, True])
-def test_packed_classification_equals_padded(regression):
+@pytest.mark.parametrize("regression,attn", [(False, "sdpa"), (True, "sdpa"), (False, "varlen_reference")])
+def test_packed_classification_equals_padded(regression, attn):
     from transformers import BertConfig, BertForSequenceClassification, DataCollatorWithPadding
 
     from bert_recipes.data.packing import PackedFeatureCollator
@@ -237,7 +301,8 @@ def test_packed_classification_equals_padded(regression):
               for key in ("input_ids", "token_type_ids", "attention_mask")}
     padded["labels"] = torch.tensor([f["labels"] for f in features])
     grads = []
-    for batch in (padded, packed):
+    for batch, implementation in ((padded, "sdpa"), (packed, attn)):
+        model.set_attn_implementation(implementation)
         logits = classification_logits(model, batch)
         assert logits.shape == (6, config.num_labels)
         loss = (logits.squeeze(-1) - batch["labels"]).pow(2).mean() if regression else \

@@ -19,6 +19,9 @@ A packed batch holds, for R rows of length L and N instances:
 - ``segment_ids``: ``[R, L]``, 1, 2, ... for the instances of a row, 0 on padding;
   attention is confined to equal segment ids;
 - ``cls_index``: ``[N]``, the flat position (``row * L + column``) of each instance's [CLS];
+- ``cu_seq_lens``: ``[S + 1]`` int32, the segment boundaries of the ``R * L`` flattened
+  positions (each instance, and each row's padding tail), for a variable-length attention
+  kernel (:func:`bert_recipes.modeling.packed_inputs`);
 - ``next_sentence_label``: ``[N]``, in the order of ``cls_index`` (the batch's order);
 - ``masked_lm_positions``: ``[M]``, the flat positions of the masked tokens (pretraining rows).
 """
@@ -31,6 +34,7 @@ import numpy as np
 import torch
 
 from .collator import masked_lm_positions, padded_length
+from ..modeling import cu_seq_lens
 from .masking import IGNORE_INDEX
 
 
@@ -149,6 +153,7 @@ class PackedCollator:
                 start = end
         tensors = {key: torch.from_numpy(value) for key, value in out.items()}
         tensors["cls_index"] = torch.from_numpy(cls_index)
+        tensors["cu_seq_lens"] = cu_seq_lens(tensors["segment_ids"])  # for flash-attn's varlen kernel, made here
         if "labels" in self.token_keys:  # pretraining rows: the masked tokens' positions
             tensors["masked_lm_positions"] = masked_lm_positions(out["labels"])
         for key in self.instance_keys:
