@@ -1,13 +1,15 @@
 """Packed (padding-free) vs padded batches: the same instances, the same weights, our step.
 
     .venv/bin/python benchmarks/packing.py [--shape tiny|mini|base|phase2] [--batches 6] [--rounds 4]
-        [--threads 1] [--precision no|bf16] [--device cpu|cuda]
+        [--threads 1] [--precision no|bf16] [--device cpu|cuda] [--mode stream|batch] [--batch N]
 
 Method. The instances of ``--batches`` batches come from the real stream of the shape's
 corpus; they are collated twice: in batches of ``batch`` instances padded to the longest
 (rounded to 8; the unpacked path), and packed as the stream does with ``data.packing``
 (windows of ``data.packing_window`` instances, first-fit-decreasing into rows of
-``max_seq_length``; batches of ``batch`` rows, so fewer batches). One optimizer step
+``max_seq_length``; batches of ``batch`` rows, so fewer batches), or with ``--mode batch``
+as ``data.packing: batch`` does (each padded batch's instances packed into rows of
+``max_seq_length``: the same batches, fewer rows). One optimizer step
 (forward, backward, AdamW) of the same freshly initialised ``BertForPreTraining`` runs per
 batch, in alternating rounds (benchmarks/common.py), with dropout as in training. Reported:
 real tokens per second of each, their ratio, and the packing efficiency (real tokens /
@@ -72,10 +74,14 @@ def main() -> int:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--ab", choices=["packing", "precision"], default="packing",
                         help="packing: packed vs padded at --precision; precision: bf16 vs fp32, both packed")
+    parser.add_argument("--mode", choices=["stream", "batch"], default="stream",
+                        help="stream: data.packing: true (rows from the stream); batch: data.packing: batch "
+                             "(each batch's instances packed into rows of max_seq_length)")
+    parser.add_argument("--batch", type=int, default=None, help="instances (rows with --mode stream) per batch")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    shape = SHAPES[args.shape]
+    shape = dict(SHAPES[args.shape], **({"batch": args.batch} if args.batch else {}))
     files = sorted(glob.glob(shape["files"]))
     if not files:
         print(f"skipped: no files match {shape['files']} (../shared/data is only present in the dev setup)")
@@ -95,10 +101,14 @@ def main() -> int:
     instances = [next(stream) for _ in range(shape["batch"] * args.batches)]
     padded = [PretrainingCollator(tokenizer, max_seq_length=shape["seq"])(instances[i : i + shape["batch"]])
               for i in range(0, len(instances), shape["batch"])]
-    rows = list(pack_rows(iter(instances), {"window": [], "ready": []}, shape["seq"], cfg.packing_window,
-                          np.random.default_rng(0)))
-    packed = [PackedCollator(tokenizer, max_seq_length=shape["seq"])(rows[i : i + shape["batch"]])
-              for i in range(0, len(rows), shape["batch"])]
+    if args.mode == "batch":  # data.packing: batch: each padded batch's instances, packed into rows
+        packed = [PackedCollator(tokenizer, max_seq_length=shape["seq"], fill_rows=True)(instances[i : i + shape["batch"]])
+                  for i in range(0, len(instances), shape["batch"])]
+    else:  # data.packing: true: rows packed by the stream, batches of `batch` rows
+        rows = list(pack_rows(iter(instances), {"window": [], "ready": []}, shape["seq"], cfg.packing_window,
+                              np.random.default_rng(0)))
+        packed = [PackedCollator(tokenizer, max_seq_length=shape["seq"])(rows[i : i + shape["batch"]])
+                  for i in range(0, len(rows), shape["batch"])]
     real = sum(int(b["attention_mask"].sum()) for b in padded)
 
     torch.manual_seed(0)
@@ -140,15 +150,15 @@ def main() -> int:
     efficiency = {name: sum(int(b["attention_mask"].sum()) for b in batches) / sum(b["attention_mask"].numel()
                   for b in batches) for name, batches in (("padded", padded), ("packed", packed))}
     rows = {name: sum(b["input_ids"].shape[0] for b in batches) for name, batches in (("padded", padded), ("packed", packed))}
-    print(f"{args.shape}: {args.batches} batches x {shape['batch']} instances, seq {shape['seq']}, "
+    print(f"{args.shape}: {args.batches} batches x {shape['batch']} instances, seq {shape['seq']}, packing {args.mode}, "
           f"precision {args.precision}, {args.threads} thread(s)")
     print(f"  packing efficiency: padded {efficiency['padded']:.3f}, packed {efficiency['packed']:.3f} "
           f"({rows['padded']} -> {rows['packed']} rows; mean of {packing_efficiency(packed[0]):.3f} in batch 0)")
     print(f"  tokens/s: packed {summary['packed_tokens_per_s']:.0f}, padded {summary['padded_tokens_per_s']:.0f}, "
           f"ratio {summary['ratio_median_of_rounds']:.2f}x (rounds {summary['per_round_ratio']}); per CPU-second "
           f"{summary['cpu_time_ratio_median_of_rounds']:.2f}x")
-    out = args.out or default_out(f"packing-{args.shape}{'-bf16' if args.precision == 'bf16' else ''}.json")
-    write_json(out, {"shape": args.shape, "precision": args.precision, "threads": args.threads, "device": args.device,
+    out = args.out or default_out(f"packing-{args.shape}-{args.mode}{'-bf16' if args.precision == 'bf16' else ''}.json")
+    write_json(out, {"shape": args.shape, "mode": args.mode, "precision": args.precision, "threads": args.threads, "device": args.device,
                      "batches": args.batches, "batch_size": shape["batch"], "seq": shape["seq"],
                      "efficiency": efficiency, "rows": rows, "summary": summary, "machine": machine_info(device)})
     print(f"  wrote {out}")

@@ -79,7 +79,7 @@ class ModelConfig(Strict):
 
     name_or_path: Optional[str] = None
     config: BertArchitecture = BertArchitecture()
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = "sdpa"
     sparse_mlm_head: bool = True
     trust_remote_code: bool = False
 
@@ -132,7 +132,11 @@ class DataConfig(Strict):
     random_next_buffer_size: int = Field(1000, ge=1)
     shuffle_buffer_size: int = Field(1000, ge=0)
     pad_to_multiple_of: int = Field(8, ge=1)
-    packing: bool = False
+    # "batch" (default): each batch's instances packed into rows of max_seq_length, the same
+    # instances per step as unpacked (1.15x tiny, 1.46x BERT-base seq 128: benchmarks/RESULTS.md);
+    # false: one instance per row, padded to the batch's longest; true: rows packed by the
+    # stream, a batch counts rows (see bert_recipes/data/packing.py)
+    packing: Literal[False, True, "batch"] = "batch"
     packing_window: int = Field(256, ge=1)
     dataloader_num_workers: int = Field(0, ge=0)
     max_eval_samples: Optional[int] = Field(1000, ge=1)

@@ -38,18 +38,22 @@ def one_pass(recipe_path: str, overrides: list[str], rank: int, world_size: int)
         recipe.data, tokenizer, files, batch_size=recipe.train.per_device_train_batch_size, seed=recipe.seed,
         rank=rank, world_size=world_size, infinite=False, num_workers=0,
     )
+    import torch
+
+    from bert_recipes.inspect_batches import batch_examples
+
     instances = []
-    for batch in loader:
-        for i in range(batch["input_ids"].shape[0]):
-            keep = batch["attention_mask"][i].bool()
-            ids = batch["input_ids"][i][keep]
-            labels = batch["labels"][i][keep]
-            segments = batch["token_type_ids"][i][keep]
+    for batch in loader:  # padded or packed rows: batch_examples cuts out each instance
+        for example in batch_examples(batch):
+            keep = torch.tensor(example["attention_mask"]).bool()
+            ids = torch.tensor(example["input_ids"])[keep]
+            labels = torch.tensor(example["labels"])[keep]
+            segments = torch.tensor(example["token_type_ids"])[keep]
             ids = ids.where(labels == -100, labels)  # undo [MASK] / random / kept replacements
             tokens = tokenizer.convert_ids_to_tokens(ids.tolist())
             a = [t for t, s in zip(tokens, segments.tolist()) if s == 0]
             b = [t for t, s in zip(tokens, segments.tolist()) if s == 1]
-            instances.append({"a": a, "b": b, "next_sentence_label": int(batch["next_sentence_label"][i])})
+            instances.append({"a": a, "b": b, "next_sentence_label": example["next_sentence_label"]})
     return instances
 
 

@@ -50,16 +50,25 @@ def test_no_traceback_from_the_installed_command(tmp_path):
 
 
 def test_inspect_writes_readable_batches(tmp_path):
-    out = tmp_path / "batches.jsonl"
-    assert main(["inspect", str(TINY_RECIPE), "train.per_device_train_batch_size=4", f"output_dir={tmp_path}/run",
-                 "--batches", "3", "--out", str(out)]) == 0
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(rows) == 12 and [r["batch"] for r in rows] == [0] * 4 + [1] * 4 + [2] * 4
-    for row in rows:
-        assert set(row) >= {"input_ids", "token_type_ids", "attention_mask", "labels", "next_sentence_label", "tokens"}
-        assert row["tokens"][0] == "[CLS]" and row["tokens"].count("[SEP]") == 2
-        assert len(row["tokens"]) == len(row["input_ids"]) == len(row["labels"]) and len(row["input_ids"]) % 8 == 0
-        assert row["next_sentence_label"] in (0, 1)
+    seen = {}
+    vocab = tmp_path / "tok"  # one vocabulary for both (WordPiece training is not bit-reproducible)
+    assert main(["tokenizer", "train", *sorted(map(str, (REPO / "data/sample/train").glob("*.txt"))), "--out", str(vocab),
+                 "--vocab-size", "2000"]) == 0
+    for packing in ("false", "batch"):  # padded rows; the default: each batch packed into rows
+        out = tmp_path / f"batches-{packing}.jsonl"
+        assert main(["inspect", str(TINY_RECIPE), "train.per_device_train_batch_size=4", f"output_dir={tmp_path}/run",
+                     f"data.packing={packing}", f"tokenizer.name_or_path={vocab}", "--batches", "3",
+                     "--out", str(out)]) == 0
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        assert len(rows) == 12 and [r["batch"] for r in rows] == [0] * 4 + [1] * 4 + [2] * 4
+        for row in rows:
+            assert set(row) >= {"input_ids", "token_type_ids", "attention_mask", "labels", "next_sentence_label", "tokens"}
+            assert row["tokens"][0] == "[CLS]" and row["tokens"].count("[SEP]") == 2
+            assert len(row["tokens"]) == len(row["input_ids"]) == len(row["labels"])
+            assert len(row["input_ids"]) % 8 == 0 if packing == "false" else all(row["attention_mask"])
+            assert row["next_sentence_label"] in (0, 1)
+        seen[packing] = [[t for t, m in zip(r["input_ids"], r["attention_mask"]) if m] for r in rows]
+    assert seen["false"] == seen["batch"]  # the same instances in the same batches
     assert not (tmp_path / "run").exists()  # inspect writes nothing into the run directory
 
 

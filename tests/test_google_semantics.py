@@ -153,13 +153,12 @@ def test_ranks_times_workers_cover_one_pass_exactly(tmp_path, vocab_tokenizer): 
 
 
 def instances_of(batches):
-    rows = []
-    for batch in batches:
-        for i in range(len(batch["input_ids"])):
-            n = int(batch["attention_mask"][i].sum())
-            rows.append((tuple(batch["input_ids"][i, :n].tolist()), tuple(batch["labels"][i, :n].tolist()),
-                         int(batch["next_sentence_label"][i])))
-    return rows
+    """(input_ids, labels, next_sentence_label) of every instance, padded or packed batches."""
+    from bert_recipes.inspect_batches import batch_examples
+
+    return [(tuple(x for x, m in zip(example["input_ids"], example["attention_mask"]) if m),
+             tuple(x for x, m in zip(example["labels"], example["attention_mask"]) if m), example["next_sentence_label"])
+            for batch in batches for example in batch_examples(batch)]
 
 
 def test_held_out_instances_do_not_depend_on_the_number_of_processes(tmp_path, vocab_tokenizer):  # noqa: F811

@@ -28,7 +28,8 @@ from tests.data_fixtures import (  # noqa: F401
 
 
 def cfg(files, **kw):
-    values = dict(max_seq_length=64, max_predictions_per_seq=10, shuffle_buffer_size=16, random_next_buffer_size=20)
+    values = dict(max_seq_length=64, max_predictions_per_seq=10, shuffle_buffer_size=16, random_next_buffer_size=20,
+                  packing=False)  # padded rows: the layout these tests check (packing: tests/test_packing.py)
     values.update(kw)
     return DataConfig(train_files=files, **values)
 

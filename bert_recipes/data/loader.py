@@ -21,9 +21,12 @@ from .stream import PretrainingStream
 
 
 def make_collator(cfg, tokenizer):
-    """:class:`~.packing.PackedCollator` with ``cfg.packing``, else :class:`~.collator.PretrainingCollator`."""
-    kind = PackedCollator if cfg.packing else PretrainingCollator
-    return kind(tokenizer, pad_to_multiple_of=cfg.pad_to_multiple_of, max_seq_length=cfg.max_seq_length)
+    """:class:`~.packing.PackedCollator` with ``cfg.packing`` (``"batch"``: each batch's
+    instances into rows of ``max_seq_length``), else :class:`~.collator.PretrainingCollator`."""
+    if not cfg.packing:
+        return PretrainingCollator(tokenizer, pad_to_multiple_of=cfg.pad_to_multiple_of, max_seq_length=cfg.max_seq_length)
+    return PackedCollator(tokenizer, pad_to_multiple_of=cfg.pad_to_multiple_of, max_seq_length=cfg.max_seq_length,
+                          fill_rows=cfg.packing == "batch")
 
 
 def build_pretraining_dataloader(cfg, tokenizer, files: list[str], *, batch_size: int, seed: int, rank: int = 0,
@@ -33,7 +36,8 @@ def build_pretraining_dataloader(cfg, tokenizer, files: list[str], *, batch_size
 
     Yields dicts of ``torch.long`` tensors: ``input_ids``, ``token_type_ids``,
     ``attention_mask``, ``labels``: ``[B, L]``; ``next_sentence_label``: ``[B]`` (with
-    ``cfg.packing``: the B instances packed into fewer rows, see :mod:`.packing`). ``L`` is the
+    ``cfg.packing: batch``: the B instances packed into fewer rows of ``max_seq_length``; with
+    ``cfg.packing: true``: B rows packed by the stream, see :mod:`.packing`). ``L`` is the
     longest instance of the batch rounded up to ``cfg.pad_to_multiple_of``, but never more
     than ``cfg.max_seq_length`` (when that is not a multiple, a full-length batch has
     ``L = cfg.max_seq_length``). ``num_workers`` defaults to ``cfg.dataloader_num_workers``;

@@ -85,7 +85,7 @@ class PretrainingStream(torch.utils.data.IterableDataset):
     Yields:
         dicts with ``input_ids``, ``token_type_ids``, ``labels`` (lists of ints, length
         ``<= cfg.max_seq_length``; labels -100 where not masked) and
-        ``next_sentence_label`` (0 = IsNext, 1 = random); with ``cfg.packing``, rows: lists
+        ``next_sentence_label`` (0 = IsNext, 1 = random); with ``cfg.packing: true``, rows: lists
         of such dicts of at most ``cfg.max_seq_length`` tokens together.
 
     Raises:
@@ -232,7 +232,7 @@ class PretrainingStream(torch.utils.data.IterableDataset):
         self._pending = None
         self._live = st  # set eagerly: torchdata snapshots the state before the first item
         instances = self._shuffled(st, self._limit())
-        if self.cfg.packing:  # rows of instances (see packing.py)
+        if self.cfg.packing is True:  # rows of instances (see packing.py); "batch": packed by the collator
             return pack_rows(instances, st.packer, self.cfg.max_seq_length, self.cfg.packing_window, st.rng)
         return instances
 

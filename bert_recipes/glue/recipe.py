@@ -28,7 +28,7 @@ class FinetuneModelConfig(Strict):
     """
 
     name_or_path: Optional[str] = None  # required (checked by FinetuneRecipe)
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = "sdpa"
     trust_remote_code: bool = False
 
 
@@ -38,7 +38,9 @@ class FinetuneDataConfig(Strict):
     glue_dir: Optional[str] = None  # the original GLUE TSV layout; None = the Hub's nyu-mll/glue
     max_seq_length: int = Field(128, ge=8)
     pad_to_multiple_of: int = Field(8, ge=1)
-    packing: bool = False  # several examples per row of max_seq_length (bert_recipes.data.packing)
+    # each batch's examples packed into rows of max_seq_length (bert_recipes.data.packing): the
+    # same examples per step as padded batches, 1.39x faster on SST-2 (benchmarks/RESULTS.md)
+    packing: bool = True
     group_by_length: bool = True  # batches of similar lengths: less padding
     max_train_samples: Optional[int] = Field(None, ge=1)  # the first N training examples
     max_eval_samples: Optional[int] = Field(None, ge=1)  # the first N examples of each dev split
