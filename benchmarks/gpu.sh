@@ -3,7 +3,8 @@
 #   bert-base shape, seq 128, bf16 autocast: sequences/s, MFU (peak from
 #   bert_recipes/training/throughput.py: 989 TFLOP/s dense bf16 for H100 SXM / H200; goal >= 45%),
 #   and the A/B ratio ours vs the stock transformers pipeline (benchmarks/pretrain_vs_stock.py),
-#   once eager, once with padding-free packed batches (--packing, issue 14; again through
+#   once eager with padded batches (data.packing: false; "eager" = not compiled), once with
+#   padding-free packed batches (--packing = data.packing: batch, the default; again through
 #   flash-attn's variable-length kernel when flash_attn is installed) and once with
 #   train.torch_compile (ours compiled; stock never is).
 #
@@ -78,7 +79,7 @@ run() {  # $1 = name, rest = extra arguments of pretrain_vs_stock.py
   [ "$rc" = 0 ] || { say "run $name failed or timed out (exit $rc)"; status=1; }
 }
 
-run eager
+run eager    # padded batches (data.packing: false), not compiled
 run packed --packing --no-optimizer-bench   # issue 14: each batch packed into rows of 128 (same instances)
 if "$PY" -c "import flash_attn" >/dev/null 2>&1; then  # issue 14: packed rows through flash-attn's varlen kernel
   run packed_flash --packing --attn flash_attention_2 --no-optimizer-bench

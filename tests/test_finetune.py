@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from bert_recipes.cli import main
+from bert_recipes.errors import UserError
 from bert_recipes.glue import batching as batching_module
 from bert_recipes.glue import evaluation as evaluation_module
 from bert_recipes.glue import finetune as finetune_module
@@ -349,6 +350,11 @@ def test_sample_recipe_and_show_use_the_finetune_schema(capsys):
     base = load_finetune_recipe(GLUE_RECIPES / "cola.yaml")
     assert (base.train.per_device_train_batch_size, base.train.learning_rate, base.train.num_train_epochs,
             base.train.warmup_ratio, base.train.weight_decay) == (32, 2e-5, 3.0, 0.1, 0.01)
+    assert base.data.packing is True  # each batch's examples packed
+    for value, packing in (("batch", True), ("false", False), ("true", True)):  # "batch": pretraining's name
+        assert load_finetune_recipe(GLUE_RECIPES / "cola.yaml", [f"data.packing={value}"]).data.packing is packing
+    with pytest.raises(UserError, match="data.packing"):
+        load_finetune_recipe(GLUE_RECIPES / "cola.yaml", ["data.packing=rows"])
     assert main(["show", str(GLUE_RECIPES / "stsb.yaml")]) == 0
     assert "task: stsb" in capsys.readouterr().out
     assert main(["recipes"]) == 0

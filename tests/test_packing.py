@@ -313,3 +313,34 @@ def test_packed_classification_equals_padded(regression, attn):
     torch.testing.assert_close(grads[0][0], grads[1][0], rtol=0, atol=1e-5)
     for name in grads[0][1]:
         torch.testing.assert_close(grads[0][1][name], grads[1][1][name], rtol=0, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("saved, resumed", [(True, "batch"), ("batch", True), (False, True)])
+def test_resume_refuses_a_change_between_stream_rows_and_instances(tmp_path, saved, resumed):
+    """A ``data.packing: true`` state holds the packer's window of instances; resuming it as
+    instances (or the reverse) would drop them or change what a batch is: a one-line error.
+    ``false`` <-> ``batch`` keeps the same instances in the same batches, so it is allowed."""
+    from bert_recipes.data import PretrainingStream
+    from bert_recipes.errors import DataError
+    from bert_recipes.recipe import DataConfig
+    from tests.data_fixtures import make_doc, make_vocab_tokenizer, write_blank_line_corpus
+
+    tok = make_vocab_tokenizer()
+    rng = random.Random(4)
+    files = [str(write_blank_line_corpus(tmp_path / "a.txt", [make_doc(k, rng.randint(2, 8), 6, rng) for k in range(8)]))]
+
+    def stream(packing):
+        return PretrainingStream(DataConfig(train_files=files, max_seq_length=64, max_predictions_per_seq=10,
+                                            packing=packing, packing_window=8), tok, files, seed=0)
+
+    first = stream(saved)
+    iterator = iter(first)
+    for _ in range(3):
+        next(iterator)
+    state = first.state_dict()
+    with pytest.raises(DataError, match=r"^data.packing: the saved data state was written with data.packing "):
+        stream(resumed).load_state_dict(state)
+    other = stream("batch" if saved is False else False) if saved is not True else None
+    if other is not None:  # false <-> batch: same stream, resumes
+        other.load_state_dict(state)
+        next(iter(other))

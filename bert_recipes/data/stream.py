@@ -199,13 +199,19 @@ class PretrainingStream(torch.utils.data.IterableDataset):
             "source": self.source.position_state(st.position),
             "shuffle": {str(i): item for i, item in enumerate(st.shuffle)},
             "packer": {"window": list(st.packer["window"]), "ready": [list(row) for row in st.packer["ready"]]},
+            "emits": self._emits(),
         }
+
+    def _emits(self) -> str:
+        """What the stream yields: "rows" (``data.packing: true``) or "instances" (false, batch)."""
+        return "rows" if self.cfg.packing is True else "instances"
 
     def load_state_dict(self, state: dict) -> None:
         """Resume from :meth:`state_dict` at the next ``iter()`` (a state without position restarts).
 
         Raises:
-            DataError: a state of another format version or corpus access mode.
+            DataError: a state of another format version, corpus access mode, or packing mode
+                (rows packed by the stream, ``data.packing: true``, against instances).
         """
         if state.get("version") != STATE_VERSION:
             raise DataError(f"data state: unsupported version {state.get('version')!r} (expected {STATE_VERSION}); "
@@ -218,6 +224,11 @@ class PretrainingStream(torch.utils.data.IterableDataset):
         if "epoch" in state and state["access"] != access:
             raise DataError(f"data.corpus_access: the saved data state was read with corpus_access {state['access']}, "
                             f"this run uses {access}; resume with the same data settings")
+        if "epoch" in state and state.get("emits", "instances") != self._emits():
+            saved = "true (rows packed by the stream)" if state.get("emits") == "rows" else "false or batch (instances)"
+            raise DataError(f"data.packing: the saved data state was written with data.packing {saved}, this run has "
+                            f"{str(self.cfg.packing).lower()}; resume with data.packing="
+                            f"{'true' if state.get('emits') == 'rows' else 'batch'} (its stream keeps rows being packed)")
         self._pending = state if "epoch" in state else None
         self._live = None
 

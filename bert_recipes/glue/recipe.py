@@ -39,8 +39,15 @@ class FinetuneDataConfig(Strict):
     max_seq_length: int = Field(128, ge=8)
     pad_to_multiple_of: int = Field(8, ge=1)
     # each batch's examples packed into rows of max_seq_length (bert_recipes.data.packing): the
-    # same examples per step as padded batches, 1.39x faster on SST-2 (benchmarks/RESULTS.md)
+    # same examples per step as padded batches, 1.39x faster on SST-2 (benchmarks/RESULTS.md).
+    # "batch" (pretraining's name for the same thing) is accepted and read as true; fine-tuning
+    # has no stream packing
     packing: bool = True
+
+    @field_validator("packing", mode="before")
+    @classmethod
+    def _batch_means_true(cls, value):
+        return True if value == "batch" else value
     group_by_length: bool = True  # batches of similar lengths: less padding
     max_train_samples: Optional[int] = Field(None, ge=1)  # the first N training examples
     max_eval_samples: Optional[int] = Field(None, ge=1)  # the first N examples of each dev split
