@@ -1,14 +1,17 @@
 """What BERT's attention dropout costs in SDPA on this machine: one attention call, forward + backward.
 
     .venv/bin/python benchmarks/attention_dropout.py [--batch 4] [--heads 12] [--seq 512] [--head-dim 64]
-        [--rounds 4] [--threads 1] [--device cpu|cuda]
+        [--rounds 4] [--threads 1] [--device cpu|cuda] [--dtype fp32|bf16]
 
 BERT trains with dropout 0.1 on the attention probabilities (google-research/bert,
 ``attention_probs_dropout_prob``). PyTorch's fused SDPA kernels on the CPU take no dropout,
 so a training step falls back to the math path (scores, softmax, a Bernoulli mask, two
 matmuls, all materialised at ``[B, heads, L, L]``); with dropout 0 the CPU flash kernel runs.
-Alternating rounds (benchmarks/common.py) time both, on the same random q, k, v, and the
-Bernoulli draw alone at the scores' size. Writes benchmarks/out/attention_dropout.json.
+Alternating rounds (benchmarks/common.py) time both and ``sdpa_dropout``
+(bert_recipes/attention.py: the same dropout attention in one autograd node, block by block)
+on the same random q, k, v, and the Bernoulli draw alone at the scores' size against
+``drop_mask``. ``--dtype bf16`` runs all three on bf16 tensors. Writes
+benchmarks/out/attention_dropout[-bf16].json.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import alternate, default_out, machine_info, summarise, write_json  # noqa: E402
+from bert_recipes.attention import DropoutAttention, drop_mask  # noqa: E402
 
 
 def kernels(q, k, v, p: float) -> list[str]:
@@ -43,13 +47,15 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", default=default_out("attention_dropout.json"))
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    q, k, v = (torch.randn(args.batch, args.heads, args.seq, args.head_dim, device=device, requires_grad=True)
-               for _ in range(3))
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    q, k, v = (torch.randn(args.batch, args.heads, args.seq, args.head_dim, device=device, dtype=dtype,
+                           requires_grad=True) for _ in range(3))
 
     def attention(p: float):
         def one_round(_round):
@@ -57,23 +63,39 @@ def main() -> int:
             return {"items": 1}
         return one_round
 
+    def ours(_round):
+        DropoutAttention.apply(q, k, v, None, args.dropout, args.head_dim**-0.5).sum().backward()
+        return {"items": 1}
+
     ops = {"dropout": kernels(q, k, v, args.dropout), "no_dropout": kernels(q, k, v, 0.0)}
-    records = alternate({"dropout": attention(args.dropout), "no_dropout": attention(0.0)}, args.rounds, device)
+    records = alternate({"dropout": attention(args.dropout), "no_dropout": attention(0.0), "sdpa_dropout": ours},
+                        args.rounds, device)
     summary = summarise(records, "no_dropout", "dropout", "calls")
-    scores = torch.empty(args.batch, args.heads, args.seq, args.seq, device=device)
-    start = time.perf_counter()
-    for _ in range(args.rounds):
-        scores.bernoulli_(1 - args.dropout)
-    bernoulli_s = (time.perf_counter() - start) / args.rounds
-    shape = f"[{args.batch}, {args.heads}, {args.seq}, {args.head_dim}]"
-    print(f"SDPA forward + backward, q/k/v {shape}, fp32, {args.threads} thread(s):")
-    print(f"  dropout {args.dropout}: {1 / summary['dropout_calls_per_s']:.3f} s  ({', '.join(ops['dropout'])})")
-    print(f"  dropout 0:   {1 / summary['no_dropout_calls_per_s']:.3f} s  ({', '.join(ops['no_dropout'])})")
-    print(f"  dropout costs {summary['ratio_median_of_rounds']:.2f}x (rounds {summary['per_round_ratio']}); "
-          f"the Bernoulli mask alone {bernoulli_s:.3f} s for {scores.numel():,} elements")
-    write_json(args.out, {"shape": shape, "dropout": args.dropout, "threads": args.threads, "kernels": ops,
-                          "summary": summary, "bernoulli_s": bernoulli_s, "machine": machine_info(device)})
-    print(f"  wrote {args.out}")
+    ours_summary = summarise(records, "sdpa_dropout", "dropout", "calls")
+    shape = (args.batch, args.heads, args.seq, args.seq)
+    draws = {"bernoulli_": lambda: torch.empty(shape, device=device).bernoulli_(1 - args.dropout),
+             "drop_mask": lambda: drop_mask(shape, args.dropout, device)}
+    draw_s = {}
+    for name, draw in draws.items():
+        start = time.perf_counter()
+        for _ in range(args.rounds):
+            draw()
+        draw_s[name] = (time.perf_counter() - start) / args.rounds
+    qkv = f"[{args.batch}, {args.heads}, {args.seq}, {args.head_dim}]"
+    print(f"attention forward + backward, q/k/v {qkv}, {args.dtype}, {args.threads} thread(s):")
+    print(f"  SDPA, dropout {args.dropout}: {1 / summary['dropout_calls_per_s']:.3f} s  ({', '.join(ops['dropout'])})")
+    print(f"  SDPA, dropout 0:   {1 / summary['no_dropout_calls_per_s']:.3f} s  ({', '.join(ops['no_dropout'])})")
+    print(f"  sdpa_dropout, dropout {args.dropout}: {1 / ours_summary['sdpa_dropout_calls_per_s']:.3f} s")
+    print(f"  SDPA's dropout costs {summary['ratio_median_of_rounds']:.2f}x (rounds {summary['per_round_ratio']}); "
+          f"sdpa_dropout is {ours_summary['ratio_median_of_rounds']:.2f}x SDPA with dropout (rounds "
+          f"{ours_summary['per_round_ratio']})")
+    print(f"  the mask alone, {torch.Size(shape).numel():,} elements: bernoulli_ {draw_s['bernoulli_']:.3f} s, "
+          f"drop_mask {draw_s['drop_mask']:.3f} s")
+    out = args.out or default_out(f"attention_dropout{'-bf16' if args.dtype == 'bf16' else ''}.json")
+    write_json(out, {"shape": qkv, "dtype": args.dtype, "dropout": args.dropout, "threads": args.threads,
+                     "kernels": ops, "summary": summary, "sdpa_dropout_summary": ours_summary, "mask_s": draw_s,
+                     "machine": machine_info(device)})
+    print(f"  wrote {out}")
     return 0
 
 

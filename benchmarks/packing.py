@@ -72,8 +72,10 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--precision", choices=["no", "bf16"], default="no")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--ab", choices=["packing", "precision"], default="packing",
-                        help="packing: packed vs padded at --precision; precision: bf16 vs fp32, both packed")
+    parser.add_argument("--ab", choices=["packing", "precision", "attention", "today"], default="packing",
+                        help="packing: packed vs padded at --precision; precision: bf16 vs fp32, both packed; "
+                             "attention: sdpa_dropout vs transformers' sdpa, both padded; today: packed with "
+                             "sdpa_dropout (the defaults now) vs padded with transformers' sdpa (before issue 14)")
     parser.add_argument("--mode", choices=["stream", "batch"], default="stream",
                         help="stream: data.packing: true (rows from the stream); batch: data.packing: batch "
                              "(each batch's instances packed into rows of max_seq_length)")
@@ -89,6 +91,7 @@ def main() -> int:
 
     from transformers import BertConfig, BertForPreTraining
 
+    from bert_recipes.attention import runtime_attention
     from bert_recipes.data import PretrainingCollator, PretrainingStream
     from bert_recipes.data.packing import PackedCollator, pack_rows, packing_efficiency
     from bert_recipes.modeling import BertPreTrainingObjective
@@ -112,7 +115,8 @@ def main() -> int:
     real = sum(int(b["attention_mask"].sum()) for b in padded)
 
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(tokenizer), max_position_embeddings=512, **shape["model"])
+    config = BertConfig(vocab_size=len(tokenizer), max_position_embeddings=512, **shape["model"],
+                        attn_implementation=runtime_attention("sdpa"))
     device = torch.device(args.device)
     objective = BertPreTrainingObjective(BertForPreTraining(config)).to(device).train()
     optimizer = torch.optim.AdamW(objective.parameters(), lr=1e-5)
@@ -121,8 +125,9 @@ def main() -> int:
     padded = [{k: v.to(device) for k, v in b.items()} for b in padded]
     packed = [{k: v.to(device) for k, v in b.items()} for b in packed]
 
-    def run(batches, bf16=args.precision == "bf16"):
+    def run(batches, bf16=args.precision == "bf16", attn=runtime_attention("sdpa")):
         def one_round(_round):
+            objective.model.set_attn_implementation(attn)
             for batch in batches:
                 with autocast(bf16):
                     out = objective(**batch)
@@ -135,6 +140,8 @@ def main() -> int:
         return one_round
 
     run(padded[:1])(0)  # warm-up
+    if args.ab in ("attention", "today"):
+        run(padded[:1], attn="sdpa")(0)
     if args.ab == "precision":
         run(packed[:1], bf16=True)(0)
         records = alternate({"bf16": run(packed, bf16=True), "fp32": run(packed, bf16=False)}, args.rounds, device)
@@ -143,6 +150,22 @@ def main() -> int:
               f"tokens/s, ratio {summary['ratio_median_of_rounds']:.2f}x (rounds {summary['per_round_ratio']})")
         out = args.out or default_out(f"precision-{args.shape}.json")
         write_json(out, {"shape": args.shape, "ab": "precision", "summary": summary, "machine": machine_info(device)})
+        print(f"  wrote {out}")
+        return 0
+    if args.ab in ("attention", "today"):
+        arms = ({"sdpa_dropout": run(padded), "sdpa": run(padded, attn="sdpa")} if args.ab == "attention" else
+                {"now": run(packed), "today": run(padded, attn="sdpa")})
+        first, second = arms
+        records = alternate(arms, args.rounds, device)
+        summary = summarise(records, first, second, "tokens")
+        print(f"{args.shape}: {args.batches} batches x {shape['batch']} instances, seq {shape['seq']}, precision "
+              f"{args.precision}, {args.threads} thread(s): {first} vs {second}: {summary[f'{first}_tokens_per_s']:.1f} "
+              f"vs {summary[f'{second}_tokens_per_s']:.1f} tokens/s, ratio {summary['ratio_median_of_rounds']:.2f}x "
+              f"(rounds {summary['per_round_ratio']}); per CPU-second {summary['cpu_time_ratio_median_of_rounds']:.2f}x")
+        out = args.out or default_out(f"{args.ab}-{args.shape}{'-bf16' if args.precision == 'bf16' else ''}.json")
+        write_json(out, {"shape": args.shape, "ab": args.ab, "mode": args.mode, "precision": args.precision,
+                         "threads": args.threads, "batches": args.batches, "batch_size": shape["batch"],
+                         "seq": shape["seq"], "summary": summary, "machine": machine_info(device)})
         print(f"  wrote {out}")
         return 0
     records = alternate({"packed": run(packed), "padded": run(padded)}, args.rounds, device)

@@ -14,9 +14,11 @@ vocab 30,522; batch 8 on a CPU), both at max_seq_length 128. Also measured: Adam
 time, loop vs foreach vs fused, on the shape's parameters; MFU of ours (the loop's own record).
 
 OURS (what ``bert_recipes.pretrain`` runs): ``PretrainingCollator`` (dynamic padding to a
-multiple of ``data.pad_to_multiple_of``), ``BertPreTrainingObjective`` (MLM head only at
-masked positions) on a ``BertForPreTraining`` with the recipe's ``attn_implementation``
-(sdpa), ``build_optimizer`` (fused AdamW), and the real training loop
+multiple of ``data.pad_to_multiple_of``, as ``data.packing: false``; with ``--packing``
+``PackedCollator(fill_rows=True)``, as ``data.packing: batch``, the schema default),
+``BertPreTrainingObjective`` (MLM head only at masked positions) on a ``BertForPreTraining``
+with the recipe's ``attn_implementation`` (sdpa: ``sdpa_dropout`` while training on a CPU,
+bert_recipes/attention.py), ``build_optimizer`` (fused AdamW), and the real training loop
 (``bert_recipes.training.loop.train`` over a ``PretrainJob``: accumulation window, gradient
 clipping, non-finite skips on the device, no host read off logging steps) through Accelerate. Each round is one
 call of ``train`` over that round's batches, logging once, at its last step.

@@ -18,14 +18,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import runtime_attention
 
 
 def bert_config(recipe, vocab_size: int):
-    """A ``BertConfig`` from ``recipe.model.config`` and the tokenizer's vocabulary size."""
+    """A ``BertConfig`` from ``recipe.model.config`` and the tokenizer's vocabulary size, with
+    the attention implementation the recipe's runs on (:func:`~bert_recipes.attention.runtime_attention`)."""
     from transformers import BertConfig
 
     arch = recipe.model.config.model_dump()
-    return BertConfig(vocab_size=vocab_size, attn_implementation=recipe.model.attn_implementation, **arch)
+    return BertConfig(vocab_size=vocab_size, attn_implementation=runtime_attention(recipe.model.attn_implementation),
+                      **arch)
 
 
 def load_pretrained(cls, name_or_path: str, *, key: str = "model.name_or_path", trust_remote_code: bool = False, **kwargs):
@@ -68,7 +71,7 @@ def build_pretraining_model(recipe, tokenizer):
             BertForPreTraining,
             recipe.model.name_or_path,
             trust_remote_code=recipe.model.trust_remote_code,
-            attn_implementation=recipe.model.attn_implementation,
+            attn_implementation=runtime_attention(recipe.model.attn_implementation),
         )
         if len(tokenizer) > model.config.vocab_size:
             model.resize_token_embeddings(len(tokenizer))
@@ -98,10 +101,15 @@ def register_varlen_attention(name: str, function) -> None:
     """Register ``function`` with transformers' ``AttentionInterface`` under ``name`` and
     treat it as variable-length: it receives ``attention_mask=None`` and the keyword
     arguments ``cu_seq_lens_q/k`` (int32 ``[S + 1]``) and ``max_length_q/k`` (int), as
-    transformers' flash-attn integration does (``DataCollatorWithFlattening``)."""
+    transformers' flash-attn integration does (``DataCollatorWithFlattening``). Unpacked
+    batches give it flash-attn's padding mask (``[B, L]`` boolean, or None without padding:
+    transformers' ``flash_attention_mask``, registered with ``AttentionMaskInterface`` under
+    ``name``; without one transformers would pass no mask at all)."""
     from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
     AttentionInterface.register(name, function)
+    AttentionMaskInterface.register(name, flash_attention_mask)
     VARLEN_ATTENTION.add(name)
 
 

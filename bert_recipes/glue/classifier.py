@@ -7,6 +7,7 @@ import logging
 
 import torch
 
+from ..attention import runtime_attention
 from ..modeling import load_config, load_pretrained
 from .data import label_mapping
 from .tasks import GlueTask
@@ -39,7 +40,7 @@ def build_classifier(recipe: FinetuneRecipe, task: GlueTask):
     try:
         model, info = load_pretrained(
             BertForSequenceClassification, spec.name_or_path, trust_remote_code=spec.trust_remote_code,
-            attn_implementation=spec.attn_implementation, output_loading_info=True,
+            attn_implementation=runtime_attention(spec.attn_implementation), output_loading_info=True,
             ignore_mismatched_sizes=not keep_head, **labels,
         )
     finally:

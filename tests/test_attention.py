@@ -1,0 +1,157 @@
+"""The ``sdpa_dropout`` attention (bert_recipes/attention.py): the function it computes, its
+gradients, its dropout rate, and that a BERT on it is transformers' SDPA BERT."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bert_recipes import attention
+from bert_recipes.attention import NAME, DropoutAttention, drop_mask, runtime_attention
+
+
+def qkv(shape=(2, 3, 16, 8), dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(*shape, generator=gen, dtype=dtype, requires_grad=True) for _ in range(3)]
+
+
+def masks(batch=2, length=16):
+    gen = torch.Generator().manual_seed(1)
+    boolean = torch.rand(batch, 1, length, length, generator=gen) > 0.3
+    boolean[..., 0] = True  # no query row masked everywhere
+    additive = torch.zeros(batch, 1, 1, length, dtype=torch.float64)
+    additive[1, ..., 10:] = torch.finfo(torch.float64).min  # a padded second sequence
+    return [None, boolean, additive]
+
+
+@pytest.fixture(params=[2 * 16 * 16, 2**19], ids=["blocks-of-2", "one-block"])
+def block(request, monkeypatch):
+    monkeypatch.setattr(attention, "BLOCK_ELEMENTS", request.param)
+
+
+@pytest.mark.parametrize("mask_index", [0, 1, 2], ids=["no-mask", "bool", "additive"])
+def test_forward_is_dropout_of_softmax_attention_with_the_drawn_mask(block, mask_index):
+    q, k, v = qkv()
+    mask = masks()[mask_index]
+    torch.manual_seed(0)
+    out = DropoutAttention.apply(q, k, v, mask, 0.25, 8**-0.5)
+    torch.manual_seed(0)
+    drop = drop_mask((6, 16, 16), 0.25, "cpu").view(2, 3, 16, 16)  # the call's first and only draw
+    scores = q @ k.transpose(-1, -2) * 8**-0.5
+    if mask is not None and mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    elif mask is not None:
+        scores = scores + mask
+    expected = (scores.softmax(-1).masked_fill(drop, 0) / 0.75) @ v
+    assert 0.2 < drop.double().mean() < 0.3
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("mask_index", [0, 1, 2], ids=["no-mask", "bool", "additive"])
+def test_gradients_match_finite_differences(block, mask_index):
+    q, k, v = qkv()
+    mask = masks()[mask_index]
+
+    def f(q, k, v):
+        torch.manual_seed(0)  # the same dropout mask at every evaluation
+        return DropoutAttention.apply(q, k, v, mask, 0.1, 8**-0.5)
+
+    assert torch.autograd.gradcheck(f, (q, k, v))
+
+
+def test_without_dropout_it_is_sdpa():
+    q, k, v = qkv()
+    mask = masks()[1]
+    out = DropoutAttention.apply(q, k, v, mask, 0.0, 8**-0.5)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), rtol=1e-12, atol=1e-12)
+
+
+def test_drop_mask_rate_and_independence():
+    torch.manual_seed(0)
+    drop = drop_mask((1000, 4096), 0.1, "cpu")
+    assert drop.dtype == torch.bool and drop.shape == (1000, 4096)
+    rate = drop.double().mean().item()
+    assert abs(rate - 0.1) < 6 * (0.09 / drop.numel()) ** 0.5  # within 6 sigma of p
+    # the two 32-bit halves of one 64-bit draw are independent: neighbours co-drop at p**2
+    pairs = (drop.flatten()[0::2] & drop.flatten()[1::2]).double().mean().item()
+    assert abs(pairs - 0.01) < 6 * (0.0099 / (drop.numel() / 2)) ** 0.5
+    odd = drop_mask((3, 5), 0.5, "cpu")  # an odd element count
+    assert odd.shape == (3, 5)
+    assert not drop_mask((64,), 0.0, "cpu").any()
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        drop_mask((4,), 1.0, "cpu")
+
+
+def tiny_bert(attn: str, dropout: float = 0.1):
+    from transformers import BertConfig, BertForPreTraining
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=dropout,
+                        attn_implementation=attn)
+    return BertForPreTraining(config)
+
+
+def padded_batch():
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(5, 100, (2, 12), generator=gen)
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, 7:] = 0
+    return ids, mask
+
+
+def test_bert_on_sdpa_dropout_evaluates_exactly_as_sdpa():
+    ids, mask = padded_batch()
+    ours, stock = tiny_bert(runtime_attention("sdpa")).eval(), tiny_bert("sdpa").eval()
+    assert ours.config._attn_implementation == NAME
+    with torch.no_grad():
+        a = ours(input_ids=ids, attention_mask=mask).prediction_logits
+        b = stock(input_ids=ids, attention_mask=mask).prediction_logits
+    assert torch.equal(a, b)
+
+
+def test_bert_trains_on_it_without_attending_to_padding():
+    """In training (attention dropout on), a padded sequence's real tokens never see its
+    padding: changing a padding token changes none of their outputs; and without dropout,
+    a training step's gradients are SDPA's."""
+    ids, mask = padded_batch()
+    model = tiny_bert(runtime_attention("sdpa")).train()
+    torch.manual_seed(5)
+    a = model(input_ids=ids, attention_mask=mask).prediction_logits
+    changed = ids.clone()
+    changed[1, 9] = 42
+    torch.manual_seed(5)
+    b = model(input_ids=changed, attention_mask=mask).prediction_logits
+    torch.testing.assert_close(a[1, :7], b[1, :7], rtol=0, atol=0)
+    assert not torch.equal(a[1, 9], b[1, 9])
+
+    grads = []
+    for attn in (runtime_attention("sdpa"), "sdpa"):
+        net = tiny_bert(attn, dropout=1e-12).train()  # dropout "on" (our path) but keeping every value
+        net(input_ids=ids, attention_mask=mask).prediction_logits.sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_training_step_stays_close_and_finite():
+    ids, mask = padded_batch()
+    losses = {}
+    for attn in (runtime_attention("sdpa"), "sdpa"):
+        model = tiny_bert(attn, dropout=1e-12).train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(input_ids=ids, attention_mask=mask).prediction_logits.float()
+        loss = F.cross_entropy(out.flatten(0, 1), ids.flatten())
+        loss.backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        losses[attn] = loss.item()
+    assert losses[NAME] == pytest.approx(losses["sdpa"], rel=1e-2)
+
+
+def test_runtime_attention_and_exports(tmp_path):
+    assert runtime_attention("sdpa") == NAME
+    for other in ("eager", "flash_attention_2"):
+        assert runtime_attention(other) == other
+    tiny_bert(runtime_attention("sdpa")).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert NAME not in json.dumps(config)  # a checkpoint records no attention implementation
