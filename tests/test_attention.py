@@ -155,3 +155,44 @@ def test_runtime_attention_and_exports(tmp_path):
     tiny_bert(runtime_attention("sdpa")).save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     assert NAME not in json.dumps(config)  # a checkpoint records no attention implementation
+
+
+def test_drop_mask_near_one_drops_everything_but_never_wraps():
+    torch.manual_seed(0)
+    for p in (1 - 2**-30, 1 - 2**-34, 1 - 1e-12):
+        assert drop_mask((1 << 16,), p, "cpu").all()
+
+
+def test_what_sdpa_dropout_hands_back_to_sdpa():
+    """Causal attention without a mask (SDPA's is_causal), grouped key/value heads, a
+    position bias, a mask that needs a gradient, empty inputs, evaluation: transformers' SDPA."""
+    from bert_recipes.attention import runs_fused_dropout
+
+    class Module(torch.nn.Module):
+        is_causal = False
+
+    q = k = torch.randn(2, 2, 4, 8)
+    bidirectional, causal = Module(), Module()
+    causal.is_causal = True
+    assert runs_fused_dropout(bidirectional, q, k, None, 0.1, {})
+    assert not runs_fused_dropout(bidirectional, q, k, None, 0.0, {})
+    assert not runs_fused_dropout(causal, q, k, None, 0.1, {})
+    assert runs_fused_dropout(causal, q, k, torch.ones(2, 1, 4, 4, dtype=torch.bool), 0.1, {})  # the mask says it all
+    assert not runs_fused_dropout(bidirectional, q, k, None, 0.1, {"position_bias": torch.zeros(1)})
+    assert not runs_fused_dropout(bidirectional, q, k, torch.zeros(2, 1, 4, 4, requires_grad=True), 0.1, {})
+    assert not runs_fused_dropout(bidirectional, q[:0], k[:0], None, 0.1, {})
+
+
+def test_a_causal_bert_keeps_its_causal_mask_while_training():
+    from transformers import BertConfig, BertLMHeadModel
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, is_decoder=True, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=1e-12, attn_implementation=runtime_attention("sdpa"))
+    model = BertLMHeadModel(config).train()
+    ids = torch.randint(5, 100, (1, 8))
+    changed = ids.clone()
+    changed[0, -1] = (int(ids[0, -1]) + 1) % 100
+    first = [model(input_ids=x, use_cache=False).logits[0, 0] for x in (ids, changed)]
+    assert torch.equal(first[0], first[1])  # the first position never sees the last token
