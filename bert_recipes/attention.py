@@ -60,21 +60,22 @@ class DropoutAttention(torch.autograd.Function):
         with torch.autocast(q.device.type, enabled=False):  # q, k, v share a dtype already
             q_scaled = (q * scale).reshape(n, len_q, -1)
             k, v = k.reshape(n, len_k, -1), v.reshape(n, len_k, -1)
+            masked_out = bias = None  # per score matrix: [n, len_q, len_k]
             if mask is not None and mask.dtype == torch.bool:
-                mask = (~mask).expand(batch, heads, len_q, len_k).reshape(n, len_q, len_k)  # True = masked out
+                masked_out = (~mask).expand(batch, heads, len_q, len_k).reshape(n, len_q, len_k)
             elif mask is not None:
-                mask = mask.to(q.dtype).expand(batch, heads, len_q, len_k).reshape(n, len_q, len_k)
+                bias = mask.to(q.dtype).expand(batch, heads, len_q, len_k).reshape(n, len_q, len_k)
             drop = drop_mask((n, len_q, len_k), p, q.device)
             probs = torch.empty(n, len_q, len_k, dtype=q.dtype, device=q.device)
             out = torch.empty(n, len_q, v.shape[-1], dtype=q.dtype, device=q.device)
             for s in _blocks(n, len_q * len_k):
                 scores = torch.bmm(q_scaled[s], k[s].transpose(1, 2))
-                if mask is not None and mask.dtype == torch.bool:
-                    scores.masked_fill_(mask[s], torch.finfo(scores.dtype).min)
-                elif mask is not None:
-                    scores.add_(mask[s])
+                if masked_out is not None:
+                    scores.masked_fill_(masked_out[s], torch.finfo(scores.dtype).min)
+                elif bias is not None:
+                    scores.add_(bias[s])
                 torch.softmax(scores, dim=-1, out=probs[s])
-                torch.bmm(probs[s].masked_fill(drop[s], 0).mul_(1.0 / (1.0 - p)), v[s], out=out[s])
+                torch.bmm(_dropout(probs[s], drop[s], p), v[s], out=out[s])
         ctx.save_for_backward(q_scaled, k, v, probs, drop)
         ctx.p, ctx.scale, ctx.shape = p, scale, (batch, heads)
         return out.view(batch, heads, len_q, -1)
@@ -83,19 +84,22 @@ class DropoutAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         q_scaled, k, v, probs, drop = ctx.saved_tensors
         n, len_q, len_k = probs.shape
-        keep_scale = 1.0 / (1.0 - ctx.p)
         grad_out = grad_out.reshape(n, len_q, -1)
         grad_q, grad_k, grad_v = torch.empty_like(q_scaled), torch.empty_like(k), torch.empty_like(v)
         for s in _blocks(n, len_q * len_k):
-            dropped = probs[s].masked_fill(drop[s], 0).mul_(keep_scale)
-            torch.bmm(dropped.transpose(1, 2), grad_out[s], out=grad_v[s])
-            grad_probs = torch.bmm(grad_out[s], v[s].transpose(1, 2)).masked_fill_(drop[s], 0).mul_(keep_scale)
+            torch.bmm(_dropout(probs[s], drop[s], ctx.p).transpose(1, 2), grad_out[s], out=grad_v[s])
+            grad_probs = _dropout(torch.bmm(grad_out[s], v[s].transpose(1, 2)), drop[s], ctx.p, inplace=True)
             grad_scores = torch._softmax_backward_data(grad_probs, probs[s], -1, probs.dtype)
             torch.bmm(grad_scores, k[s], out=grad_q[s])
             torch.bmm(grad_scores.transpose(1, 2), q_scaled[s], out=grad_k[s])
         grad_q.mul_(ctx.scale)
         return (grad_q.view(*ctx.shape, len_q, -1), grad_k.view(*ctx.shape, len_k, -1),
                 grad_v.view(*ctx.shape, len_k, -1), None, None, None)
+
+
+def _dropout(x: torch.Tensor, drop: torch.Tensor, p: float, inplace: bool = False) -> torch.Tensor:
+    """``x`` zeroed where ``drop`` and scaled by ``1 / (1 - p)``: inverted dropout with a drawn mask."""
+    return (x.masked_fill_(drop, 0) if inplace else x.masked_fill(drop, 0)).mul_(1.0 / (1.0 - p))
 
 
 def _blocks(n: int, elements_per_matrix: int):
@@ -140,8 +144,6 @@ def sdpa_dropout_attention(module, query, key, value, attention_mask, dropout: f
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    if attention_mask is not None and attention_mask.dtype != torch.bool:
-        attention_mask = attention_mask.to(query.dtype)
     out = DropoutAttention.apply(query, key.to(query.dtype), value.to(query.dtype), attention_mask, dropout, scale)
     return out.transpose(1, 2).contiguous(), None
 

@@ -224,11 +224,12 @@ class PretrainingStream(torch.utils.data.IterableDataset):
         if "epoch" in state and state["access"] != access:
             raise DataError(f"data.corpus_access: the saved data state was read with corpus_access {state['access']}, "
                             f"this run uses {access}; resume with the same data settings")
-        if "epoch" in state and state.get("emits", "instances") != self._emits():
-            saved = "true (rows packed by the stream)" if state.get("emits") == "rows" else "false or batch (instances)"
+        rows = state.get("emits") == "rows"
+        if "epoch" in state and rows != (self._emits() == "rows"):
+            saved = "true (rows packed by the stream)" if rows else "false or batch (instances)"
             raise DataError(f"data.packing: the saved data state was written with data.packing {saved}, this run has "
                             f"{str(self.cfg.packing).lower()}; resume with data.packing="
-                            f"{'true' if state.get('emits') == 'rows' else 'batch'} (its stream keeps rows being packed)")
+                            f"{'true' if rows else 'batch'} (its stream keeps rows being packed)")
         self._pending = state if "epoch" in state else None
         self._live = None
 

@@ -43,14 +43,14 @@ class FinetuneDataConfig(Strict):
     # "batch" (pretraining's name for the same thing) is accepted and read as true; fine-tuning
     # has no stream packing
     packing: bool = True
+    group_by_length: bool = True  # batches of similar lengths: less padding
+    max_train_samples: Optional[int] = Field(None, ge=1)  # the first N training examples
+    max_eval_samples: Optional[int] = Field(None, ge=1)  # the first N examples of each dev split
 
     @field_validator("packing", mode="before")
     @classmethod
     def _batch_means_true(cls, value):
         return True if value == "batch" else value
-    group_by_length: bool = True  # batches of similar lengths: less padding
-    max_train_samples: Optional[int] = Field(None, ge=1)  # the first N training examples
-    max_eval_samples: Optional[int] = Field(None, ge=1)  # the first N examples of each dev split
 
 
 class FinetuneTrainConfig(TrainConfig):
