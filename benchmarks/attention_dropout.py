@@ -27,7 +27,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import alternate, default_out, machine_info, summarise, write_json  # noqa: E402
-from bert_recipes.attention import DropoutAttention, drop_mask  # noqa: E402
+from bert_recipes.attention import DropoutAttention  # noqa: E402
+from bert_recipes.dropout import drop_mask  # noqa: E402
 
 
 def kernels(q, k, v, p: float) -> list[str]:

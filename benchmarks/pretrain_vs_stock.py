@@ -18,7 +18,8 @@ multiple of ``data.pad_to_multiple_of``, as ``data.packing: false``; with ``--pa
 ``PackedCollator(fill_rows=True)``, as ``data.packing: batch``, the schema default),
 ``BertPreTrainingObjective`` (MLM head only at masked positions) on a ``BertForPreTraining``
 with the recipe's ``attn_implementation`` (sdpa: ``sdpa_dropout`` while training on a CPU,
-bert_recipes/attention.py), ``build_optimizer`` (fused AdamW), and the real training loop
+bert_recipes/attention.py) and its dropout drawn from raw bits (bert_recipes/dropout.py, as
+``build_pretraining_model``), ``build_optimizer`` (fused AdamW), and the real training loop
 (``bert_recipes.training.loop.train`` over a ``PretrainJob``: accumulation window, gradient
 clipping, non-finite skips on the device, no host read off logging steps) through Accelerate. Each round is one
 call of ``train`` over that round's batches, logging once, at its last step.
@@ -32,6 +33,11 @@ transformers 5; ``eager`` for the pre-SDPA pipelines), the optimizer ``Trainer``
 default (``Trainer.get_optimizer_cls_and_kwargs``: fused AdamW on torch >= 2.8) with
 ``Trainer``'s weight-decay groups, the same linear schedule, ``clip_grad_norm_`` at
 ``max_grad_norm``; bf16 through ``torch.autocast`` when ``--precision bf16``.
+
+Both variants run in this one process with the system allocator: ``keep_host_memory``, which
+a real CPU run of ours sets (bert_recipes/training/host_memory.py), would speed up stock's
+large logits as well here; ``benchmarks/packing.py --ab host-memory`` measures it, each arm in
+its own process.
 
 Before timing, both losses on the first batch are computed in fp32 with dropout off and
 must agree within 1e-5 (same weights, same data: the speed-up changes no result).
@@ -59,6 +65,7 @@ from common import (REPO, alternate, bert_base_uncased_path, default_corpus, def
                     stock_config, stock_optimizer, stock_optimizer_spec, stock_update, summarise, write_json)
 
 from bert_recipes.data.collator import PretrainingCollator  # noqa: E402
+from bert_recipes.dropout import use_bits_dropout  # noqa: E402
 from bert_recipes.data.packing import PackedCollator  # noqa: E402
 from bert_recipes.data.loader import PretrainingStream  # noqa: E402
 from bert_recipes.modeling import BertPreTrainingObjective, bert_config, training_flops_per_token  # noqa: E402
@@ -204,7 +211,7 @@ def run_shape(shape: str, args, accelerator, files: list[str], optimizer_spec) -
     vocab = max(len(tokenizer), recipe.tokenizer.vocab_size) if shape == "bert-base" else len(tokenizer)
     from transformers import BertForPreTraining
 
-    model = BertForPreTraining(bert_config(recipe, vocab)).to(device)
+    model = use_bits_dropout(BertForPreTraining(bert_config(recipe, vocab))).to(device)  # as build_pretraining_model
     stock = stock_model(model.config, args.stock_attn, model.state_dict(), device)
     if args.packing:  # each batch's instances packed into rows of max_seq_length (data.packing, in-batch)
         ours_collate = PackedCollator(tokenizer, pad_to_multiple_of=recipe.data.pad_to_multiple_of, max_seq_length=max_len,
@@ -215,7 +222,7 @@ def run_shape(shape: str, args, accelerator, files: list[str], optimizer_spec) -
     stock_collate = stock_collator(tokenizer, max_len)
     micro = None
     if args.micro_batches > 1:
-        micro_model = BertForPreTraining(model.config).to(device)
+        micro_model = use_bits_dropout(BertForPreTraining(model.config)).to(device)
         micro_model.load_state_dict(model.state_dict())
 
     # Same loss on the first batch: fp32, dropout off, before any step.
@@ -380,16 +387,17 @@ def optimizer_step_ms(model, train, rounds: int, steps: int, device) -> dict:
 
 
 def profile_steps(shape: str, args, steps: dict, batches: list) -> None:
-    """torch.profiler tables (top ops by self time) of a few steps of each variant, written
-    next to the JSON as ``<out>.<shape>.<variant>.profile.txt``."""
+    """torch.profiler tables (top ops by self time, then by op and input shapes) of a few
+    steps of each variant, written next to the JSON as ``<out>.<shape>.<variant>.profile.txt``."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     for name, step in steps.items():
-        with profile(activities=activities) as prof:
+        with profile(activities=activities, record_shapes=True) as prof:
             for instances in batches:
                 step(instances)
-        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25) + "\n" + \
+            prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=40)
         path = Path(args.out).with_suffix(f".{shape}.{name}.profile.txt")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(table)

@@ -7,10 +7,10 @@ BERT trains with dropout on the attention probabilities (``attention_probs_dropo
 SDPA's math path: the scores, softmax, a ``bernoulli_`` mask and the two matmuls, each a
 separate op with its own autograd node (2.8-3.5x the fused kernel at ``[4, 12, 512, 64]``;
 ``benchmarks/attention_dropout.py``). :class:`DropoutAttention` computes the same function in
-one autograd node: the scale folded into the queries, the mask applied in place, a softmax
-backward in one kernel, and the dropout mask drawn as raw random bits (one 64-bit draw per two
-probabilities, dropped where a 32-bit half is below ``p * 2**32``: a drop probability
-exact to 2**-32, finer than the float32 uniform TensorFlow's dropout compares).
+one autograd node: the scale folded into the queries, the mask added in place, a softmax
+backward in one kernel, and the dropout mask drawn as raw random bits
+(:func:`~bert_recipes.dropout.keep_mask`: a drop probability exact to 2**-32, finer than the
+float32 uniform TensorFlow's dropout compares).
 
 Everything else goes to transformers' own SDPA function unchanged: evaluation and inference
 (no dropout: the fused kernel), dropout 0, and every device but the CPU (CUDA's fused kernels
@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import torch
 
+from .dropout import fill_keep
+
 #: The name :func:`register` gives this implementation in transformers' ``AttentionInterface``.
 NAME = "sdpa_dropout"
 
 
-#: Elements of one block of scores (``[c, Lq, Lk]``): 2 MiB in fp32, so that a block's scores,
+#: Elements of one block of scores (``[b, h, Lq, Lk]``): 2 MiB in fp32, so that a block's scores,
 #: probabilities and their gradients stay in a core's L2 cache between the ops on them.
 BLOCK_ELEMENTS = 2**19
 
@@ -39,94 +41,93 @@ class DropoutAttention(torch.autograd.Function):
     dtype; ``mask`` broadcastable to ``[B, heads, Lq, Lk]``: boolean (True = attend) or
     additive, or None. Returns ``[B, heads, Lq, d]``.
 
-    The ``B * heads`` score matrices are processed in blocks of :data:`BLOCK_ELEMENTS`, each
-    block's ops running back to back while it is in cache (SDPA's math path streams every
-    ``[B, heads, Lq, Lk]`` intermediate through memory once per op). The dropout mask is drawn
-    once for the whole call (:func:`drop_mask`). Saved for backward: the probabilities and
-    the boolean drop mask (SDPA's math path also saves the dropped probabilities); the
-    backward re-applies the mask block by block (peak memory at ``[4, 12, 512, 64]``: about
-    half SDPA's math path). Softmax runs in the inputs' dtype (the CPU kernel accumulates
-    bf16 in fp32) and the probabilities are kept in it: in bf16 the error is bf16 eager
-    attention's, about twice that of SDPA's math path, which upcasts. A query row masked
-    everywhere gets uniform weights (SDPA's math path gives NaN there; transformers' masks
-    never make one). No double backward (the backward writes into preallocated tensors):
-    gradient penalties need ``attn_implementation: eager``.
+    The score matrices are processed in blocks of about :data:`BLOCK_ELEMENTS` (whole batch
+    rows, or a range of one row's heads), each block's ops running back to back while it is
+    in cache (SDPA's math path streams every ``[B, heads, Lq, Lk]`` intermediate through
+    memory once per op). A boolean mask becomes an additive one once per call (a broadcast
+    add is about 10x faster than a broadcast ``masked_fill_`` on a CPU). The dropout's keep
+    mask, 1.0/0.0 in the inputs' dtype, is drawn block by block while the block is in cache
+    (:func:`~bert_recipes.dropout.fill_keep`: with even-sized blocks, the complement of one
+    ``drop_mask`` over the whole call) and applied by a multiply; the ``1 / (1 - p)`` scales
+    the ``[.., Lq, d]`` output and gradient instead of the scores. Saved for backward: the
+    probabilities and the keep mask, both ``[B, heads, Lq, Lk]`` in the inputs' dtype (SDPA's
+    math path saves the probabilities, the dropped probabilities and a boolean mask); the
+    backward works block by block.
+    Softmax runs in the inputs' dtype (the CPU kernel accumulates bf16 in fp32) and the
+    probabilities are kept in it: in bf16 the error is bf16 eager attention's, about twice
+    that of SDPA's math path, which upcasts. A query row masked everywhere gets uniform
+    weights (SDPA's math path gives NaN there; transformers' masks never make one). No
+    double backward (the backward writes into preallocated tensors): gradient penalties need
+    ``attn_implementation: eager``.
     """
 
     @staticmethod
     def forward(ctx, q, k, v, mask, p: float, scale: float):
         batch, heads, len_q, len_k = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
-        n = batch * heads
+        blocks = _blocks(batch, heads, len_q * len_k)
         with torch.autocast(q.device.type, enabled=False):  # q, k, v share a dtype already
-            q_scaled = (q * scale).reshape(n, len_q, -1)
-            k, v = k.reshape(n, len_k, -1), v.reshape(n, len_k, -1)
-            masked_out = bias = None  # per score matrix: [n, len_q, len_k]
-            if mask is not None and mask.dtype == torch.bool:
-                masked_out = (~mask).expand(batch, heads, len_q, len_k).reshape(n, len_q, len_k)
-            elif mask is not None:
-                bias = mask.to(q.dtype).expand(batch, heads, len_q, len_k).reshape(n, len_q, len_k)
-            drop = drop_mask((n, len_q, len_k), p, q.device)
-            probs = torch.empty(n, len_q, len_k, dtype=q.dtype, device=q.device)
-            out = torch.empty(n, len_q, v.shape[-1], dtype=q.dtype, device=q.device)
-            for s in _blocks(n, len_q * len_k):
-                scores = torch.bmm(q_scaled[s], k[s].transpose(1, 2))
-                if masked_out is not None:
-                    scores.masked_fill_(masked_out[s], torch.finfo(scores.dtype).min)
-                elif bias is not None:
-                    scores.add_(bias[s])
+            q_scaled, k, v = _scaled(q, scale), k.contiguous(), v.contiguous()
+            bias = None if mask is None else _additive(mask, q.dtype)  # broadcastable to the scores
+            probs = torch.empty(batch, heads, len_q, len_k, dtype=q.dtype, device=q.device)
+            keep = torch.empty(batch, heads, len_q, len_k, dtype=q.dtype, device=q.device)
+            bits = torch.empty((probs[blocks[0]].numel() + 1) // 2, dtype=torch.int64, device=q.device)
+            out = torch.empty(batch, heads, len_q, v.shape[-1], dtype=q.dtype, device=q.device)
+            for s in blocks:
+                scores = torch.matmul(q_scaled[s], k[s].transpose(-1, -2))
+                if bias is not None:
+                    scores.add_(bias[_rows(bias, s)])
                 torch.softmax(scores, dim=-1, out=probs[s])
-                torch.bmm(_dropout(probs[s], drop[s], p), v[s], out=out[s])
-        ctx.save_for_backward(q_scaled, k, v, probs, drop)
-        ctx.p, ctx.scale, ctx.shape = p, scale, (batch, heads)
-        return out.view(batch, heads, len_q, -1)
+                fill_keep(keep[s], p, bits)  # 1.0 / 0.0, drawn block by block, in cache
+                torch.matmul(probs[s] * keep[s], v[s], out=out[s])
+            out.mul_(1.0 / (1.0 - p))
+        ctx.save_for_backward(q_scaled, k, v, probs, keep)
+        ctx.p, ctx.scale, ctx.blocks = p, scale, blocks
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q_scaled, k, v, probs, drop = ctx.saved_tensors
-        n, len_q, len_k = probs.shape
-        grad_out = grad_out.reshape(n, len_q, -1)
+        q_scaled, k, v, probs, keep = ctx.saved_tensors
+        grad_out = _scaled(grad_out, 1.0 / (1.0 - ctx.p))  # the dropout's scale, on [B, heads, Lq, d]
         grad_q, grad_k, grad_v = torch.empty_like(q_scaled), torch.empty_like(k), torch.empty_like(v)
-        for s in _blocks(n, len_q * len_k):
-            torch.bmm(_dropout(probs[s], drop[s], ctx.p).transpose(1, 2), grad_out[s], out=grad_v[s])
-            grad_probs = _dropout(torch.bmm(grad_out[s], v[s].transpose(1, 2)), drop[s], ctx.p, inplace=True)
+        for s in ctx.blocks:
+            torch.matmul((probs[s] * keep[s]).transpose(-1, -2), grad_out[s], out=grad_v[s])
+            grad_probs = torch.matmul(grad_out[s], v[s].transpose(-1, -2)).mul_(keep[s])
             grad_scores = torch._softmax_backward_data(grad_probs, probs[s], -1, probs.dtype)
-            torch.bmm(grad_scores, k[s], out=grad_q[s])
-            torch.bmm(grad_scores.transpose(1, 2), q_scaled[s], out=grad_k[s])
+            torch.matmul(grad_scores, k[s], out=grad_q[s])
+            torch.matmul(grad_scores.transpose(-1, -2), q_scaled[s], out=grad_k[s])
         grad_q.mul_(ctx.scale)
-        return (grad_q.view(*ctx.shape, len_q, -1), grad_k.view(*ctx.shape, len_k, -1),
-                grad_v.view(*ctx.shape, len_k, -1), None, None, None)
+        return grad_q, grad_k, grad_v, None, None, None
 
 
-def _dropout(x: torch.Tensor, drop: torch.Tensor, p: float, inplace: bool = False) -> torch.Tensor:
-    """``x`` zeroed where ``drop`` and scaled by ``1 / (1 - p)``: inverted dropout with a drawn mask."""
-    return (x.masked_fill_(drop, 0) if inplace else x.masked_fill(drop, 0)).mul_(1.0 / (1.0 - p))
+def _scaled(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """``x * factor`` as a new contiguous tensor, in one pass."""
+    return torch.mul(x, factor, out=torch.empty(x.shape, dtype=x.dtype, device=x.device))
 
 
-def _blocks(n: int, elements_per_matrix: int):
-    """Slices of ``range(n)`` holding about :data:`BLOCK_ELEMENTS` score elements each."""
-    step = max(1, BLOCK_ELEMENTS // elements_per_matrix)
-    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``mask`` as a 4-d additive mask in ``dtype``: a boolean one (True = attend) becomes 0
+    and the dtype's most negative value; an additive one is cast."""
+    while mask.dim() < 4:
+        mask = mask.unsqueeze(0)
+    if mask.dtype != torch.bool:
+        return mask.to(dtype)
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
 
 
-def drop_mask(shape, p: float, device) -> torch.Tensor:
-    """A boolean mask of ``shape``, each element True (dropped) with probability ``p``,
-    independently, from the default generator of ``device``.
+def _rows(bias: torch.Tensor, block: tuple) -> tuple:
+    """The index of ``bias`` (4-d, each leading dimension 1 or full) for a block of scores."""
+    return tuple(slice(None) if bias.shape[i] == 1 else block[i] for i in range(2))
 
-    Raw 32-bit random integers (``random_`` over int64, read as int32 pairs) compared with
-    ``round(p * 2**32)`` (at most 2**32 - 1): the drop probability is ``p`` to within 2**-32,
-    and the draw about 1.5x faster on a CPU than ``bernoulli_`` with a float probability.
 
-    Raises:
-        ValueError: ``p`` outside ``[0, 1)``.
-    """
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
-    numel = 1
-    for size in shape:
-        numel *= int(size)
-    bits = torch.empty((numel + 1) // 2, dtype=torch.int64, device=device).random_(-2**63, 2**63 - 1)
-    threshold = -2**31 + min(round(p * 2**32), 2**32 - 1)  # int32 values are uniform on [-2**31, 2**31)
-    return (bits.view(torch.int32)[:numel] < threshold).view(shape)
+def _blocks(batch: int, heads: int, elements_per_matrix: int) -> list:
+    """Index pairs ``(batch slice, head slice)`` covering ``[batch, heads]``, each holding about
+    :data:`BLOCK_ELEMENTS` score elements: whole batch rows while one row's heads fit, else
+    ranges of one row's heads."""
+    per_block = max(1, BLOCK_ELEMENTS // elements_per_matrix)  # score matrices per block
+    if per_block >= heads:
+        rows = per_block // heads
+        return [(slice(b, min(b + rows, batch)), slice(None)) for b in range(0, batch, rows)]
+    return [(slice(b, b + 1), slice(h, min(h + per_block, heads))) for b in range(batch) for h in range(0, heads, per_block)]
 
 
 def sdpa_dropout_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):

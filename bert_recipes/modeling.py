@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import runtime_attention
+from .dropout import use_bits_dropout
 
 
 def bert_config(recipe, vocab_size: int):
@@ -60,7 +61,8 @@ def load_config(name_or_path: str, trust_remote_code: bool = False, key: str = "
 
 
 def build_pretraining_model(recipe, tokenizer):
-    """A ``BertForPreTraining`` for the recipe: from ``model.name_or_path`` or a fresh config.
+    """A ``BertForPreTraining`` for the recipe: from ``model.name_or_path`` or a fresh config,
+    with its dropout drawn from raw bits on a CPU (:func:`~bert_recipes.dropout.use_bits_dropout`).
 
     A checkpoint's embeddings are resized when the tokenizer has more tokens than its vocab.
     """
@@ -75,8 +77,9 @@ def build_pretraining_model(recipe, tokenizer):
         )
         if len(tokenizer) > model.config.vocab_size:
             model.resize_token_embeddings(len(tokenizer))
-        return model
-    return BertForPreTraining(bert_config(recipe, len(tokenizer)))
+    else:
+        model = BertForPreTraining(bert_config(recipe, len(tokenizer)))
+    return use_bits_dropout(model)
 
 
 def device_count(n: int, device) -> torch.Tensor:
@@ -249,9 +252,9 @@ class BertPreTrainingObjective(nn.Module):
         nsp_logits = heads.seq_relationship(pooled_output)  # [B, 2]
         mlm_loss_sum = F.cross_entropy(mlm_logits.float(), mlm_targets, ignore_index=-100, reduction="sum")
         nsp_loss_sum = F.cross_entropy(nsp_logits.float(), next_sentence_label, reduction="sum")
-        with torch.no_grad():
+        with torch.no_grad():  # max().indices: the first maximum, as argmax, but 3-5x faster on a CPU
             valid = mlm_targets != -100
-            mlm_correct = ((mlm_logits.argmax(-1) == mlm_targets) & valid).sum()
+            mlm_correct = ((mlm_logits.max(-1).indices == mlm_targets) & valid).sum()
             nsp_correct = (nsp_logits.argmax(-1) == next_sentence_label).sum()
         return {
             "mlm_loss_sum": mlm_loss_sum,

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from bert_recipes import attention
-from bert_recipes.attention import NAME, DropoutAttention, drop_mask, runtime_attention
+from bert_recipes.attention import NAME, DropoutAttention, runtime_attention
+from bert_recipes.dropout import drop_mask
 
 
 def qkv(shape=(2, 3, 16, 8), dtype=torch.float64, seed=0):
@@ -21,13 +22,18 @@ def masks(batch=2, length=16):
     boolean = torch.rand(batch, 1, length, length, generator=gen) > 0.3
     boolean[..., 0] = True  # no query row masked everywhere
     additive = torch.zeros(batch, 1, 1, length, dtype=torch.float64)
-    additive[1, ..., 10:] = torch.finfo(torch.float64).min  # a padded second sequence
+    additive[1, ..., length * 5 // 8:] = torch.finfo(torch.float64).min  # a padded second sequence
     return [None, boolean, additive]
 
 
-@pytest.fixture(params=[2 * 16 * 16, 2**19], ids=["blocks-of-2", "one-block"])
+@pytest.fixture(params=[2, 3, 1 << 20], ids=["heads-2-at-a-time", "one-row-at-a-time", "one-block"])
 def block(request, monkeypatch):
-    monkeypatch.setattr(attention, "BLOCK_ELEMENTS", request.param)
+    """Score matrices per block (3 heads per batch row): BLOCK_ELEMENTS for a length."""
+    def set_length(length: int) -> None:
+        monkeypatch.setattr(attention, "BLOCK_ELEMENTS", request.param * length * length)
+
+    set_length(16)
+    return set_length
 
 
 @pytest.mark.parametrize("mask_index", [0, 1, 2], ids=["no-mask", "bool", "additive"])
@@ -50,12 +56,13 @@ def test_forward_is_dropout_of_softmax_attention_with_the_drawn_mask(block, mask
 
 @pytest.mark.parametrize("mask_index", [0, 1, 2], ids=["no-mask", "bool", "additive"])
 def test_gradients_match_finite_differences(block, mask_index):
-    q, k, v = qkv()
-    mask = masks()[mask_index]
+    block(8)  # a shorter sequence: gradcheck's cost grows with the input size
+    q, k, v = qkv((2, 3, 8, 4))
+    mask = masks(length=8)[mask_index]
 
     def f(q, k, v):
         torch.manual_seed(0)  # the same dropout mask at every evaluation
-        return DropoutAttention.apply(q, k, v, mask, 0.1, 8**-0.5)
+        return DropoutAttention.apply(q, k, v, mask, 0.2, 4**-0.5)
 
     assert torch.autograd.gradcheck(f, (q, k, v))
 
@@ -65,22 +72,6 @@ def test_without_dropout_it_is_sdpa():
     mask = masks()[1]
     out = DropoutAttention.apply(q, k, v, mask, 0.0, 8**-0.5)
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), rtol=1e-12, atol=1e-12)
-
-
-def test_drop_mask_rate_and_independence():
-    torch.manual_seed(0)
-    drop = drop_mask((1000, 4096), 0.1, "cpu")
-    assert drop.dtype == torch.bool and drop.shape == (1000, 4096)
-    rate = drop.double().mean().item()
-    assert abs(rate - 0.1) < 6 * (0.09 / drop.numel()) ** 0.5  # within 6 sigma of p
-    # the two 32-bit halves of one 64-bit draw are independent: neighbours co-drop at p**2
-    pairs = (drop.flatten()[0::2] & drop.flatten()[1::2]).double().mean().item()
-    assert abs(pairs - 0.01) < 6 * (0.0099 / (drop.numel() / 2)) ** 0.5
-    odd = drop_mask((3, 5), 0.5, "cpu")  # an odd element count
-    assert odd.shape == (3, 5)
-    assert not drop_mask((64,), 0.0, "cpu").any()
-    with pytest.raises(ValueError, match=r"\[0, 1\)"):
-        drop_mask((4,), 1.0, "cpu")
 
 
 def tiny_bert(attn: str, dropout: float = 0.1):
@@ -155,12 +146,6 @@ def test_runtime_attention_and_exports(tmp_path):
     tiny_bert(runtime_attention("sdpa")).save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     assert NAME not in json.dumps(config)  # a checkpoint records no attention implementation
-
-
-def test_drop_mask_near_one_drops_everything_but_never_wraps():
-    torch.manual_seed(0)
-    for p in (1 - 2**-30, 1 - 2**-34, 1 - 1e-12):
-        assert drop_mask((1 << 16,), p, "cpu").all()
 
 
 def test_what_sdpa_dropout_hands_back_to_sdpa():

@@ -8,6 +8,7 @@ import logging
 import torch
 
 from ..attention import runtime_attention
+from ..dropout import use_bits_dropout
 from ..modeling import load_config, load_pretrained
 from .data import label_mapping
 from .tasks import GlueTask
@@ -21,7 +22,8 @@ def build_classifier(recipe: FinetuneRecipe, task: GlueTask):
     The checkpoint's encoder (and pooler) are loaded; the classifier head is new unless the
     checkpoint has one for the same label names (reordered by name if needed, see
     :func:`~bert_recipes.glue.data.label_mapping`). Heads of pretraining (``cls.*``) are
-    dropped silently; any other missing or unexpected weight is a warning.
+    dropped silently; any other missing or unexpected weight is a warning. Its dropout draws
+    from raw bits on a CPU (:func:`~bert_recipes.dropout.use_bits_dropout`).
 
     Raises:
         UserError: unloadable checkpoint, or its labels conflict with the task's.
@@ -51,7 +53,7 @@ def build_classifier(recipe: FinetuneRecipe, task: GlueTask):
     model.config.problem_type = "regression" if task.is_regression else "single_label_classification"
     model.config.finetuning_task = task.name
     _report_loading(info, spec.name_or_path, resuming=bool(recipe.resume_from))
-    return model
+    return use_bits_dropout(model)
 
 
 def _generic_labels(config) -> bool:
