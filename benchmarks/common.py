@@ -84,7 +84,8 @@ def alternate(variants: dict[str, Callable[[int], dict]], rounds: int, device: t
     Each call does one round of work and returns a dict with at least ``items`` (tokens or
     examples processed); the elapsed wall time of the call (device synchronised) is added
     as ``elapsed`` and this process's CPU time as ``cpu_s`` (all threads: with one torch
-    thread on a CPU it is the work done, whatever other processes make us wait).
+    thread on a CPU it is the work done, whatever other processes make us wait), unless the
+    variant reports its own ``cpu_s`` (one that runs in a child process, :class:`ChildArm`).
     Returns the per-round records of each variant.
     """
     names = list(variants)
@@ -97,9 +98,68 @@ def alternate(variants: dict[str, Callable[[int], dict]], rounds: int, device: t
             record = variants[name](r)
             synchronize(device)
             record["elapsed"] = time.perf_counter() - start
-            record["cpu_s"] = time.process_time() - cpu_start
+            record.setdefault("cpu_s", time.process_time() - cpu_start)
             records[name].append(record)
     return records
+
+
+#: The prefix of the lines a benchmark child process answers with (its other output passes through).
+CHILD_LINE = "BENCH-CHILD "
+
+
+class ChildArm:
+    """One arm of an A/B run in its own Python process, so that process-wide settings (the
+    host allocator: ``keep_host_memory``) differ between arms; :func:`alternate` calls it.
+
+    The child runs ``argv`` (a benchmark in its ``serve_rounds`` mode): it prepares, warms up,
+    answers one ``CHILD_LINE`` JSON line (``ready``), then for each round number it reads on
+    stdin runs that round and answers ``items``, ``cpu_s`` (its own CPU time) and
+    ``page_faults`` (minor faults during the round).
+    """
+
+    def __init__(self, argv: list[str], env: dict | None = None):
+        self.proc = subprocess.Popen([sys.executable, *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     env=env)
+        self.ready = None
+
+    def answer(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith(CHILD_LINE):
+                return json.loads(line[len(CHILD_LINE):])
+            sys.stdout.write(line)
+        raise RuntimeError(f"benchmark child exited with {self.proc.wait()} before answering")
+
+    def wait_ready(self) -> dict:
+        self.ready = self.answer()
+        return self.ready
+
+    def __call__(self, r: int) -> dict:
+        self.proc.stdin.write(f"{r}\n")
+        self.proc.stdin.flush()
+        return self.answer()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait()
+
+
+def serve_rounds(one_round: Callable[[int], dict], ready: dict) -> int:
+    """The child side of :class:`ChildArm`: a warm-up round, ``ready``, then rounds on demand
+    until stdin closes."""
+    import resource
+
+    def faults() -> int:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+    one_round(-1)
+    print(CHILD_LINE + json.dumps(ready), flush=True)
+    for line in sys.stdin:
+        before, cpu_start = faults(), time.process_time()
+        record = one_round(int(line))
+        record.update(cpu_s=time.process_time() - cpu_start, page_faults=faults() - before)
+        print(CHILD_LINE + json.dumps(record), flush=True)
+    return 0
 
 
 def summarise(records: dict[str, list[dict]], ours: str, stock: str, unit: str) -> dict:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+import statistics
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -36,7 +37,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import REPO, alternate, bert_base_uncased_path, default_out, machine_info, summarise, write_json  # noqa: E402
+from benchmarks.common import (REPO, ChildArm, alternate, bert_base_uncased_path, default_out, machine_info,  # noqa: E402
+                               serve_rounds, summarise, write_json)
 
 SHARED = REPO.parent / "shared" / "data" / "corpus"
 BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
@@ -72,16 +74,28 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--precision", choices=["no", "bf16"], default="no")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--ab", choices=["packing", "precision", "attention", "today"], default="packing",
+    parser.add_argument("--ab", choices=["packing", "precision", "attention", "today", "host-memory"], default="packing",
                         help="packing: packed vs padded at --precision; precision: bf16 vs fp32, both packed; "
-                             "attention: sdpa_dropout vs transformers' sdpa, both padded; today: packed with "
-                             "sdpa_dropout (the defaults now) vs padded with transformers' sdpa (before issue 14)")
+                             "attention: sdpa_dropout vs transformers' sdpa, both padded, both with raw-bits "
+                             "dropout; today: packed with sdpa_dropout, raw-bits hidden dropout and "
+                             "keep_host_memory (the defaults now) vs padded with transformers' sdpa, nn.Dropout and "
+                             "the system allocator (before issue 14), each in its own process; host-memory: the "
+                             "defaults now with keep_host_memory vs without, each in its own process")
     parser.add_argument("--mode", choices=["stream", "batch"], default="stream",
                         help="stream: data.packing: true (rows from the stream); batch: data.packing: batch "
                              "(each batch's instances packed into rows of max_seq_length)")
     parser.add_argument("--batch", type=int, default=None, help="instances (rows with --mode stream) per batch")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--serve", choices=["now", "today"], default=None, help=argparse.SUPPRESS)  # a ChildArm
+    parser.add_argument("--keep-host-memory", action="store_true", help=argparse.SUPPRESS)  # in a ChildArm
     args = parser.parse_args()
+    if args.ab in ("today", "host-memory") and not args.serve:
+        return compare_processes(args)
+    host_memory = "system allocator"
+    if args.keep_host_memory:
+        from bert_recipes.training.host_memory import keep_freed_memory
+
+        host_memory = keep_freed_memory()
     torch.set_num_threads(args.threads)
     shape = dict(SHAPES[args.shape], **({"batch": args.batch} if args.batch else {}))
     files = sorted(glob.glob(shape["files"]))
@@ -94,6 +108,7 @@ def main() -> int:
     from bert_recipes.attention import runtime_attention
     from bert_recipes.data import PretrainingCollator, PretrainingStream
     from bert_recipes.data.packing import PackedCollator, pack_rows, packing_efficiency
+    from bert_recipes.dropout import use_bits_dropout
     from bert_recipes.modeling import BertPreTrainingObjective
     from bert_recipes.recipe import DataConfig
 
@@ -125,9 +140,10 @@ def main() -> int:
     padded = [{k: v.to(device) for k, v in b.items()} for b in padded]
     packed = [{k: v.to(device) for k, v in b.items()} for b in packed]
 
-    def run(batches, bf16=args.precision == "bf16", attn=runtime_attention("sdpa")):
+    def run(batches, bf16=args.precision == "bf16", attn=runtime_attention("sdpa"), bits_dropout=True):
         def one_round(_round):
             objective.model.set_attn_implementation(attn)
+            use_bits_dropout(objective.model, bits_dropout)
             for batch in batches:
                 with autocast(bf16):
                     out = objective(**batch)
@@ -139,8 +155,11 @@ def main() -> int:
 
         return one_round
 
+    if args.serve:  # one arm of compare_processes, in this process
+        arm = run(packed) if args.serve == "now" else run(padded, attn="sdpa", bits_dropout=False)
+        return serve_rounds(arm, {"arm": args.serve, "host_memory": host_memory})
     run(padded[:1])(0)  # warm-up
-    if args.ab in ("attention", "today"):
+    if args.ab == "attention":
         run(padded[:1], attn="sdpa")(0)
     if args.ab == "precision":
         run(packed[:1], bf16=True)(0)
@@ -152,9 +171,8 @@ def main() -> int:
         write_json(out, {"shape": args.shape, "ab": "precision", "summary": summary, "machine": machine_info(device)})
         print(f"  wrote {out}")
         return 0
-    if args.ab in ("attention", "today"):
-        arms = ({"sdpa_dropout": run(padded), "sdpa": run(padded, attn="sdpa")} if args.ab == "attention" else
-                {"now": run(packed), "today": run(padded, attn="sdpa")})
+    if args.ab == "attention":
+        arms = {"sdpa_dropout": run(padded), "sdpa": run(padded, attn="sdpa")}
         first, second = arms
         records = alternate(arms, args.rounds, device)
         summary = summarise(records, first, second, "tokens")
@@ -184,6 +202,38 @@ def main() -> int:
     write_json(out, {"shape": args.shape, "mode": args.mode, "precision": args.precision, "threads": args.threads, "device": args.device,
                      "batches": args.batches, "batch_size": shape["batch"], "seq": shape["seq"],
                      "efficiency": efficiency, "rows": rows, "summary": summary, "machine": machine_info(device)})
+    print(f"  wrote {out}")
+    return 0
+
+
+def compare_processes(args) -> int:
+    """``--ab today`` / ``--ab host-memory``: each arm in its own child process (benchmarks.common.ChildArm)
+    on the same instances and initial weights, rounds alternating; page faults per round reported."""
+    arms = ({"now": ("now", True), "today": ("today", False)} if args.ab == "today" else
+            {"keep": ("now", True), "system": ("now", False)})
+    first, second = arms
+    argv = [a for a in sys.argv[1:]]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}  # glibc's defaults unless kept
+    children = {name: ChildArm([__file__, *argv, "--serve", serve] + (["--keep-host-memory"] if keep else []), env)
+                for name, (serve, keep) in arms.items()}
+    try:
+        ready = {name: child.wait_ready() for name, child in children.items()}
+        records = alternate(children, args.rounds, torch.device(args.device))
+    finally:
+        for child in children.values():
+            child.close()
+    summary = summarise(records, first, second, "tokens")
+    faults = {name: statistics.median(r["page_faults"] for r in recs) for name, recs in records.items()}
+    print(f"{args.shape}: {args.batches} batches, seq {SHAPES[args.shape]['seq']}, precision {args.precision}, {args.threads} "
+          f"thread(s), {args.ab}: {first} vs {second}: {summary[f'{first}_tokens_per_s']:.1f} vs "
+          f"{summary[f'{second}_tokens_per_s']:.1f} tokens/s, ratio {summary['ratio_median_of_rounds']:.2f}x (rounds "
+          f"{summary['per_round_ratio']}); per CPU-second {summary['cpu_time_ratio_median_of_rounds']:.2f}x; page faults "
+          f"per round (median) {first} {faults[first]:.0f}, {second} {faults[second]:.0f}")
+    out = args.out or default_out(f"{args.ab}-{args.shape}{'-bf16' if args.precision == 'bf16' else ''}.json")
+    write_json(out, {"shape": args.shape, "ab": args.ab, "mode": args.mode, "precision": args.precision,
+                     "threads": args.threads, "batches": args.batches, "seq": SHAPES[args.shape]["seq"],
+                     "arms": {name: dict(ready[name], serve=arms[name][0]) for name in arms},
+                     "page_faults_per_round_median": faults, "summary": summary, "machine": machine_info(torch.device(args.device))})
     print(f"  wrote {out}")
     return 0
 

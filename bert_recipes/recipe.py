@@ -218,6 +218,7 @@ class RunConfig(Strict):
     overwrite: bool = False
     seed: int = 42
     precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    keep_host_memory: bool = True  # on a CPU device, glibc keeps freed memory for the next step (training/host_memory.py)
     resume_from: Optional[str] = None
     report_to: list[Literal["jsonl", "tensorboard", "trackio", "wandb"]] = ["jsonl"]
     train: TrainConfig = TrainConfig()

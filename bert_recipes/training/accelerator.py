@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from .host_memory import keep_freed_memory
 from .precision import describe_device, resolve_precision
 from .reporting import trackers_for
 
@@ -34,6 +35,8 @@ def make_accelerator(recipe):
     """An ``Accelerator`` for the recipe's ``precision`` (``auto`` resolved for this device by
     :func:`~bert_recipes.training.precision.resolve_precision` and logged) and ``report_to``
     (trackers not yet started: :func:`start_trackers` does that once the output directory is ready).
+    On a CPU device with ``keep_host_memory`` (the default), freed host memory stays with the
+    process (:func:`~bert_recipes.training.host_memory.keep_freed_memory`), logged.
 
     Raises:
         UserError: the Accelerate config asks for FSDP version 1.
@@ -50,10 +53,13 @@ def make_accelerator(recipe):
         project_config=ProjectConfiguration(project_dir=recipe.output_dir, logging_dir=str(Path(recipe.output_dir) / "logs")),
     )
     check_fsdp_version(accelerator)
+    host_memory = keep_freed_memory() if recipe.keep_host_memory and accelerator.device.type == "cpu" else None
     if accelerator.is_main_process:
         chosen = f" (precision: auto on {describe_device(device_type)})" if recipe.precision == "auto" else ""
         logger.info("accelerate: %s, %d process(es), device %s, mixed precision %s%s", accelerator.distributed_type.value,
                     accelerator.num_processes, accelerator.device.type, accelerator.mixed_precision, chosen)
+        if host_memory:
+            logger.info("host memory: %s", host_memory)
     return accelerator
 
 

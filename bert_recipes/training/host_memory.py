@@ -1,0 +1,64 @@
+"""``keep_host_memory``: a CPU run keeps the memory it frees for its next step.
+
+A training step on a CPU allocates and frees the same large tensors every step (activations,
+attention scores, logits, gradients). glibc's malloc serves each allocation above its mmap
+threshold (128 KiB, raised as such blocks are freed, at most 32 MiB) with a fresh ``mmap``
+and returns it to the kernel on free, so the next step faults every page of it in again:
+at BERT-base, sequence 512, batch 4 in fp32 on this project's CPU, 1.5 million page faults
+a step (``benchmarks/packing.py --ab host-memory``). jemalloc or tcmalloc with decay off,
+which ``python -m torch.backends.xeon.run_cpu`` preloads, avoid this; glibc's own tunables
+do the same, which :func:`keep_freed_memory` sets with ``mallopt``: ``M_MMAP_MAX = 0``
+(every block from the heap) and ``M_TRIM_THRESHOLD`` at its maximum (freed memory stays
+with the process for reuse). The cost: the process keeps its peak host memory until it
+exits, as PyTorch's CUDA caching allocator keeps GPU memory.
+
+Not applied off Linux with glibc, where ``LD_PRELOAD`` names another allocator, or where the
+environment already sets glibc's ``MALLOC_MMAP_MAX_``, ``MALLOC_TRIM_THRESHOLD_`` or
+``MALLOC_MMAP_THRESHOLD_`` (the user's choice stands).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import platform
+
+#: ``mallopt`` parameters (glibc's malloc.h).
+M_TRIM_THRESHOLD = -1
+M_MMAP_MAX = -4
+#: The largest value ``mallopt`` takes (a C int): 2 GiB - 1.
+TRIM_THRESHOLD = 2**31 - 1
+#: Environment variables that already tune glibc's malloc.
+GLIBC_TUNABLES = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")
+OTHER_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
+
+
+def keep_freed_memory(environ=None, system: str | None = None, libc=None) -> str:
+    """Tell glibc's malloc to keep freed memory in this process (see the module docstring).
+
+    Args:
+        environ, system, libc: the environment, ``platform.system()`` and the C library
+            (default: this process's; for tests).
+
+    Returns:
+        A line for the log: what was set, or why nothing was.
+    """
+    environ = os.environ if environ is None else environ
+    system = platform.system() if system is None else system
+    preloaded = [name for name in OTHER_ALLOCATORS if name in environ.get("LD_PRELOAD", "")]
+    tuned = [name for name in GLIBC_TUNABLES if name in environ]
+    if system != "Linux":
+        return f"kept by the system allocator's own rules ({system}: no glibc tunables)"
+    if preloaded:
+        return f"managed by the preloaded {preloaded[0]} (LD_PRELOAD)"
+    if tuned:
+        return f"glibc malloc as the environment sets it ({', '.join(tuned)})"
+    if libc is None:
+        if platform.libc_ver()[0] != "glibc":
+            return "not glibc: the C library's own rules"
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    mallopt = getattr(libc, "mallopt", None)
+    if mallopt is None or not (mallopt(M_MMAP_MAX, 0) and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)):
+        return "glibc malloc unchanged (mallopt refused)"
+    return "kept for reuse (glibc malloc: M_MMAP_MAX=0, M_TRIM_THRESHOLD=2 GiB; keep_host_memory: false to release)"
