@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/packing.py [--shape tiny|mini|base|phase2] [--batches 6] [--rounds 4]
         [--threads 1] [--precision no|bf16] [--device cpu|cuda] [--mode stream|batch] [--batch N]
+        [--ab packing|precision|attention|today|host-memory] [--efficiency-only]
 
 Method. The instances of ``--batches`` batches come from the real stream of the shape's
 corpus; they are collated twice: in batches of ``batch`` instances padded to the longest
@@ -19,7 +20,10 @@ Shapes: ``tiny`` (recipes/pretrain/tiny.yaml on the built-in sample), ``mini``
 (recipes/pretrain/mini.yaml's model on the Gutenberg books, its document_split: file),
 ``base`` (BERT-base, seq 128, Gutenberg blank-line documents, bert-base vocabulary),
 ``phase2`` (BERT-base, seq 512, batch 4, WikiText-2 articles: the phase-2 shape).
-Writes benchmarks/out/packing-<shape>.json.
+``--ab today`` and ``--ab host-memory`` run each arm in its own process (the host allocator
+differs between them) and report page faults per round; ``--efficiency-only`` computes the
+packing efficiency of many instances without a model. Writes benchmarks/out/<ab>-<shape>.json
+(``packing-<shape>-<mode>.json`` for the default A/B).
 """
 
 from __future__ import annotations
@@ -86,6 +90,8 @@ def main() -> int:
                              "(each batch's instances packed into rows of max_seq_length)")
     parser.add_argument("--batch", type=int, default=None, help="instances (rows with --mode stream) per batch")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--efficiency-only", action="store_true",
+                        help="only the packing efficiency (real / computed tokens) of --batches batches: no model, no timing")
     parser.add_argument("--serve", choices=["now", "today"], default=None, help=argparse.SUPPRESS)  # a ChildArm
     parser.add_argument("--keep-host-memory", action="store_true", help=argparse.SUPPRESS)  # in a ChildArm
     args = parser.parse_args()
@@ -128,6 +134,17 @@ def main() -> int:
         packed = [PackedCollator(tokenizer, max_seq_length=shape["seq"])(rows[i : i + shape["batch"]])
                   for i in range(0, len(rows), shape["batch"])]
     real = sum(int(b["attention_mask"].sum()) for b in padded)
+    efficiency = {name: sum(int(b["attention_mask"].sum()) for b in batches) / sum(b["attention_mask"].numel()
+                  for b in batches) for name, batches in (("padded", padded), ("packed", packed))}
+    rows = {name: sum(b["input_ids"].shape[0] for b in batches) for name, batches in (("padded", padded), ("packed", packed))}
+    if args.efficiency_only:  # no model, no timing: the packing efficiency of many instances
+        print(f"{args.shape}: {len(instances)} instances, seq {shape['seq']}, packing {args.mode}: efficiency padded "
+              f"{efficiency['padded']:.3f}, packed {efficiency['packed']:.3f} ({rows['padded']} -> {rows['packed']} rows)")
+        out = args.out or default_out(f"efficiency-{args.shape}-{args.mode}.json")
+        write_json(out, {"shape": args.shape, "mode": args.mode, "instances": len(instances), "seq": shape["seq"],
+                         "batch_size": shape["batch"], "efficiency": efficiency, "rows": rows})
+        print(f"  wrote {out}")
+        return 0
 
     torch.manual_seed(0)
     config = BertConfig(vocab_size=len(tokenizer), max_position_embeddings=512, **shape["model"],
@@ -188,9 +205,6 @@ def main() -> int:
         return 0
     records = alternate({"packed": run(packed), "padded": run(padded)}, args.rounds, device)
     summary = summarise(records, "packed", "padded", "tokens")
-    efficiency = {name: sum(int(b["attention_mask"].sum()) for b in batches) / sum(b["attention_mask"].numel()
-                  for b in batches) for name, batches in (("padded", padded), ("packed", packed))}
-    rows = {name: sum(b["input_ids"].shape[0] for b in batches) for name, batches in (("padded", padded), ("packed", packed))}
     print(f"{args.shape}: {args.batches} batches x {shape['batch']} instances, seq {shape['seq']}, packing {args.mode}, "
           f"precision {args.precision}, {args.threads} thread(s)")
     print(f"  packing efficiency: padded {efficiency['padded']:.3f}, packed {efficiency['packed']:.3f} "
