@@ -1,6 +1,6 @@
 """GLUE fine-tuning throughput, ours vs the stock transformers pipeline, side by side. Writes JSON.
 
-    python benchmarks/finetune_vs_stock.py [--threads 1] [--rounds 4] [--out benchmarks/out/finetune_vs_stock.json]
+    python benchmarks/finetune_vs_stock.py [--threads 1] [--rounds 4] [--packing | --today] [--out benchmarks/out/finetune_vs_stock.json]
 
 Data: the 872 SST-2 dev sentences (../shared/data/glue/SST-2/dev.tsv, else the sample
 copy in data/sample/glue/SST-2), used as a training set: one epoch per variant.
@@ -47,6 +47,7 @@ from common import (REPO, alternate, bert_base_uncased_path, default_out, machin
 
 from bert_recipes.glue.data import load_glue_split, tokenize_glue  # noqa: E402
 from bert_recipes.data.packing import PackedFeatureCollator  # noqa: E402
+from bert_recipes.dropout import use_bits_dropout  # noqa: E402
 from bert_recipes.glue.batching import BatchPlan, collate_batch  # noqa: E402
 from bert_recipes.modeling import classification_logits  # noqa: E402
 from bert_recipes.glue.classifier import build_classifier  # noqa: E402
@@ -123,6 +124,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads for both (default: torch's; 1 is steadier on a loaded machine)")
     parser.add_argument("--packing", action="store_true", help="ours packs examples into rows (data.packing)")
+    parser.add_argument("--today", action="store_true",
+                        help="ours as before issue 14: padded, transformers' sdpa, nn.Dropout (compare runs via stock)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=default_out("finetune_vs_stock.json"))
     args = parser.parse_args(argv)
@@ -154,9 +157,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.manual_seed(args.seed)
     model = build_classifier(recipe, task).to(device)
+    if args.today:  # before issue 14: transformers' SDPA (math path with dropout on a CPU) and nn.Dropout
+        model.set_attn_implementation("sdpa")
+        use_bits_dropout(model, enabled=False)
     stock = BertForSequenceClassification(stock_config(model.config, args.stock_attn)).to(device)
     stock.load_state_dict(model.state_dict())
 
+    if args.packing and args.today:
+        parser.error("--today runs ours as before issue 14: padded, so without --packing")
     if args.packing:  # ours packs each batch's examples into rows of max_seq_length (data.packing)
         collator = PackedFeatureCollator(tokenizer, pad_to_multiple_of=recipe.data.pad_to_multiple_of,
                                          max_seq_length=recipe.data.max_seq_length)
@@ -247,7 +255,9 @@ def main(argv: list[str] | None = None) -> dict:
         "rounds": args.rounds,
         "stock_attention": args.stock_attn,
         "stock_optimizer": s_optimizer_info,
-        "ours_batching": "bert_recipes.glue.finetune.BatchPlan(group_by_length=True) + DataCollatorWithPadding(pad_to_multiple_of=8)",
+        "ours_batching": "bert_recipes.glue.finetune.BatchPlan(group_by_length=True) + "
+                         + ("PackedFeatureCollator" if args.packing else "DataCollatorWithPadding(pad_to_multiple_of=8)"),
+        "ours_as_before_issue_14": args.today,
         "warmup_s": round(warmup_s, 2),
         "ours_examples_per_s": rates["ours"],
         "stock_examples_per_s": rates["stock"],
