@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+import shutil
 import statistics
 import sys
 from contextlib import nullcontext
@@ -59,9 +60,13 @@ SHAPES = {
 }
 
 
-def tokenizer_for(shape: dict, files: list[str]):
+def tokenizer_for(shape: dict, files: list[str], saved: str | None = None):
+    """The shape's tokenizer: bert-base-uncased's, else a WordPiece trained on ``files`` (not
+    bit-reproducible between processes: child arms load the parent's from ``saved``)."""
     from bert_recipes.tokenizer import load_tokenizer, train_wordpiece
 
+    if saved:
+        return load_tokenizer(saved)
     if shape["vocab"] is None:
         path = bert_base_uncased_path()
         if path is None:
@@ -94,11 +99,10 @@ def main() -> int:
                         help="only the packing efficiency (real / computed tokens) of --batches batches: no model, no timing")
     parser.add_argument("--serve", choices=["now", "today"], default=None, help=argparse.SUPPRESS)  # a ChildArm
     parser.add_argument("--keep-host-memory", action="store_true", help=argparse.SUPPRESS)  # in a ChildArm
+    parser.add_argument("--tokenizer", default=None, help=argparse.SUPPRESS)  # a ChildArm: the parent's tokenizer
     args = parser.parse_args()
-    if args.ab in ("today", "host-memory") and not args.serve:
-        return compare_processes(args)
     host_memory = "system allocator"
-    if args.keep_host_memory:
+    if args.keep_host_memory:  # first, before anything is allocated
         from bert_recipes.training.host_memory import keep_freed_memory
 
         host_memory = keep_freed_memory()
@@ -108,6 +112,8 @@ def main() -> int:
     if not files:
         print(f"skipped: no files match {shape['files']} (../shared/data is only present in the dev setup)")
         return 0
+    if args.ab in ("today", "host-memory") and not args.serve:
+        return compare_processes(args, shape, files)
 
     from transformers import BertConfig, BertForPreTraining
 
@@ -118,7 +124,7 @@ def main() -> int:
     from bert_recipes.modeling import BertPreTrainingObjective
     from bert_recipes.recipe import DataConfig
 
-    tokenizer = tokenizer_for(shape, files)
+    tokenizer = tokenizer_for(shape, files, args.tokenizer)
     cfg = DataConfig(train_files=files, document_split=shape["split"], document_start_regex=shape["regex"],
                      max_seq_length=shape["seq"], max_predictions_per_seq=min(80, round(0.15 * shape["seq"]) + 1))
     stream = iter(PretrainingStream(cfg, tokenizer, files, seed=0))
@@ -220,14 +226,20 @@ def main() -> int:
     return 0
 
 
-def compare_processes(args) -> int:
+def compare_processes(args, shape: dict, files: list[str]) -> int:
     """``--ab today`` / ``--ab host-memory``: each arm in its own child process (benchmarks.common.ChildArm)
-    on the same instances and initial weights, rounds alternating; page faults per round reported."""
+    on the same instances (one tokenizer, saved here for both) and initial weights, rounds
+    alternating; page faults per round reported."""
+    import tempfile
+
     arms = ({"now": ("now", True), "today": ("today", False)} if args.ab == "today" else
             {"keep": ("now", True), "system": ("now", False)})
     first, second = arms
-    argv = [a for a in sys.argv[1:]]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}  # glibc's defaults unless kept
+    saved = tempfile.mkdtemp(prefix="bench-tokenizer-")
+    tokenizer_for(shape, files).save_pretrained(saved)
+    argv = [a for a in sys.argv[1:]] + ["--tokenizer", saved]
+    env = {k: v for k, v in os.environ.items()  # glibc's defaults unless kept
+           if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "LD_PRELOAD")}
     children = {name: ChildArm([__file__, *argv, "--serve", serve] + (["--keep-host-memory"] if keep else []), env)
                 for name, (serve, keep) in arms.items()}
     try:
@@ -236,6 +248,7 @@ def compare_processes(args) -> int:
     finally:
         for child in children.values():
             child.close()
+        shutil.rmtree(saved, ignore_errors=True)
     summary = summarise(records, first, second, "tokens")
     faults = {name: statistics.median(r["page_faults"] for r in recs) for name, recs in records.items()}
     print(f"{args.shape}: {args.batches} batches, seq {SHAPES[args.shape]['seq']}, precision {args.precision}, {args.threads} "

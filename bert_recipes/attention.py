@@ -106,11 +106,12 @@ def _scaled(x: torch.Tensor, factor: float) -> torch.Tensor:
 
 def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``mask`` as a 4-d additive mask in ``dtype``: a boolean one (True = attend) becomes 0
-    and the dtype's most negative value; an additive one is cast."""
+    and the dtype's most negative value; an additive one is cast (a new tensor) and clamped
+    to that value."""
     while mask.dim() < 4:
         mask = mask.unsqueeze(0)
-    if mask.dtype != torch.bool:
-        return mask.to(dtype)
+    if mask.dtype != torch.bool:  # a float32 minimum cast to bf16 is -inf: clamped, finite as SDPA's
+        return mask.to(dtype).clamp_(min=torch.finfo(dtype).min)
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
 
 

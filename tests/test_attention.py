@@ -181,3 +181,14 @@ def test_a_causal_bert_keeps_its_causal_mask_while_training():
     changed[0, -1] = (int(ids[0, -1]) + 1) % 100
     first = [model(input_ids=x, use_cache=False).logits[0, 0] for x in (ids, changed)]
     assert torch.equal(first[0], first[1])  # the first position never sees the last token
+
+
+def test_a_float32_additive_mask_in_bf16_stays_finite():
+    """finfo(float32).min cast to bf16 is -inf; a query row masked everywhere would give NaN."""
+    q, k, v = (t.detach().to(torch.bfloat16) for t in qkv((1, 2, 4, 8), dtype=torch.float32))
+    mask = torch.zeros(1, 1, 4, 4)
+    mask[..., 1, :] = torch.finfo(torch.float32).min  # query row 1 sees nothing
+    torch.manual_seed(0)
+    out = DropoutAttention.apply(q, k, v, mask, 0.1, 8**-0.5)
+    assert torch.isfinite(out).all()
+    assert mask.min() == torch.finfo(torch.float32).min  # the caller's mask is not modified

@@ -5,6 +5,7 @@ in again."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -37,6 +38,7 @@ def test_it_sets_glibc_to_keep_freed_memory():
     ({"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"}, "Linux", "managed by the preloaded jemalloc (LD_PRELOAD)"),
     ({"LD_PRELOAD": "libtcmalloc.so"}, "Linux", "managed by the preloaded tcmalloc (LD_PRELOAD)"),
     ({"MALLOC_TRIM_THRESHOLD_": "0"}, "Linux", "glibc malloc as the environment sets it (MALLOC_TRIM_THRESHOLD_)"),
+    ({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=0"}, "Linux", "glibc malloc as the environment sets it (GLIBC_TUNABLES)"),
     ({}, "Darwin", "kept by the system allocator's own rules (Darwin: no glibc tunables)"),
 ])
 def test_the_users_allocator_and_settings_stand(environ, system, expected):
@@ -70,7 +72,7 @@ def test_a_freed_64_mib_tensor_is_reused_without_page_faults():
 
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("not glibc")
-    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("MALLOC_") and k != "LD_PRELOAD"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k not in ("LD_PRELOAD", "GLIBC_TUNABLES")}
     result = {}
     for mode in ("keep", "system"):
         done = subprocess.run([sys.executable, "-c", CHILD, mode], capture_output=True, text=True, env=env, check=True)

@@ -13,8 +13,9 @@ with the process for reuse). The cost: the process keeps its peak host memory un
 exits, as PyTorch's CUDA caching allocator keeps GPU memory.
 
 Not applied off Linux with glibc, where ``LD_PRELOAD`` names another allocator, or where the
-environment already sets glibc's ``MALLOC_MMAP_MAX_``, ``MALLOC_TRIM_THRESHOLD_`` or
-``MALLOC_MMAP_THRESHOLD_`` (the user's choice stands).
+environment already tunes glibc's malloc (``MALLOC_MMAP_MAX_``, ``MALLOC_TRIM_THRESHOLD_``,
+``MALLOC_MMAP_THRESHOLD_``, or ``glibc.malloc.*`` in ``GLIBC_TUNABLES``): the user's choice
+stands.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
 #: The largest value ``mallopt`` takes (a C int): 2 GiB - 1.
 TRIM_THRESHOLD = 2**31 - 1
-#: Environment variables that already tune glibc's malloc.
+#: Environment variables that already tune glibc's malloc (and ``glibc.malloc.*`` in ``GLIBC_TUNABLES``).
 GLIBC_TUNABLES = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")
 OTHER_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
 
@@ -48,6 +49,8 @@ def keep_freed_memory(environ=None, system: str | None = None, libc=None) -> str
     system = platform.system() if system is None else system
     preloaded = [name for name in OTHER_ALLOCATORS if name in environ.get("LD_PRELOAD", "")]
     tuned = [name for name in GLIBC_TUNABLES if name in environ]
+    if "glibc.malloc." in environ.get("GLIBC_TUNABLES", ""):
+        tuned.append("GLIBC_TUNABLES")
     if system != "Linux":
         return f"kept by the system allocator's own rules ({system}: no glibc tunables)"
     if preloaded:
