@@ -196,19 +196,7 @@ def main() -> int:
         return 0
     if args.ab == "attention":
         arms = {"sdpa_dropout": run(padded), "sdpa": run(padded, attn="sdpa")}
-        first, second = arms
-        records = alternate(arms, args.rounds, device)
-        summary = summarise(records, first, second, "tokens")
-        print(f"{args.shape}: {args.batches} batches x {shape['batch']} instances, seq {shape['seq']}, precision "
-              f"{args.precision}, {args.threads} thread(s): {first} vs {second}: {summary[f'{first}_tokens_per_s']:.1f} "
-              f"vs {summary[f'{second}_tokens_per_s']:.1f} tokens/s, ratio {summary['ratio_median_of_rounds']:.2f}x "
-              f"(rounds {summary['per_round_ratio']}); per CPU-second {summary['cpu_time_ratio_median_of_rounds']:.2f}x")
-        out = args.out or default_out(f"{args.ab}-{args.shape}{'-bf16' if args.precision == 'bf16' else ''}.json")
-        write_json(out, {"shape": args.shape, "ab": args.ab, "mode": args.mode, "precision": args.precision,
-                         "threads": args.threads, "batches": args.batches, "batch_size": shape["batch"],
-                         "seq": shape["seq"], "summary": summary, "machine": machine_info(device)})
-        print(f"  wrote {out}")
-        return 0
+        return report_ab(args, shape, alternate(arms, args.rounds, device), {})
     records = alternate({"packed": run(packed), "padded": run(padded)}, args.rounds, device)
     summary = summarise(records, "packed", "padded", "tokens")
     print(f"{args.shape}: {args.batches} batches x {shape['batch']} instances, seq {shape['seq']}, packing {args.mode}, "
@@ -232,14 +220,15 @@ def compare_processes(args, shape: dict, files: list[str]) -> int:
     alternating; page faults per round reported."""
     import tempfile
 
+    from bert_recipes.training.host_memory import without_allocator_settings
+
     arms = ({"now": ("now", True), "today": ("today", False)} if args.ab == "today" else
             {"keep": ("now", True), "system": ("now", False)})
     first, second = arms
     saved = tempfile.mkdtemp(prefix="bench-tokenizer-")
     tokenizer_for(shape, files).save_pretrained(saved)
-    argv = [a for a in sys.argv[1:]] + ["--tokenizer", saved]
-    env = {k: v for k, v in os.environ.items()  # glibc's defaults unless kept
-           if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "LD_PRELOAD")}
+    argv = sys.argv[1:] + ["--tokenizer", saved]
+    env = without_allocator_settings(os.environ)  # glibc's defaults unless kept
     children = {name: ChildArm([__file__, *argv, "--serve", serve] + (["--keep-host-memory"] if keep else []), env)
                 for name, (serve, keep) in arms.items()}
     try:
@@ -249,18 +238,25 @@ def compare_processes(args, shape: dict, files: list[str]) -> int:
         for child in children.values():
             child.close()
         shutil.rmtree(saved, ignore_errors=True)
-    summary = summarise(records, first, second, "tokens")
     faults = {name: statistics.median(r["page_faults"] for r in recs) for name, recs in records.items()}
-    print(f"{args.shape}: {args.batches} batches, seq {SHAPES[args.shape]['seq']}, precision {args.precision}, {args.threads} "
-          f"thread(s), {args.ab}: {first} vs {second}: {summary[f'{first}_tokens_per_s']:.1f} vs "
+    return report_ab(args, shape, records, {"arms": {name: dict(ready[name], serve=arms[name][0]) for name in arms},
+                                            "page_faults_per_round_median": faults},
+                     f"; page faults per round (median) {first} {faults[first]:.0f}, {second} {faults[second]:.0f}")
+
+
+def report_ab(args, shape: dict, records: dict, extra: dict, note: str = "") -> int:
+    """Print and write (``<ab>-<shape>[-bf16].json``) a two-arm A/B's summary, the first arm
+    over the second; ``extra`` goes into the JSON, ``note`` after the printed line."""
+    first, second = records
+    summary = summarise(records, first, second, "tokens")
+    print(f"{args.shape}: {args.batches} batches x {shape['batch']}, seq {shape['seq']}, precision {args.precision}, "
+          f"{args.threads} thread(s), {args.ab}: {first} vs {second}: {summary[f'{first}_tokens_per_s']:.1f} vs "
           f"{summary[f'{second}_tokens_per_s']:.1f} tokens/s, ratio {summary['ratio_median_of_rounds']:.2f}x (rounds "
-          f"{summary['per_round_ratio']}); per CPU-second {summary['cpu_time_ratio_median_of_rounds']:.2f}x; page faults "
-          f"per round (median) {first} {faults[first]:.0f}, {second} {faults[second]:.0f}")
+          f"{summary['per_round_ratio']}); per CPU-second {summary['cpu_time_ratio_median_of_rounds']:.2f}x{note}")
     out = args.out or default_out(f"{args.ab}-{args.shape}{'-bf16' if args.precision == 'bf16' else ''}.json")
     write_json(out, {"shape": args.shape, "ab": args.ab, "mode": args.mode, "precision": args.precision,
-                     "threads": args.threads, "batches": args.batches, "seq": SHAPES[args.shape]["seq"],
-                     "arms": {name: dict(ready[name], serve=arms[name][0]) for name in arms},
-                     "page_faults_per_round_median": faults, "summary": summary, "machine": machine_info(torch.device(args.device))})
+                     "threads": args.threads, "batches": args.batches, "batch_size": shape["batch"], "seq": shape["seq"],
+                     **extra, "summary": summary, "machine": machine_info(torch.device(args.device))})
     print(f"  wrote {out}")
     return 0
 

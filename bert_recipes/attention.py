@@ -9,7 +9,7 @@ separate op with its own autograd node (2.8-3.5x the fused kernel at ``[4, 12, 5
 ``benchmarks/attention_dropout.py``). :class:`DropoutAttention` computes the same function in
 one autograd node: the scale folded into the queries, the mask added in place, a softmax
 backward in one kernel, and the dropout mask drawn as raw random bits
-(:func:`~bert_recipes.dropout.keep_mask`: a drop probability exact to 2**-32, finer than the
+(:func:`~bert_recipes.dropout.fill_keep`: a drop probability exact to 2**-32, finer than the
 float32 uniform TensorFlow's dropout compares).
 
 Everything else goes to transformers' own SDPA function unchanged: evaluation and inference

@@ -14,7 +14,7 @@ them exactly), but not the same draws: a run is reproducible against itself, not
 itself everywhere else (GPUs have a fused dropout kernel; ``torch.compile`` fuses its own);
 :func:`use_bits_dropout` swaps it into a model. It has no parameters, so state dicts and
 exports are unchanged. ``sdpa_dropout`` (bert_recipes/attention.py) draws its attention
-dropout with :func:`keep_mask`.
+dropout with :func:`fill_keep`, block by block.
 """
 
 from __future__ import annotations

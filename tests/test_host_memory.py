@@ -12,7 +12,8 @@ import sys
 import pytest
 
 from bert_recipes.recipe import RunConfig
-from bert_recipes.training.host_memory import M_MMAP_MAX, M_TRIM_THRESHOLD, TRIM_THRESHOLD, keep_freed_memory
+from bert_recipes.training.host_memory import (M_MMAP_MAX, M_TRIM_THRESHOLD, TRIM_THRESHOLD, keep_freed_memory,
+                                               without_allocator_settings)
 
 
 class FakeLibc:
@@ -45,6 +46,8 @@ def test_the_users_allocator_and_settings_stand(environ, system, expected):
     libc = FakeLibc()
     assert keep_freed_memory(environ=environ, system=system, libc=libc) == expected
     assert libc.calls == []
+    # a child process started without them gets glibc's defaults, and the rest of the environment
+    assert without_allocator_settings({**environ, "PATH": "/bin"}) == {"PATH": "/bin"}
 
 
 CHILD = """
@@ -72,7 +75,7 @@ def test_a_freed_64_mib_tensor_is_reused_without_page_faults():
 
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("not glibc")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k not in ("LD_PRELOAD", "GLIBC_TUNABLES")}
+    env = without_allocator_settings(os.environ)
     result = {}
     for mode in ("keep", "system"):
         done = subprocess.run([sys.executable, "-c", CHILD, mode], capture_output=True, text=True, env=env, check=True)
