@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# Issues 4 and 14 on a GPU, in one go (about 6-10 minutes on an H100/H200):
+# Issues 4 and 14 on a GPU, in one go (about 4 minutes on an H200, 2026-12-04):
 #   bert-base shape, seq 128, bf16 autocast: sequences/s, MFU (peak from
 #   bert_recipes/training/throughput.py: 989 TFLOP/s dense bf16 for H100 SXM / H200; goal >= 45%),
 #   and the A/B ratio ours vs the stock transformers pipeline (benchmarks/pretrain_vs_stock.py),
 #   once eager with padded batches (data.packing: false; "eager" = not compiled), once with
 #   padding-free packed batches (--packing = data.packing: batch, the default; again through
-#   flash-attn's variable-length kernel when flash_attn is installed) and once with
+#   flash-attn's variable-length kernel when flash_attn is installed), once packed with cuDNN's
+#   SDPA backend kept (the trainer turns it off for packed batches: an A/B) and once with
 #   train.torch_compile (ours compiled; stock never is).
 #
 #   benchmarks/gpu.sh                  # on the GPU machine, from anywhere in the checkout
 #   SMOKE=1 benchmarks/gpu.sh          # the eager run with batch 2 and 2 steps per variant on the CPU (a test)
+#   CORPUS='/data/*.txt' TOKENIZER=/dir benchmarks/gpu.sh   # text files and a tokenizer directory of your own
+#                                      # (defaults: pretrain_vs_stock.py's --corpus and --tokenizer)
 #
 # JSON and logs go to $OUT when set, else benchmarks/out. Python: $PYTHON if set, else the
 # first of .venv/bin/python, python3, python that imports torch (with CUDA unless SMOKE=1);
@@ -73,7 +76,8 @@ run() {  # $1 = name, rest = extra arguments of pretrain_vs_stock.py
   say "run $name: pretrain_vs_stock.py --device $DEVICE --precision bf16 --shapes bert-base --batch-size $BATCH $*"
   timeout --signal=TERM --kill-after=10 "$RUN_TIMEOUT" "$PY" "$REPO/benchmarks/pretrain_vs_stock.py" \
     --device "$DEVICE" --precision bf16 --shapes bert-base --batch-size "$BATCH" \
-    --rounds "$ROUNDS" --steps "$STEPS" --warmup "$WARMUP" "$@" \
+    --rounds "$ROUNDS" --steps "$STEPS" --warmup "$WARMUP" \
+    ${CORPUS:+--corpus "$CORPUS"} ${TOKENIZER:+--tokenizer "$TOKENIZER"} "$@" \
     --out "$OUT_DIR/gpu_pretrain_vs_stock_$name.json" 2>&1 | grep -v -i "warn" | tee -a "$LOG"
   local rc=${PIPESTATUS[0]}
   [ "$rc" = 0 ] || { say "run $name failed or timed out (exit $rc)"; status=1; }
@@ -81,6 +85,7 @@ run() {  # $1 = name, rest = extra arguments of pretrain_vs_stock.py
 
 run eager    # padded batches (data.packing: false), not compiled
 run packed --packing --no-optimizer-bench   # issue 14: each batch packed into rows of 128 (same instances)
+run packed_cudnn --packing --cudnn-sdp --no-optimizer-bench   # A/B: cuDNN's SDPA backend kept (plans per shape)
 if "$PY" -c "import flash_attn" >/dev/null 2>&1; then  # issue 14: packed rows through flash-attn's varlen kernel
   run packed_flash --packing --attn flash_attention_2 --no-optimizer-bench
 else
@@ -96,7 +101,7 @@ fi
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
-for name in ("eager", "packed", "packed_flash", "compiled"):
+for name in ("eager", "packed", "packed_cudnn", "packed_flash", "compiled"):
     path = out / f"gpu_pretrain_vs_stock_{name}.json"
     if not path.is_file():
         print(f"{name}: no result ({path} missing)")

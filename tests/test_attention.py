@@ -2,6 +2,7 @@
 gradients, its dropout rate, and that a BERT on it is transformers' SDPA BERT."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -192,3 +193,42 @@ def test_a_float32_additive_mask_in_bf16_stays_finite():
     out = DropoutAttention.apply(q, k, v, mask, 0.1, 8**-0.5)
     assert torch.isfinite(out).all()
     assert mask.min() == torch.finfo(torch.float32).min  # the caller's mask is not modified
+
+
+@pytest.fixture
+def cudnn_sdp_restored():
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    yield
+    torch.backends.cuda.enable_cudnn_sdp(before)
+
+
+@pytest.mark.parametrize("packing", [True, "batch"])
+def test_packed_batches_on_cuda_turn_cudnn_attention_off(cudnn_sdp_restored, packing):
+    line = attention.kernels_for_packed_batches("cuda", packing)
+    assert "cuDNN" in line and "per shape" in line
+    assert torch.backends.cuda.cudnn_sdp_enabled() is False
+    assert attention.kernels_for_packed_batches("cuda", packing) is None  # already off: nothing to log
+
+
+@pytest.mark.parametrize("device_type, packing", [("cpu", "batch"), ("cpu", True), ("cuda", False), ("mps", True)])
+def test_cudnn_attention_stays_without_packing_or_off_cuda(cudnn_sdp_restored, device_type, packing):
+    assert attention.kernels_for_packed_batches(device_type, packing) is None
+    assert torch.backends.cuda.cudnn_sdp_enabled() is True
+
+
+def test_make_accelerator_passes_device_and_packing_to_the_attention_kernels(cudnn_sdp_restored, monkeypatch, caplog,
+                                                                            tmp_path):
+    import logging
+
+    from bert_recipes.recipe import load_recipe
+    from bert_recipes.training import accelerator as acc
+
+    seen = []
+    monkeypatch.setattr(acc, "kernels_for_packed_batches", lambda device, packing: seen.append((device, packing)) or "X")
+    repo = Path(__file__).resolve().parents[1]
+    recipe = load_recipe(repo / "recipes/pretrain/tiny.yaml", [f"output_dir={tmp_path / 'run'}", "keep_host_memory=false"])
+    with caplog.at_level(logging.INFO, logger="bert_recipes"):
+        acc.make_accelerator(recipe)
+    assert seen == [("cpu", "batch")]  # the device and the recipe's data.packing reach the choice
+    assert "attention: X" in caplog.text

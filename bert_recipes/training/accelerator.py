@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..attention import kernels_for_packed_batches
 from ..errors import UserError
 from .host_memory import keep_freed_memory
 from .precision import describe_device, resolve_precision
@@ -36,7 +37,9 @@ def make_accelerator(recipe):
     :func:`~bert_recipes.training.precision.resolve_precision` and logged) and ``report_to``
     (trackers not yet started: :func:`start_trackers` does that once the output directory is ready).
     On a CPU device with ``keep_host_memory`` (the default), freed host memory stays with the
-    process (:func:`~bert_recipes.training.host_memory.keep_freed_memory`), logged.
+    process (:func:`~bert_recipes.training.host_memory.keep_freed_memory`), logged. On a CUDA
+    device with packed batches (``data.packing``), cuDNN's SDPA backend is turned off
+    (:func:`~bert_recipes.attention.kernels_for_packed_batches`), logged.
 
     Raises:
         UserError: the Accelerate config asks for FSDP version 1.
@@ -54,12 +57,15 @@ def make_accelerator(recipe):
     )
     check_fsdp_version(accelerator)
     host_memory = keep_freed_memory() if recipe.keep_host_memory and accelerator.device.type == "cpu" else None
+    attention = kernels_for_packed_batches(accelerator.device.type, recipe.data.packing)
     if accelerator.is_main_process:
         chosen = f" (precision: auto on {describe_device(device_type)})" if recipe.precision == "auto" else ""
         logger.info("accelerate: %s, %d process(es), device %s, mixed precision %s%s", accelerator.distributed_type.value,
                     accelerator.num_processes, accelerator.device.type, accelerator.mixed_precision, chosen)
         if host_memory:
             logger.info("host memory: %s", host_memory)
+        if attention:
+            logger.info("attention: %s", attention)
     return accelerator
 
 
