@@ -1,6 +1,7 @@
 """GLUE fine-tuning throughput, ours vs the stock transformers pipeline, side by side. Writes JSON.
 
-    python benchmarks/finetune_vs_stock.py [--threads 1] [--rounds 4] [--packing | --today] [--out benchmarks/out/finetune_vs_stock.json]
+    python benchmarks/finetune_vs_stock.py [--threads 1] [--rounds 4] [--packing | --today] [--precision no|bf16]
+        [--out benchmarks/out/finetune_vs_stock.json]
 
 Data: the 872 SST-2 dev sentences (../shared/data/glue/SST-2/dev.tsv, else the sample
 copy in data/sample/glue/SST-2), used as a training set: one epoch per variant.
@@ -22,6 +23,10 @@ batches (a ``DataLoader`` with ``RandomSampler``, as the Trainer); ``BertForSequ
 (**batch).loss`` with transformers' default attention (SDPA in transformers 5; ``--stock-attn
 eager`` for the older default); the optimizer ``Trainer`` builds by default (fused AdamW),
 linear schedule, ``clip_grad_norm_``.
+
+``--precision bf16``: ours through Accelerate's bf16 autocast (what ``precision: bf16`` or
+``auto`` on a bf16 device runs), stock's forward under ``torch.autocast(bf16)`` (the
+Trainer's ``--bf16``); default fp32 for both.
 
 Both start from the same weights (same classifier head) and see every example once. The
 epoch is cut into ``--rounds`` chunks run alternately (ours chunk 1, stock chunk 1, stock
@@ -126,6 +131,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--packing", action="store_true", help="ours packs examples into rows (data.packing)")
     parser.add_argument("--today", action="store_true",
                         help="ours as before issue 14: padded, transformers' sdpa, nn.Dropout (compare runs via stock)")
+    parser.add_argument("--precision", choices=("no", "bf16"), default="no",
+                        help="both variants: fp32 (default) or bf16 autocast")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=default_out("finetune_vs_stock.json"))
     args = parser.parse_args(argv)
@@ -145,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
     batch_size = args.batch_size or train.per_device_train_batch_size
     max_len = recipe.data.max_seq_length
     spec = stock_optimizer_spec(train, use_cpu=args.device == "cpu")  # before the Accelerator (see common)
-    accelerator = Accelerator(cpu=args.device == "cpu", mixed_precision="no")
+    accelerator = Accelerator(cpu=args.device == "cpu", mixed_precision=args.precision)
     device = accelerator.device
 
     tokenizer = load_tokenizer(path)
@@ -207,7 +214,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     def stock_step(batch) -> tuple[int, int]:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        stock_update(stock, s_optimizer, s_scheduler, stock(**batch).loss, train.max_grad_norm)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+            loss = stock(**batch).loss
+        stock_update(stock, s_optimizer, s_scheduler, loss, train.max_grad_norm)
         return len(batch["labels"]), batch["input_ids"].numel()
 
     start = time.perf_counter()
@@ -258,6 +267,7 @@ def main(argv: list[str] | None = None) -> dict:
         "ours_batching": "bert_recipes.glue.finetune.BatchPlan(group_by_length=True) + "
                          + ("PackedFeatureCollator" if args.packing else "DataCollatorWithPadding(pad_to_multiple_of=8)"),
         "ours_as_before_issue_14": args.today,
+        "precision": args.precision,
         "warmup_s": round(warmup_s, 2),
         "ours_examples_per_s": rates["ours"],
         "stock_examples_per_s": rates["stock"],

@@ -38,12 +38,15 @@ class FinetuneDataConfig(Strict):
     glue_dir: Optional[str] = None  # the original GLUE TSV layout; None = the Hub's nyu-mll/glue
     max_seq_length: int = Field(128, ge=8)
     pad_to_multiple_of: int = Field(8, ge=1)
-    # each batch's examples packed into rows of max_seq_length (bert_recipes.data.packing): the
-    # same examples per step as padded batches, 5% fewer tokens computed on SST-2 (length-grouped
-    # batches already pad little; no measurable speed-up there at fp32, benchmarks/RESULTS.md).
+    # true: each batch's examples packed into rows of max_seq_length (bert_recipes.data.packing),
+    # the same examples per step as padded batches. Off by default: on SST-2, length-grouped
+    # batches pad only 18% and packing saves 5% of the tokens, while the block-diagonal mask
+    # computes attention over whole 128-token rows (3x the scores of short padded rows); padded
+    # ran 1.04x packed at fp32 and 1.13-1.19x in bf16 on a CPU (benchmarks/RESULTS.md). With
+    # flash-attn's variable-length kernel on a GPU attention costs each example's own length.
     # "batch" (pretraining's name for the same thing) is accepted and read as true; fine-tuning
     # has no stream packing
-    packing: bool = True
+    packing: bool = False
     group_by_length: bool = True  # batches of similar lengths: less padding
     max_train_samples: Optional[int] = Field(None, ge=1)  # the first N training examples
     max_eval_samples: Optional[int] = Field(None, ge=1)  # the first N examples of each dev split
