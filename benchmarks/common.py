@@ -8,6 +8,7 @@ throughput and the median of the per-round ratios.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -76,6 +77,23 @@ def machine_info(device: torch.device | None = None) -> dict:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def ours_attention_kernels(device_type: str, packing, keep_cudnn: bool = False):
+    """For ours' steps: cuDNN's SDPA backend as ``make_accelerator`` sets it for a run with
+    this ``data.packing`` (off on CUDA with packed batches:
+    ``bert_recipes.attention.kernels_for_packed_batches``; kept with ``keep_cudnn``, for an
+    A/B), restored afterwards, so stock, in the same process, keeps PyTorch's default."""
+    from bert_recipes.attention import kernels_for_packed_batches
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    if not keep_cudnn:
+        kernels_for_packed_batches(device_type, packing)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
 
 
 def alternate(variants: dict[str, Callable[[int], dict]], rounds: int, device: torch.device) -> dict[str, list[dict]]:

@@ -1,7 +1,7 @@
 """GLUE fine-tuning throughput, ours vs the stock transformers pipeline, side by side. Writes JSON.
 
     python benchmarks/finetune_vs_stock.py [--threads 1] [--rounds 4] [--packing | --today] [--precision no|bf16]
-        [--out benchmarks/out/finetune_vs_stock.json]
+        [--no-keep-host-memory] [--out benchmarks/out/finetune_vs_stock.json]
 
 Data: the 872 SST-2 dev sentences (../shared/data/glue/SST-2/dev.tsv, else the sample
 copy in data/sample/glue/SST-2), used as a training set: one epoch per variant.
@@ -15,7 +15,9 @@ colleague's ``BatchPlan`` with ``group_by_length`` (transformers' LengthGroupedS
 scheme: shuffle, sort by length inside mega-batches of 50 batches, shuffle the batches),
 ``DataCollatorWithPadding(pad_to_multiple_of=8)``, ``build_classifier`` (SDPA), fused AdamW
 from ``build_optimizer``, and the real training loop (``bert_recipes.training.loop.train``
-over a ``FinetuneJob`` whose steps are the benchmark's batches, with evaluation off).
+over a ``FinetuneJob`` whose steps are the benchmark's batches, with evaluation off). On CUDA
+with ``--packing``, ours' steps run with cuDNN's SDPA backend off, as the trainer sets it
+(``bert_recipes.attention.kernels_for_packed_batches``); stock keeps PyTorch's default.
 
 STOCK (``run_glue.py`` with ``--pad_to_max_length``, the Trainer's defaults): every sentence
 tokenised with ``padding="max_length", max_length=128``; ``default_data_collator``; random
@@ -23,6 +25,12 @@ batches (a ``DataLoader`` with ``RandomSampler``, as the Trainer); ``BertForSequ
 (**batch).loss`` with transformers' default attention (SDPA in transformers 5; ``--stock-attn
 eager`` for the older default); the optimizer ``Trainer`` builds by default (fused AdamW),
 linear schedule, ``clip_grad_norm_``.
+
+Host memory: on a CPU the process sets ``keep_host_memory`` as a real CPU run of ours does
+(``bert_recipes.training.host_memory.keep_freed_memory``: freed memory is reused, not
+faulted in again every step), except with ``--today`` (ours before issue 14 had no such
+setting) or ``--no-keep-host-memory``. It is process-wide, so stock gets it too: compare ours
+now and ours before issue 14 by their own examples/s, each run in its own process.
 
 ``--precision bf16``: ours through Accelerate's bf16 autocast (what ``precision: bf16`` or
 ``auto`` on a bf16 device runs), stock's forward under ``torch.autocast(bf16)`` (the
@@ -47,8 +55,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (REPO, alternate, bert_base_uncased_path, default_out, machine_info, stock_config,  # noqa: E402
-                    stock_optimizer, stock_optimizer_spec, stock_update, write_json)
+from common import (REPO, alternate, bert_base_uncased_path, default_out, machine_info,  # noqa: E402
+                    ours_attention_kernels, stock_config, stock_optimizer, stock_optimizer_spec, stock_update, write_json)
 
 from bert_recipes.glue.data import load_glue_split, tokenize_glue  # noqa: E402
 from bert_recipes.data.packing import PackedFeatureCollator  # noqa: E402
@@ -61,6 +69,7 @@ from bert_recipes.glue.recipe import load_finetune_recipe  # noqa: E402
 from bert_recipes.glue.tasks import get_task  # noqa: E402
 from bert_recipes.tokenizer import load_tokenizer, train_wordpiece  # noqa: E402
 from bert_recipes.training.checkpoint import TrainerState  # noqa: E402
+from bert_recipes.training.host_memory import keep_freed_memory  # noqa: E402
 from bert_recipes.training import loop  # noqa: E402
 from bert_recipes.training.loop import Run  # noqa: E402
 from bert_recipes.training.optim import build_optimizer, build_scheduler  # noqa: E402
@@ -133,6 +142,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="ours as before issue 14: padded, transformers' sdpa, nn.Dropout (compare runs via stock)")
     parser.add_argument("--precision", choices=("no", "bf16"), default="no",
                         help="both variants: fp32 (default) or bf16 autocast")
+    parser.add_argument("--no-keep-host-memory", dest="keep_host_memory", action="store_false",
+                        help="leave glibc's malloc defaults (ours' CPU runs set keep_host_memory by default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=default_out("finetune_vs_stock.json"))
     args = parser.parse_args(argv)
@@ -153,6 +164,8 @@ def main(argv: list[str] | None = None) -> dict:
     max_len = recipe.data.max_seq_length
     spec = stock_optimizer_spec(train, use_cpu=args.device == "cpu")  # before the Accelerator (see common)
     accelerator = Accelerator(cpu=args.device == "cpu", mixed_precision=args.precision)
+    host_memory = (keep_freed_memory() if accelerator.device.type == "cpu" and args.keep_host_memory and not args.today
+                   else "not set")
     device = accelerator.device
 
     tokenizer = load_tokenizer(path)
@@ -210,7 +223,8 @@ def main(argv: list[str] | None = None) -> dict:
     def ours_steps(count: int) -> None:
         """The next ``count`` steps of ``order`` through the real loop."""
         job.total_steps = run.state.step + count
-        loop.train(job, run, checkpoint_at_end=False)
+        with ours_attention_kernels(device.type, args.packing):  # as make_accelerator for data.packing
+            loop.train(job, run, checkpoint_at_end=False)
 
     def stock_step(batch) -> tuple[int, int]:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -268,6 +282,7 @@ def main(argv: list[str] | None = None) -> dict:
                          + ("PackedFeatureCollator" if args.packing else "DataCollatorWithPadding(pad_to_multiple_of=8)"),
         "ours_as_before_issue_14": args.today,
         "precision": args.precision,
+        "host_memory": host_memory,
         "warmup_s": round(warmup_s, 2),
         "ours_examples_per_s": rates["ours"],
         "stock_examples_per_s": rates["stock"],
@@ -289,6 +304,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"ratio {result['ratio_epoch']:.2f}x (goal >= {GOAL}x: {'met' if result['goal_met'] else 'NOT met'}); "
           f"per-round ratios {result['per_round_ratio']}")
     print(f"first-batch mean loss (fp32, dropout off): ours {ours_loss:.7f} stock {stock_loss:.7f} |diff| {abs(ours_loss - stock_loss):.2e}")
+    print(f"host memory: {host_memory}")
     print(f"JSON: {out}")
     return result
 

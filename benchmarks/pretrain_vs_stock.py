@@ -65,9 +65,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (REPO, alternate, bert_base_uncased_path, default_corpus, default_out, machine_info,  # noqa: E402
-                    stock_config, stock_optimizer, stock_optimizer_spec, stock_update, summarise, write_json)
+                    ours_attention_kernels, stock_config, stock_optimizer, stock_optimizer_spec, stock_update, summarise, write_json)
 
-from bert_recipes.attention import kernels_for_packed_batches  # noqa: E402
 from bert_recipes.data.collator import PretrainingCollator  # noqa: E402
 from bert_recipes.dropout import use_bits_dropout  # noqa: E402
 from bert_recipes.data.packing import PackedCollator  # noqa: E402
@@ -177,18 +176,6 @@ class OursTrainer:
         self.optimizer = optimizer
         self.device_type, self.packing, self.cudnn_sdp = accelerator.device.type, packing, cudnn_sdp
 
-    @contextlib.contextmanager
-    def attention_kernels(self):
-        """cuDNN's SDPA backend as ``make_accelerator`` sets it for this run (off on CUDA with
-        packed batches; kept with ``--cudnn-sdp``), restored afterwards: stock keeps PyTorch's default."""
-        before = torch.backends.cuda.cudnn_sdp_enabled()
-        if not self.cudnn_sdp:
-            kernels_for_packed_batches(self.device_type, self.packing)
-        try:
-            yield
-        finally:
-            torch.backends.cuda.enable_cudnn_sdp(before)
-
     def micro_batches_of(self, instances: list[dict]) -> list[list[dict]]:
         return length_sorted_micro_batches(instances, self.micro_batches) if self.micro_batches > 1 else [instances]
 
@@ -197,7 +184,7 @@ class OursTrainer:
         loop's logged record of the chunk (loss, sequences/s, MFU, ...)."""
         self.job.batches = (self.collate(part) for instances in chunk for part in self.micro_batches_of(instances))
         self.job.total_steps = self.run.state.step + len(chunk)
-        with self.attention_kernels():
+        with ours_attention_kernels(self.device_type, self.packing, keep_cudnn=self.cudnn_sdp):
             train(self.job, self.run, checkpoint_at_end=False)
         return self.reporter.records[-1]
 
@@ -268,7 +255,8 @@ def run_shape(shape: str, args, accelerator, files: list[str], optimizer_spec) -
                        cudnn_sdp=args.cudnn_sdp)
     ours_step = ours.step
     if args.micro_batches > 1:
-        micro = OursTrainer(micro_model, recipe, accelerator, ours_collate, args.micro_batches, compile_=args.compile)
+        micro = OursTrainer(micro_model, recipe, accelerator, ours_collate, args.micro_batches, compile_=args.compile,
+                            packing=args.packing, cudnn_sdp=args.cudnn_sdp)
     optimizer = ours.optimizer
     s_optimizer, s_optimizer_info = stock_optimizer(stock, optimizer_spec, train.weight_decay)
     from transformers import get_scheduler

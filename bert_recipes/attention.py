@@ -179,20 +179,23 @@ def register() -> None:
 def kernels_for_packed_batches(device_type: str, packing) -> str | None:
     """On a CUDA device with packed batches (``data.packing`` true or ``batch``), turn off
     cuDNN's SDPA backend (``torch.backends.cuda.enable_cudnn_sdp(False)``), so the masked
-    attention runs on PyTorch's memory-efficient kernel; returns a line for the log, or None
-    when nothing was changed (another device, no packing, or cuDNN's backend already off).
+    attention runs on PyTorch's memory-efficient kernel (flash takes no mask); returns a line
+    for the log, or None on another device or without packing (nothing changed).
 
-    cuDNN builds an execution plan for every new problem shape, and a packed batch's row count
-    changes at nearly every step: measured on an H200 (bert-base, seq 128, batch 128, bf16,
-    ``benchmarks/gpu.sh``), our packed step ran at 0.66-0.84x stock transformers with cuDNN's
-    backend and 1.35x without it; padded batches (one shape) ran at the same speed either way.
-    Process-wide, as the setting is: a run's process trains one model.
+    cuDNN builds an execution plan for every new problem shape, and packed batches change
+    shape from step to step (``batch``: the row count; ``true``: the row width, less often).
+    Measured on an H200 with ``batch`` packing (bert-base, seq 128, batch 128, bf16,
+    ``benchmarks/gpu.sh``): our packed step ran at 0.66-0.93x stock transformers with cuDNN's
+    backend and 1.35-1.39x without it; padded batches (one shape) ran at the same speed
+    either way, so a setting left off for a later padded run costs nothing. The setting is
+    process-wide and stays off for the rest of the process (later cells of a ``glue`` sweep
+    included); each call that asks for it returns the line again.
     """
-    if device_type != "cuda" or not packing or not torch.backends.cuda.cudnn_sdp_enabled():
+    if device_type != "cuda" or not packing:
         return None
     torch.backends.cuda.enable_cudnn_sdp(False)
-    return ("cuDNN's SDPA backend off (packed batches change shape every step, and cuDNN plans per shape): "
-            "flash / memory-efficient kernels")
+    return ("cuDNN's SDPA backend off (packed batches change shape, and cuDNN plans per shape): "
+            "the memory-efficient kernel")
 
 
 def runtime_attention(attn_implementation: str) -> str:

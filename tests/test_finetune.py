@@ -58,14 +58,16 @@ def fixture_idx(task, split) -> list[int]:
     return list(load_glue_split(task, split, FIXTURES)["idx"])
 
 
-@pytest.fixture(scope="module")
-def task_runs(checkpoint, tmp_path_factory) -> dict[str, Path]:
-    """Each of the 9 tasks fine-tuned for 3 steps on its fixture, with test predictions."""
-    root = tmp_path_factory.mktemp("tasks")
+@pytest.fixture(scope="module", params=["false", "true"], ids=["padded", "packed"])
+def task_runs(checkpoint, tmp_path_factory, request) -> dict[str, Path]:
+    """Each of the 9 tasks fine-tuned for 3 steps on its fixture, with test predictions;
+    with padded batches (the default) and with ``data.packing: true``."""
+    root = tmp_path_factory.mktemp(f"tasks-packing-{request.param}")
     runs = {}
     for name in TRAINABLE:
         out = root / name
-        code = main(["finetune", str(GLUE_RECIPES / f"{name}.yaml"), *overrides(checkpoint, out, predict_test="true")])
+        code = main(["finetune", str(GLUE_RECIPES / f"{name}.yaml"),
+                     *overrides(checkpoint, out, predict_test="true", **{"data.packing": request.param})])
         assert code == 0, name
         runs[name] = out
     return runs
@@ -393,23 +395,39 @@ def test_a_finished_finetune_extends_with_more_steps_and_is_left_alone_otherwise
     assert json.loads((seed_dir / "results.json").read_text())["steps"] == 6
 
 
-def test_packed_finetuning_trains_like_padded_without_dropout(checkpoint, tmp_path):
+def test_packed_finetuning_trains_like_padded_without_dropout(checkpoint, tmp_path, monkeypatch):
     """``data.packing: true`` (padded is the default) runs the same examples per step through
-    the CLI: with dropout off, the same losses, gradient norms and dev metrics as padded batches."""
+    the CLI: with dropout off, the same losses, gradient norms and dev metrics as padded
+    batches. The SST-2 sample in rows of 32 tokens gives several rows per batch (training and
+    evaluation), so an instance read from the wrong row would show."""
     from transformers import BertForPreTraining
 
     nodrop = tmp_path / "nodrop"
     shutil.copytree(checkpoint, nodrop)
     BertForPreTraining.from_pretrained(checkpoint, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0) \
         .save_pretrained(nodrop)
+    rows = []  # (examples, rows) of each packed batch
+
+    class Recording(finetune_module.PackedFeatureCollator):
+        def __call__(self, features):
+            out = super().__call__(features)
+            rows.append((len(features), out["input_ids"].shape[0]))
+            return out
+
+    monkeypatch.setattr(finetune_module, "PackedFeatureCollator", Recording)
     records = {}
     for packing in ("false", "true"):
         out = tmp_path / f"packing-{packing}"
-        assert main(["finetune", str(GLUE_RECIPES / "rte.yaml"),
-                     *overrides(nodrop, out, **{"data.packing": packing, "train.per_device_train_batch_size": 4})]) == 0
+        assert main(["finetune", str(GLUE_RECIPES / "sst2.yaml"),
+                     *overrides(nodrop, out, **{"data.glue_dir": SAMPLE_GLUE, "data.packing": packing,
+                                                "data.max_seq_length": 32, "train.per_device_train_batch_size": 16,
+                                                "train.per_device_eval_batch_size": 30, "train.max_steps": 4})]) == 0
         records[packing] = read_jsonl(out / "metrics.jsonl")
     train = {p: [r for r in rs if "loss" in r] for p, rs in records.items()}
-    assert [r["step"] for r in train["true"]] == [r["step"] for r in train["false"]] == [1, 2, 3]
+    assert [r["step"] for r in train["true"]] == [r["step"] for r in train["false"]] == [1, 2, 3, 4]
+    train_rows, dev_rows = rows[:4], rows[4:]  # 4 training batches of 16, then the 60 dev sentences in 30s
+    assert [n for n, _ in train_rows] == [16] * 4 and [n for n, _ in dev_rows] == [30, 30]
+    assert any(1 < r < n for n, r in train_rows) and any(1 < r < n for n, r in dev_rows)  # several rows, packed
     for padded, packed in zip(train["false"], train["true"]):
         assert packed["loss"] == pytest.approx(padded["loss"], abs=1e-5)
         assert packed["grad_norm"] == pytest.approx(padded["grad_norm"], rel=1e-4)

@@ -105,13 +105,14 @@ def test_fsdp_pretraining_matches_ddp_with_uneven_evaluation_and_resumes_exactly
             assert resumed[step][key] == reference[step][key], (step, key)
 
 
-def test_fsdp_finetuning_matches_ddp(tmp_path, checkpoint):
+@pytest.mark.parametrize("packing", ["false", "true"])
+def test_fsdp_finetuning_matches_ddp(tmp_path, checkpoint, packing):
     def run(kind: str) -> Path:
         out = tmp_path / kind
         launch(kind, ["finetune", str(REPO / "recipes" / "glue" / "sample.yaml"), f"model.name_or_path={checkpoint}",
                       f"output_dir={out}", "train.max_steps=4", "train.eval_steps=2", "train.logging_steps=1",
                       # 60 dev examples in batches of 7: 9 batches dealt 5 / 4 to the ranks
-                      "train.per_device_eval_batch_size=7", "predict_test=true"])
+                      "train.per_device_eval_batch_size=7", "predict_test=true", f"data.packing={packing}"])
         return out
 
     ddp, fsdp = run("ddp"), run("fsdp")

@@ -54,13 +54,14 @@ CHILD = """
 import json, resource, sys
 import torch
 from bert_recipes.training.host_memory import keep_freed_memory
+torch.set_num_threads(1)  # fewer threads that could hold the main malloc arena at the wrong moment
 line = keep_freed_memory() if sys.argv[1] == "keep" else "system"
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(8):  # 64 MiB, above glibc's largest mmap threshold; the heap settles in a few
     torch.ones(16 * 2**20).sum()
 start = faults()
-for _ in range(4):
+for _ in range(16):
     torch.ones(16 * 2**20).sum()  # allocated, written, freed
 print(json.dumps({"line": line, "faults": faults() - start}))
 """
@@ -70,7 +71,9 @@ print(json.dumps({"line": line, "faults": faults() - start}))
 def test_a_freed_64_mib_tensor_is_reused_without_page_faults():
     """Without the tuning every allocation of a 64 MiB tensor is a fresh mmap: about 16,384
     page faults each time (4 KiB pages); with it, once the heap has settled (aligned blocks
-    leave holes for the first few), the heap's pages are reused."""
+    leave holes for the first few), the heap's pages are reused. Rarely (about 1 run in 10
+    under a full test run) two of the allocations still fault, presumably served by another
+    malloc arena while the main one was locked; the bound leaves room for that."""
     import platform
 
     if platform.libc_ver()[0] != "glibc":
@@ -81,6 +84,6 @@ def test_a_freed_64_mib_tensor_is_reused_without_page_faults():
         done = subprocess.run([sys.executable, "-c", CHILD, mode], capture_output=True, text=True, env=env, check=True)
         result[mode] = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["keep"]["line"].startswith("kept for reuse")
-    pages = 4 * 16 * 2**20 * 4 // 4096  # 4 allocations of 64 MiB in 4 KiB pages
+    pages = 16 * 16 * 2**20 * 4 // 4096  # 16 allocations of 64 MiB in 4 KiB pages
     assert result["system"]["faults"] > pages // 2  # re-faulted (fewer if the kernel maps huge pages)
-    assert result["keep"]["faults"] < pages // 20
+    assert result["keep"]["faults"] < pages // 4  # reused: at most 3 of the 16 faulted in
