@@ -205,7 +205,9 @@ def _about(path: Path, limit: int = 150) -> str:
             break
         lines.append(line.lstrip("#").strip())
     text = " ".join(" ".join(lines).split())
-    sentence = re.split(r"(?<!\bal\.)(?<!e\.g\.)(?<!i\.e\.)(?<=\.)\s+", text, maxsplit=1)[0]  # not after "et al."
+    # not after an abbreviation: "et al.", "e.g.", "i.e.", "Sec.", "Fig.", "vs."
+    sentence = re.split(r"(?<!\bal\.)(?<!e\.g\.)(?<!i\.e\.)(?<!\bSec\.)(?<!\bFig\.)(?<!\bvs\.)(?<=\.)\s+", text,
+                        maxsplit=1)[0]
     if len(sentence) > limit:
         sentence = sentence[:limit].rsplit(" ", 1)[0].rstrip(",;:") + " ..."
     return sentence

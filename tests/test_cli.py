@@ -169,3 +169,12 @@ def test_inspect_cuts_packed_rows_into_instances(tmp_path):
     for row in rows:
         assert row["tokens"][0] == "[CLS]" and row["tokens"][-1] == "[SEP]" and row["tokens"].count("[SEP]") == 2
         assert row["next_sentence_label"] in (0, 1) and len(row["labels"]) == len(row["input_ids"])
+
+
+def test_recipe_descriptions_end_at_the_first_sentence_not_an_abbreviation(tmp_path):
+    from bert_recipes.cli import _about
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("# The selection of Devlin et al. 2019 (Sec. 4.1, e.g. lr 2e-5): batch 32. Second sentence.\n"
+                      "# More.\ntask: rte\n")
+    assert _about(recipe) == "The selection of Devlin et al. 2019 (Sec. 4.1, e.g. lr 2e-5): batch 32."

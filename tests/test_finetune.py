@@ -395,7 +395,7 @@ def test_a_finished_finetune_extends_with_more_steps_and_is_left_alone_otherwise
     assert json.loads((seed_dir / "results.json").read_text())["steps"] == 6
 
 
-def test_packed_finetuning_trains_like_padded_without_dropout(checkpoint, tmp_path, monkeypatch):
+def test_packed_finetuning_trains_like_padded_without_dropout(checkpoint, tmp_path, monkeypatch, caplog):
     """``data.packing: true`` (padded is the default) runs the same examples per step through
     the CLI: with dropout off, the same losses, gradient norms and dev metrics as padded
     batches. The SST-2 sample in rows of 32 tokens gives several rows per batch (training and
@@ -406,6 +406,7 @@ def test_packed_finetuning_trains_like_padded_without_dropout(checkpoint, tmp_pa
     shutil.copytree(checkpoint, nodrop)
     BertForPreTraining.from_pretrained(checkpoint, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0) \
         .save_pretrained(nodrop)
+    caplog.set_level(logging.INFO, logger="bert_recipes")
     rows = []  # (examples, rows) of each packed batch
 
     class Recording(finetune_module.PackedFeatureCollator):
@@ -425,6 +426,8 @@ def test_packed_finetuning_trains_like_padded_without_dropout(checkpoint, tmp_pa
         records[packing] = read_jsonl(out / "metrics.jsonl")
     train = {p: [r for r in rs if "loss" in r] for p, rs in records.items()}
     assert [r["step"] for r in train["true"]] == [r["step"] for r in train["false"]] == [1, 2, 3, 4]
+    assert "batches: padded to each batch's longest example, a multiple of 8, grouped by length" in caplog.text
+    assert "batches: each batch's examples packed into rows of up to 32 tokens (data.packing: true)" in caplog.text
     train_rows, dev_rows = rows[:4], rows[4:]  # 4 training batches of 16, then the 60 dev sentences in 30s
     assert [n for n, _ in train_rows] == [16] * 4 and [n for n, _ in dev_rows] == [30, 30]
     assert any(1 < r < n for n, r in train_rows) and any(1 < r < n for n, r in dev_rows)  # several rows, packed

@@ -191,8 +191,12 @@ def build(checked: Checked) -> tuple[Run, "FinetuneJob"]:
     if recipe.data.packing:
         collator = PackedFeatureCollator(tokenizer, pad_to_multiple_of=recipe.data.pad_to_multiple_of,
                                          max_seq_length=recipe.data.max_seq_length)
+        logger.info("batches: each batch's examples packed into rows of up to %d tokens (data.packing: true)",
+                    recipe.data.max_seq_length)
     else:
         collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=recipe.data.pad_to_multiple_of, return_tensors="pt")
+        logger.info("batches: padded to each batch's longest example, a multiple of %d%s (data.packing: false)",
+                    recipe.data.pad_to_multiple_of, ", grouped by length" if recipe.data.group_by_length else "")
     return run, FinetuneJob(run, task, tokenizer, splits, collator, plan, total_steps)
 
 

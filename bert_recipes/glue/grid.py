@@ -128,8 +128,7 @@ class SweepClock:
                 f"({self.total_examples:,.0f} training examples at {rate:,.1f} examples/s, measured on the first "
                 f"{self.seconds:.1f}s; evaluation and loading come on top). Ctrl-C stops it; resume_from=latest "
                 "continues cell by cell.")
-        logger.info(text)
-        self.printer(text, flush=True)
+        self.printer(text, flush=True)  # stdout, the main process only (not the log too: printed once)
 
 
 def format_duration(seconds) -> str:
