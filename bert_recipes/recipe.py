@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import RecipeError
-from .recipe_files import (apply_overrides, dump_recipe, error_location, expand_files, format_error, load_raw,
+from .recipe_files import (apply_overrides, dump_recipe, error_key, expand_files, format_error, load_raw,
                            override_for, save_recipe)
 
 PRECISIONS = ("auto", "no", "bf16", "fp16")
@@ -278,7 +278,7 @@ def validate(schema: type[BaseModel], raw: dict, source: str, overrides: list[st
     try:
         return schema.model_validate(raw)
     except ValidationError as err:
-        item = override_for(error_location(err), list(overrides))
+        item = override_for(error_key(err), list(overrides))
         where = f"override '{item}'" if item else source
         raise RecipeError(_wrong_kind(schema, raw, source) or format_error(schema, where, err)) from None
 

@@ -34,6 +34,11 @@ RecipeLoader.yaml_implicit_resolvers = {
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 RecipeLoader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+# YAML 1.2 floats with an exponent and no dot or no exponent sign (1e3, 2e-5, 1.0e3), which
+# YAML 1.1 reads as strings: train.max_steps=1e3 is then 1000, as a user means it
+RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                   re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+                                   list("-+0123456789."))
 
 
 def parse_yaml(text: str):
@@ -138,6 +143,16 @@ def valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
 def error_location(err: ValidationError) -> str:
     """The dotted key of a validation error's first problem ('' for the whole recipe)."""
     return ".".join(str(p) for p in err.errors()[0]["loc"])
+
+
+def error_key(err: ValidationError) -> str:
+    """:func:`error_location`, or for a whole-recipe check the dotted key its message starts
+    with (``train.max_steps is required ...``), so that an override that set it is named."""
+    loc = error_location(err)
+    if loc:
+        return loc
+    found = re.match(r"(?:Value error, )?([a-z_]+(?:\.[a-z_]+)+)\b", err.errors()[0]["msg"])
+    return found.group(1) if found else ""
 
 
 def override_for(loc: str, overrides: list[str]) -> str | None:

@@ -112,3 +112,22 @@ def test_safe_loading(tmp_path):
         load_recipe(evil)
     recipe = load_recipe(REPO / "recipes/pretrain/tiny.yaml")
     assert recipe.model.trust_remote_code is False
+
+
+def test_exponent_numbers_are_numbers_in_overrides_and_files(tmp_path):
+    tiny = REPO / "recipes/pretrain/tiny.yaml"
+    recipe = load_recipe(tiny, ["train.max_steps=1e3", "train.learning_rate=2e-5", "train.warmup_ratio=1.0e-1"])
+    assert (recipe.train.max_steps, recipe.train.learning_rate, recipe.train.warmup_ratio) == (1000, 2e-5, 0.1)
+    assert load_recipe(tiny, ["output_dir=runs/1e3"]).output_dir == "runs/1e3"  # not a number: a string
+    with pytest.raises(RecipeError, match=r"^override 'train.max_steps=1.5e0': key 'train.max_steps': "):
+        load_recipe(tiny, ["train.max_steps=1.5e0"])
+    child = tmp_path / "child.yaml"
+    child.write_text(f"base: {tiny}\ntrain:\n  max_steps: 2e2\n  learning_rate: 5e-4\n")
+    recipe = load_recipe(child)
+    assert (recipe.train.max_steps, recipe.train.learning_rate) == (200, 5e-4)
+
+
+def test_an_empty_override_of_a_required_key_names_the_override():
+    with pytest.raises(RecipeError) as info:
+        load_recipe(REPO / "recipes/pretrain/tiny.yaml", ["train.max_steps="])
+    assert str(info.value) == "override 'train.max_steps=': train.max_steps is required for pretraining (a positive integer)"
