@@ -41,7 +41,7 @@ class FinetuneDataConfig(Strict):
     # true: each batch's examples packed into rows of max_seq_length (bert_recipes.data.packing),
     # the same examples per step as padded batches. Off by default: on SST-2, length-grouped
     # batches pad only 18% and packing saves 5% of the tokens, while the block-diagonal mask
-    # computes attention over whole 128-token rows (3x the scores of short padded rows); padded
+    # computes attention over whole 128-token rows (3.5x the scores of short padded rows); padded
     # ran 1.04x packed at fp32 and 1.13-1.19x in bf16 on a CPU (benchmarks/RESULTS.md). With
     # flash-attn's variable-length kernel on a GPU attention costs each example's own length.
     # "batch" (pretraining's name for the same thing) is accepted and read as true; fine-tuning
