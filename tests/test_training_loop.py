@@ -237,3 +237,43 @@ def test_a_stopped_run_saves_and_raises_run_stopped(tmp_path):
     assert stopped.value.checkpoint == tmp_path / "run" / "checkpoints" / "checkpoint-00000002"
     assert (stopped.value.checkpoint / "manifest.json").is_file()
     assert "resume with resume_from=latest" in run.reporter.lines[-1]
+
+
+def test_clip_divisor_matches_clip_grad_norm():
+    """The divisor fused AdamW gets is the reciprocal of clip_grad_norm_'s factor: 1 below the
+    limit, (norm + 1e-6) / limit above it, 1 with no limit, NaN for a NaN norm."""
+    from bert_recipes.training.loop import clip_divisor
+
+    assert float(clip_divisor(torch.tensor(0.5), 1.0)) == 1.0
+    assert float(clip_divisor(torch.tensor(4.0), 1.0)) == pytest.approx(4.000001, rel=1e-7)
+    assert float(clip_divisor(torch.tensor(4.0, dtype=torch.float64), 2.0)) == pytest.approx(2.0000005, rel=1e-7)
+    assert float(clip_divisor(torch.tensor(1e9), float("inf"))) == 1.0
+    assert math.isnan(float(clip_divisor(torch.tensor(float("nan")), 1.0)))
+    assert clip_divisor(torch.tensor(3.0, dtype=torch.float64), 1.0).dtype == torch.float32
+
+
+@pytest.mark.parametrize("max_grad_norm", [1e-3, 1e6])
+def test_folded_clip_steps_like_clip_grad_norm_then_adamw(tmp_path, monkeypatch, max_grad_norm):
+    """Three steps of the loop, the clip folded into fused AdamW's grad_scale, against the same
+    three steps with clip_grad_norm_ scaling every gradient before the fused step (the loop's
+    host-read path). Clipping every step (limit 1e-3): parameters within 1e-6 (the division
+    rounds differently from the multiplication); never clipping (1e6): bit-identical. The
+    logged gradient norms (the unclipped ones) agree."""
+    import bert_recipes.training.loop as loop
+
+    overrides = {"train.max_steps": 3, "train.gradient_accumulation_steps": 1, "train.max_grad_norm": max_grad_norm,
+                 "train.logging_steps": 1}
+    folded, folded_job = tiny_run(tmp_path / "folded", **overrides)
+    train(folded_job, folded, checkpoint_at_end=False)
+    monkeypatch.setattr(loop, "skips_on_device", lambda optimizer, model: False)
+    clipped, clipped_job = tiny_run(tmp_path / "clipped", **overrides)
+    train(clipped_job, clipped, checkpoint_at_end=False)
+
+    diffs = [float((a.detach() - b.detach()).abs().max()) for a, b in zip(folded.model.parameters(), clipped.model.parameters())]
+    norms = [r["grad_norm"] for r in clipped.reporter.records]
+    assert [r["grad_norm"] for r in folded.reporter.records] == pytest.approx(norms, rel=1e-6)
+    if max_grad_norm > 1:
+        assert max(diffs) == 0.0
+    else:
+        assert min(norms) > max_grad_norm  # every step clipped
+        assert 0.0 < max(diffs) <= 1e-6
