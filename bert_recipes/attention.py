@@ -53,7 +53,8 @@ class DropoutAttention(torch.autograd.Function):
     probabilities and the keep mask, both ``[B, heads, Lq, Lk]`` in the inputs' dtype (SDPA's
     math path saves the probabilities, the dropped probabilities and a boolean mask); the
     backward works block by block.
-    Softmax runs in the inputs' dtype (the CPU kernel accumulates bf16 in fp32) and the
+    Softmax runs in the inputs' dtype (the CPU kernel accumulates bf16 in fp32; rows of a length
+    where that kernel is slow go through a float32 result, :func:`_softmax`) and the
     probabilities are kept in it: in bf16 the error is bf16 eager attention's, about twice
     that of SDPA's math path, which upcasts. A query row masked everywhere gets uniform
     weights (SDPA's math path gives NaN there; transformers' masks never make one). No
@@ -76,7 +77,7 @@ class DropoutAttention(torch.autograd.Function):
                 scores = torch.matmul(q_scaled[s], k[s].transpose(-1, -2))
                 if bias is not None:
                     scores.add_(bias[_rows(bias, s)])
-                torch.softmax(scores, dim=-1, out=probs[s])
+                _softmax(scores, probs[s])
                 fill_keep(keep[s], p, bits)  # 1.0 / 0.0, drawn block by block, in cache
                 torch.matmul(probs[s] * keep[s], v[s], out=out[s])
             out.mul_(1.0 / (1.0 - p))
@@ -92,11 +93,43 @@ class DropoutAttention(torch.autograd.Function):
         for s in ctx.blocks:
             torch.matmul((probs[s] * keep[s]).transpose(-1, -2), grad_out[s], out=grad_v[s])
             grad_probs = torch.matmul(grad_out[s], v[s].transpose(-1, -2)).mul_(keep[s])
-            grad_scores = torch._softmax_backward_data(grad_probs, probs[s], -1, probs.dtype)
+            grad_scores = _softmax_backward(grad_probs, probs[s])
             torch.matmul(grad_scores, k[s], out=grad_q[s])
             torch.matmul(grad_scores.transpose(-1, -2), q_scaled[s], out=grad_k[s])
         grad_q.mul_(ctx.scale)
         return grad_q, grad_k, grad_v, None, None, None
+
+
+def _half_lanes() -> int:
+    """16-bit elements per vector register of the CPU kernels torch dispatches to: 32 with
+    AVX512, 16 otherwise (AVX2, NEON, ...)."""
+    return 32 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 16
+
+
+def _softmax(scores: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = softmax(scores, -1)`` (same shape and dtype). bf16/fp16 rows whose length is not a
+    multiple of the vector width go through a float32 result, cast once: torch's reduced-precision
+    CPU kernel takes a slow path there (measured at ``[32, 12, L, L]``, 1 thread, AVX512: 1.4 ms
+    at L 24, 2.0 ms at 29, 3.4 ms at 56, against 0.4, 0.5 and 1.8 ms through float32; equal at
+    L 32 and 64). The kernel accumulates in float32 either way, so the two differ only in the
+    rounding of a few elements."""
+    if scores.dtype in (torch.bfloat16, torch.float16) and scores.device.type == "cpu" \
+            and scores.shape[-1] % _half_lanes():
+        out.copy_(torch.softmax(scores, dim=-1, dtype=torch.float32))
+    else:
+        torch.softmax(scores, dim=-1, out=out)
+
+
+def _softmax_backward(grad_probs: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """The softmax's input gradient, ``probs * (grad_probs - sum(grad_probs * probs, -1))``, in
+    ``probs``' dtype. bf16/fp16 rows shorter than the vector width go through float32: torch's
+    reduced-precision CPU kernel is 4-10x slower there (``[32, 12, L, L]``, 1 thread, AVX512:
+    0.7 / 1.0 / 1.3 ms at L 16 / 24 / 29, against 0.07 / 0.24 / 0.39 ms through float32, casts
+    included); longer rows keep the reduced-precision kernel, which is faster from L 32 on."""
+    if probs.dtype in (torch.bfloat16, torch.float16) and probs.device.type == "cpu" \
+            and probs.shape[-1] < _half_lanes():
+        return torch._softmax_backward_data(grad_probs.float(), probs.float(), -1, torch.float32).to(probs.dtype)
+    return torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
 
 
 def _scaled(x: torch.Tensor, factor: float) -> torch.Tensor:

@@ -233,3 +233,44 @@ def test_make_accelerator_passes_device_and_packing_to_the_attention_kernels(cud
         acc.make_accelerator(recipe)
     assert seen == [("cpu", "batch")]  # the device and the recipe's data.packing reach the choice
     assert "attention: X" in caplog.text
+
+
+@pytest.mark.parametrize("length", [16, 24, 32, 40])
+def test_bf16_forward_and_gradients_match_float64_at_every_softmax_route(length):
+    """In bf16, lengths below, at and above the vector width (some softmax passes go through a
+    float32 result, attention._softmax / _softmax_backward): the output and the gradients of
+    q, k, v stay within bf16's rounding of a float64 computation on the same bf16 inputs and
+    the same dropout mask."""
+    q, k, v = (t.detach().to(torch.bfloat16).requires_grad_() for t in qkv((2, 3, length, 8), dtype=torch.float32))
+    mask = masks(length=length)[1]
+    grad_out = torch.randn(2, 3, length, 8, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    torch.manual_seed(0)
+    out = DropoutAttention.apply(q, k, v, mask, 0.25, 8**-0.5)
+    out.backward(grad_out)
+    torch.manual_seed(0)
+    drop = drop_mask((6, length, length), 0.25, "cpu").view(2, 3, length, length)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    scores = (q64 @ k64.transpose(-1, -2) * 8**-0.5).masked_fill(~mask, float("-inf"))
+    expected = (scores.softmax(-1).masked_fill(drop, 0) / 0.75) @ v64
+    expected.backward(grad_out.double())
+    torch.testing.assert_close(out.double(), expected, rtol=2e-2, atol=2e-2)
+    for ours, reference in ((q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
+        torch.testing.assert_close(ours.double(), reference, rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("length", [16, 24, 29, 32, 40, 64])
+def test_reduced_precision_softmax_passes_round_what_float32_computes(length):
+    """attention._softmax and _softmax_backward in bf16: each element within one bf16 rounding
+    (relative 2**-8) of the float32 computation, whichever kernel the length takes."""
+    gen = torch.Generator().manual_seed(length)
+    x = (torch.randn(4, 3, length, length, generator=gen) * 4).to(torch.bfloat16)
+    grad = torch.randn(4, 3, length, length, generator=gen).to(torch.bfloat16)
+    probs = torch.empty_like(x)
+    attention._softmax(x, probs)
+    exact = torch.softmax(x.float(), -1)
+    torch.testing.assert_close(probs.float(), exact, rtol=2**-8, atol=1e-6)
+    ours = attention._softmax_backward(grad, probs)
+    p = probs.float()
+    exact_grad = p * (grad.float() - (grad.float() * p).sum(-1, keepdim=True))
+    assert ours.dtype == torch.bfloat16
+    torch.testing.assert_close(ours.float(), exact_grad, rtol=2**-7, atol=1e-3)
