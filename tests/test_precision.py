@@ -30,3 +30,31 @@ def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
     info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512_bf16 amx_bf16\n\nprocessor\t: 1\nflags\t\t: fpu\n")
     assert cpu_flags(info) == {"fpu", "sse2", "avx512_bf16", "amx_bf16"}
     assert cpu_flags(tmp_path / "absent") == set()
+
+
+def test_glue_and_mini_recipes_default_to_auto_and_tiny_pins_fp32():
+    from pathlib import Path
+
+    from bert_recipes.glue.recipe import load_finetune_recipe
+    from bert_recipes.recipe import load_recipe
+
+    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    assert {load_finetune_recipe(recipes / "glue" / f"{task}.yaml").precision for task in ("sst2", "rte", "stsb")} == {"auto"}
+    assert load_recipe(recipes / "pretrain" / "mini.yaml").precision == "auto"
+    assert load_recipe(recipes / "pretrain" / "tiny.yaml").precision == "no"
+
+
+def test_one_process_runs_one_run_after_another_at_another_precision(tmp_path):
+    """A glue sweep's next task (or a test) at another precision than the run before it in the
+    same process: Accelerate would refuse the new mixed_precision; make_accelerator starts it."""
+    from accelerate import Accelerator
+
+    from bert_recipes.recipe import load_recipe
+    from bert_recipes.training.accelerator import make_accelerator
+
+    from .conftest import TINY_RECIPE, tiny_overrides
+
+    assert Accelerator(cpu=True, mixed_precision="no").mixed_precision == "no"
+    for precision in ("bf16", "no", "bf16"):
+        recipe = load_recipe(TINY_RECIPE, tiny_overrides(tmp_path / precision, precision=precision))
+        assert make_accelerator(recipe).mixed_precision == precision

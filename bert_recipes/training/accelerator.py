@@ -24,6 +24,19 @@ from .reporting import trackers_for
 
 logger = logging.getLogger("bert_recipes")
 
+def _allow_precision(precision: str) -> None:
+    """Let a process start a run at another precision than its previous run (a ``glue`` sweep's
+    next task, in-process tests): Accelerate keeps one ``AcceleratorState`` per process and
+    refuses a new ``mixed_precision`` with a traceback. That state is dropped (as Accelerate's
+    own tests do between cases); the process state (ranks, process group) stays. A finished run
+    keeps nothing that reads it."""
+    from accelerate.state import AcceleratorState
+
+    shared = AcceleratorState._shared_state
+    if shared and shared.get("_mixed_precision") != precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
+
+
 def launch_state():
     """Accelerate's process state (rank, world size, distributed type) from the launcher's
     environment, without creating an ``Accelerator``: what a preflight may read."""
@@ -49,6 +62,7 @@ def make_accelerator(recipe):
 
     device_type = launch_state().device.type
     precision = resolve_precision(recipe.precision, device_type)
+    _allow_precision(precision)
     accelerator = Accelerator(
         cpu=_ranks_without_accelerator(),
         mixed_precision=precision,
