@@ -1,6 +1,6 @@
 """GLUE fine-tuning throughput, ours vs the stock transformers pipeline, side by side. Writes JSON.
 
-    python benchmarks/finetune_vs_stock.py [--threads 1] [--rounds 4] [--packing | --today] [--precision no|bf16]
+    python benchmarks/finetune_vs_stock.py [--threads 1] [--rounds 4] [--packing | --today] [--compile] [--precision no|bf16]
         [--no-keep-host-memory] [--out benchmarks/out/finetune_vs_stock.json]
 
 Data: the 872 SST-2 dev sentences (../shared/data/glue/SST-2/dev.tsv, else the sample
@@ -31,6 +31,12 @@ Host memory: on a CPU the process sets ``keep_host_memory`` as a real CPU run of
 faulted in again every step), except with ``--today`` (ours before issue 14 had no such
 setting) or ``--no-keep-host-memory``. It is process-wide, so stock gets it too: compare ours
 now and ours before issue 14 by their own examples/s, each run in its own process.
+
+``--today``: ours as before issue 14 (padded batches, transformers' SDPA, ``nn.Dropout``,
+``clip_grad_norm_`` before the fused AdamW step: ``bert_recipes.training.loop.FOLD_CLIP``
+off), in its own process; compare it with ours-now by their own examples/s.
+
+``--compile``: ours runs compiled (``model.compile(dynamic=True)``, as ``train.torch_compile``).
 
 ``--precision bf16``: ours through Accelerate's bf16 autocast (what ``precision: bf16`` or
 ``auto`` on a bf16 device runs), stock's forward under ``torch.autocast(bf16)`` (the
@@ -139,11 +145,14 @@ def main(argv: list[str] | None = None) -> dict:
                         help="torch intra-op threads for both (default: torch's; 1 is steadier on a loaded machine)")
     parser.add_argument("--packing", action="store_true", help="ours packs examples into rows (data.packing)")
     parser.add_argument("--today", action="store_true",
-                        help="ours as before issue 14: padded, transformers' sdpa, nn.Dropout (compare runs via stock)")
+                        help="ours as before issue 14: padded, transformers' sdpa, nn.Dropout, "
+                             "clip_grad_norm_ before the fused AdamW step")
     parser.add_argument("--precision", choices=("no", "bf16"), default="no",
                         help="both variants: fp32 (default) or bf16 autocast")
     parser.add_argument("--no-keep-host-memory", dest="keep_host_memory", action="store_false",
                         help="leave glibc's malloc defaults (ours' CPU runs set keep_host_memory by default)")
+    parser.add_argument("--compile", action="store_true",
+                        help="ours runs compiled, as train.torch_compile does (model.compile(dynamic=True))")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=default_out("finetune_vs_stock.json"))
     args = parser.parse_args(argv)
@@ -177,11 +186,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.manual_seed(args.seed)
     model = build_classifier(recipe, task).to(device)
-    if args.today:  # before issue 14: transformers' SDPA (math path with dropout on a CPU) and nn.Dropout
+    if args.today:  # before issue 14: transformers' SDPA (math path with dropout on a CPU), nn.Dropout, clip_grad_norm_
         model.set_attn_implementation("sdpa")
         use_bits_dropout(model, enabled=False)
+        loop.FOLD_CLIP = False
     stock = BertForSequenceClassification(stock_config(model.config, args.stock_attn)).to(device)
     stock.load_state_dict(model.state_dict())
+    if args.compile:  # as bert_recipes.glue.finetune does for train.torch_compile
+        model.compile(dynamic=True)
 
     if args.packing and args.today:
         parser.error("--today runs ours as before issue 14: padded, so without --packing")
@@ -281,6 +293,7 @@ def main(argv: list[str] | None = None) -> dict:
         "ours_batching": "bert_recipes.glue.finetune.BatchPlan(group_by_length=True) + "
                          + ("PackedFeatureCollator" if args.packing else "DataCollatorWithPadding(pad_to_multiple_of=8)"),
         "ours_as_before_issue_14": args.today,
+        "ours_compiled": args.compile,
         "precision": args.precision,
         "host_memory": host_memory,
         "warmup_s": round(warmup_s, 2),
