@@ -21,6 +21,8 @@ implementation, so exports are unchanged.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .dropout import fill_keep
@@ -100,21 +102,28 @@ class DropoutAttention(torch.autograd.Function):
         return grad_q, grad_k, grad_v, None, None, None
 
 
-def _half_lanes() -> int:
-    """16-bit elements per vector register of the CPU kernels torch dispatches to: 32 with
-    AVX512, 16 otherwise (AVX2, NEON, ...)."""
-    return 32 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 16
+@functools.cache
+def _avx512() -> bool:
+    """Whether torch's CPU kernels run their AVX512 builds here (every CPU that ``precision:
+    auto`` gives bf16 has AVX512)."""
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+def _bf16_on_avx512(x: torch.Tensor) -> bool:
+    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and _avx512()
 
 
 def _softmax(scores: torch.Tensor, out: torch.Tensor) -> None:
-    """``out = softmax(scores, -1)`` (same shape and dtype). bf16/fp16 rows whose length is not a
-    multiple of the vector width go through a float32 result, cast once: torch's reduced-precision
-    CPU kernel takes a slow path there (measured at ``[32, 12, L, L]``, 1 thread, AVX512: 1.4 ms
-    at L 24, 2.0 ms at 29, 3.4 ms at 56, against 0.4, 0.5 and 1.8 ms through float32; equal at
-    L 32 and 64). The kernel accumulates in float32 either way, so the two differ only in the
-    rounding of a few elements."""
-    if scores.dtype in (torch.bfloat16, torch.float16) and scores.device.type == "cpu" \
-            and scores.shape[-1] % _half_lanes():
+    """``out = softmax(scores, -1)`` (same shape and dtype). On an AVX512 CPU, bf16 rows of 16 to
+    95 elements whose length leaves 8 or more past a multiple of 32 go through a float32 result,
+    cast once: torch's bf16 kernel handles the elements past the last 32 slowly. Measured at
+    ``[32, 12, L, L]``, 1 thread (lower quartile of 40 calls; benchmarks/RESULTS.md): at L 24 /
+    28 / 44 / 56 / 88, 1.43 / 1.98 / 2.51 / 3.54 / 6.11 ms in bf16 against 0.46 / 0.57 / 1.16 /
+    1.81 / 5.02 ms through float32; the bf16 kernel stays faster below 16, at tails under 8
+    (32-36, 64-68) and from 96 on. The kernel accumulates in float32 either way: the two
+    differ only in the rounding of a few elements."""
+    length = scores.shape[-1]
+    if _bf16_on_avx512(scores) and 16 <= length < 96 and length % 32 >= 8:
         out.copy_(torch.softmax(scores, dim=-1, dtype=torch.float32))
     else:
         torch.softmax(scores, dim=-1, out=out)
@@ -122,12 +131,11 @@ def _softmax(scores: torch.Tensor, out: torch.Tensor) -> None:
 
 def _softmax_backward(grad_probs: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
     """The softmax's input gradient, ``probs * (grad_probs - sum(grad_probs * probs, -1))``, in
-    ``probs``' dtype. bf16/fp16 rows shorter than the vector width go through float32: torch's
-    reduced-precision CPU kernel is 4-10x slower there (``[32, 12, L, L]``, 1 thread, AVX512:
-    0.7 / 1.0 / 1.3 ms at L 16 / 24 / 29, against 0.07 / 0.24 / 0.39 ms through float32, casts
-    included); longer rows keep the reduced-precision kernel, which is faster from L 32 on."""
-    if probs.dtype in (torch.bfloat16, torch.float16) and probs.device.type == "cpu" \
-            and probs.shape[-1] < _half_lanes():
+    ``probs``' dtype. On an AVX512 CPU, bf16 rows of 16 to 31 elements go through float32:
+    torch's bf16 kernel is 3-10x slower there (``[32, 12, L, L]``, 1 thread: 0.69 / 1.04 / 1.30
+    ms at L 16 / 24 / 29 against 0.07 / 0.24 / 0.39 ms through float32, casts included); it is
+    as fast below 16 and faster from 32 on."""
+    if _bf16_on_avx512(probs) and 16 <= probs.shape[-1] < 32:
         return torch._softmax_backward_data(grad_probs.float(), probs.float(), -1, torch.float32).to(probs.dtype)
     return torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
 
