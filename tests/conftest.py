@@ -78,3 +78,14 @@ def tiny_overrides(output_dir, **extra) -> list[str]:
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]
+
+
+def fp32_accelerator():
+    """A CPU ``Accelerator`` at fp32 whatever an earlier in-process run set (Accelerate keeps one
+    precision per process: the GLUE recipes' ``auto`` leaves bf16 on a bf16 CPU)."""
+    from accelerate import Accelerator
+
+    from bert_recipes.training.accelerator import _allow_precision
+
+    _allow_precision("no")
+    return Accelerator(cpu=True, mixed_precision="no")

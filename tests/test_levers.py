@@ -148,12 +148,12 @@ def test_length_sorted_micro_batches_equal_the_whole_batch():
     """The PROPOSED lever of benchmarks/pretrain_vs_stock.py --micro-batches: a batch sorted
     by length and run as 2 micro-batches of one window (each padded to its own longest
     instance, so less padding) gives the whole batch's loss and gradients within 1e-5."""
-    from accelerate import Accelerator
+    from .conftest import fp32_accelerator
 
     from bert_recipes.pretrain_job import PretrainJob
     from bert_recipes.training.loop import forward_backward
 
-    accelerator = Accelerator(cpu=True)
+    accelerator = fp32_accelerator()
     job = PretrainJob(None, iter(()), accelerator.device, total_steps=1, config=None)
     instances = make_instances(6, seed=9, min_len=9, max_len=60)
     pad = SimpleNamespace(pad_token_id=0)

@@ -78,12 +78,12 @@ def test_gradient_accumulation_equals_one_large_batch():
     """Two micro-batches with different masked counts (1+1 vs 6+6 tokens) accumulate to the
     gradient of the concatenated batch: the MLM loss is normalised over all masked tokens
     of the window, not averaged per micro-batch."""
-    from accelerate import Accelerator
+    from .conftest import fp32_accelerator
 
     from bert_recipes.pretrain_job import PretrainJob
     from bert_recipes.training.loop import forward_backward
 
-    accelerator = Accelerator(cpu=True)
+    accelerator = fp32_accelerator()
     job = PretrainJob(None, iter(()), accelerator.device, total_steps=1, config=None)
     first, second = make_batch(2, 20, [1, 1], seed=3), make_batch(2, 20, [6, 6], seed=4)
     big = {key: torch.cat([first[key], second[key]]) for key in first}

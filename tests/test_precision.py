@@ -47,14 +47,34 @@ def test_glue_and_mini_recipes_default_to_auto_and_tiny_pins_fp32():
 def test_one_process_runs_one_run_after_another_at_another_precision(tmp_path):
     """A glue sweep's next task (or a test) at another precision than the run before it in the
     same process: Accelerate would refuse the new mixed_precision; make_accelerator starts it."""
-    from accelerate import Accelerator
-
     from bert_recipes.recipe import load_recipe
     from bert_recipes.training.accelerator import make_accelerator
 
-    from .conftest import TINY_RECIPE, tiny_overrides
+    from .conftest import TINY_RECIPE, fp32_accelerator, tiny_overrides
 
-    assert Accelerator(cpu=True, mixed_precision="no").mixed_precision == "no"
+    assert fp32_accelerator().mixed_precision == "no"
     for precision in ("bf16", "no", "bf16"):
         recipe = load_recipe(TINY_RECIPE, tiny_overrides(tmp_path / precision, precision=precision))
         assert make_accelerator(recipe).mixed_precision == precision
+
+
+@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
+def test_a_new_precision_under_fsdp_is_refused_and_deepspeed_keeps_its_state(monkeypatch, kind):
+    """FSDP's plugin is only set up with a fresh process state: a second run at another
+    precision is refused in one line (it crashed inside Accelerate after a reset). DeepSpeed
+    records "no" for every precision and keeps its own: its state is left alone."""
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    from bert_recipes.errors import UserError
+    from bert_recipes.training.accelerator import _allow_precision
+
+    shared = {"_mixed_precision": "no", "distributed_type": DistributedType(kind)}
+    monkeypatch.setattr(AcceleratorState, "_shared_state", shared)
+    if kind == "FSDP":
+        with pytest.raises(UserError, match=r"^precision: bf16 after a run at no in this process; under FSDP"):
+            _allow_precision("bf16")
+    else:
+        _allow_precision("bf16")
+    _allow_precision("no")  # the same precision: nothing to do
+    assert shared == {"_mixed_precision": "no", "distributed_type": DistributedType(kind)}

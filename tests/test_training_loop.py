@@ -21,7 +21,7 @@ from bert_recipes.training.loop import Run, train
 from bert_recipes.training.optim import build_optimizer, build_scheduler
 from bert_recipes.training.signals import RunStopped
 
-from .conftest import TINY_RECIPE, tiny_overrides
+from .conftest import TINY_RECIPE, fp32_accelerator, tiny_overrides
 
 # Per optimizer step off the logging/eval/save steps: the loop reads nothing on the host (a
 # non-finite step is skipped on the device by fused AdamW's found_inf; the gradient norm and
@@ -94,11 +94,9 @@ def random_batches(vocab: int, batch: int = 4, length: int = 24, seed: int = 0, 
 
 
 def tiny_run(tmp_path: Path, packed: bool = False, **train_overrides):
-    from accelerate import Accelerator
-
     overrides = {"train.gradient_accumulation_steps": 2, "train.logging_steps": 1000, **train_overrides}
     recipe = load_recipe(TINY_RECIPE, tiny_overrides(tmp_path / "run", **overrides))
-    accelerator = Accelerator(cpu=True)
+    accelerator = fp32_accelerator()
     torch.manual_seed(0)
     model = BertForPreTraining(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                           intermediate_size=64, max_position_embeddings=64))

@@ -27,14 +27,24 @@ logger = logging.getLogger("bert_recipes")
 def _allow_precision(precision: str) -> None:
     """Let a process start a run at another precision than its previous run (a ``glue`` sweep's
     next task, in-process tests): Accelerate keeps one ``AcceleratorState`` per process and
-    refuses a new ``mixed_precision`` with a traceback. That state is dropped (as Accelerate's
-    own tests do between cases); the process state (ranks, process group) stays. A finished run
-    keeps nothing that reads it."""
+    refuses a new ``mixed_precision`` with a traceback. Without FSDP or DeepSpeed that state is
+    dropped (as Accelerate's own tests do between cases); the process state (ranks, process
+    group) stays, and a finished run keeps nothing that reads it. DeepSpeed keeps its own
+    precision (Accelerate accepts any there); FSDP's plugin is set up only with a fresh process
+    state, so there the change is refused.
+
+    Raises:
+        UserError: under FSDP, a precision other than the process's first run's.
+    """
     from accelerate.state import AcceleratorState
 
     shared = AcceleratorState._shared_state
-    if shared and shared.get("_mixed_precision") != precision:
-        AcceleratorState._reset_state(reset_partial_state=False)
+    if not shared or shared.get("_mixed_precision") == precision or shared.get("distributed_type") == "DEEPSPEED":
+        return
+    if shared.get("distributed_type") == "FSDP":
+        raise UserError(f"precision: {precision} after a run at {shared.get('_mixed_precision')} in this process; "
+                        "under FSDP a process runs one precision: set the same precision, or launch this run on its own")
+    AcceleratorState._reset_state(reset_partial_state=False)
 
 
 def launch_state():
