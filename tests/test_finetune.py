@@ -98,6 +98,9 @@ def test_every_task_trains_evaluates_and_exports(task_runs, name):
 
     results = json.loads((out / "results.json").read_text())
     assert set(results["dev"]) == set(task.metrics)
+    from bert_recipes.training.precision import resolve_precision
+
+    assert results["precision"] == resolve_precision("auto", "cpu")  # the GLUE default, resolved here
     best = [r for r in evals if r["step"] == results["best_step"]][0]
     assert results["dev"][task.main_metric] == pytest.approx(best[f"eval_{task.main_metric}"])
     assert results["dev"][task.main_metric] == max(r[f"eval_{task.main_metric}"] for r in evals)
@@ -393,6 +396,28 @@ def test_a_finished_finetune_extends_with_more_steps_and_is_left_alone_otherwise
     steps = sorted({r["step"] for r in read_jsonl(seed_dir / "metrics.jsonl") if "loss" in r})
     assert steps == [1, 2, 3, 4, 5, 6]
     assert json.loads((seed_dir / "results.json").read_text())["steps"] == 6
+
+
+def test_a_finished_finetune_is_reused_only_for_the_same_recipe(checkpoint, tmp_path, capsys):
+    """resume_from=latest on a finished run reuses its results only when nothing that changes
+    them differs (logging does not): another precision, model or training-set size is refused
+    in one line naming the key; another learning rate meets the resume's schedule check."""
+    base = ["finetune", str(GLUE_RECIPES / "sst2.yaml")]
+    args = ["data.max_train_samples=24", "train.per_device_train_batch_size=4", "data.max_eval_samples=8"]
+    run = tmp_path / "run"
+    common = [*base, *overrides(checkpoint, run, **{"data.glue_dir": SAMPLE_GLUE, "train.max_steps": 2}), *args]
+    assert main([*common, "precision=no"]) == 0
+    before = (run / "metrics.jsonl").read_text()
+    assert main([*common, "precision=no", "resume_from=latest", "train.logging_steps=5"]) == 0  # bookkeeping only
+    capsys.readouterr()
+    for extra, key in ((["precision=bf16"], "precision"), (["data.max_train_samples=12"], "data.max_train_samples"),
+                       ([f"model.name_or_path={tmp_path}"], "model.name_or_path")):
+        assert main([*common, "precision=no", "resume_from=latest", *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {key}: ") and "of the finished run in" in err and "\n" not in err, err
+    assert main([*common, "precision=no", "resume_from=latest", "train.learning_rate=0.5"]) == 2
+    assert "train.learning_rate: 0.5 differs from the value 0.001 of checkpoint" in capsys.readouterr().err
+    assert (run / "metrics.jsonl").read_text() == before
 
 
 def test_packed_finetuning_trains_like_padded_without_dropout(checkpoint, tmp_path, monkeypatch, caplog):

@@ -138,6 +138,29 @@ def test_an_interrupted_sweep_resumes_cell_by_cell(grid_sweep, checkpoint, tmp_p
     assert glue(checkpoint, copy, "rte", *GRID) == 2
 
 
+def test_a_finished_sweep_with_a_larger_grid_or_more_seeds_trains_only_what_is_new(grid_sweep, checkpoint, tmp_path,
+                                                                                 caplog, capsys):
+    """resume_from=latest after the grid gained a learning rate and the seeds a third seed: the
+    finished seeds' runs are reused, the new cell and the new seed train, and the report has
+    three cells; a finished sweep resumed with another model is refused in one line."""
+    out, _ = grid_sweep
+    copy = tmp_path / "sweep"
+    shutil.copytree(out, copy)
+    first = copy / "rte" / "lr0.001"
+    before = (first / "seed-1" / "metrics.jsonl").read_text()
+    caplog.set_level("INFO", logger="bert_recipes")
+    assert glue(checkpoint, copy, "rte", "sweep.grid.learning_rate=[1.0e-3,1.0e-5,1.0e-4]", "seeds=[1,2,3]",
+                "resume_from=latest") == 0
+    assert (first / "seed-1" / "metrics.jsonl").read_text() == before
+    assert (first / "seed-3" / "results.json").is_file() and (copy / "rte" / "lr0.0001" / "results.json").is_file()
+    row = json.loads((copy / "glue_results.json").read_text())["tasks"]["rte"]
+    assert len(row["grid"]) == 3 and sorted(json.loads((first / "results.json").read_text())["runs"]) == ["1", "2", "3"]
+    capsys.readouterr()
+    assert glue(checkpoint, copy, "rte", *GRID, "resume_from=latest", f"model.name_or_path={tmp_path}") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: model.name_or_path: ") and "of the finished run in" in err and "\n" not in err, err
+
+
 # --------------------------------------------------------------------------- intermediate task
 
 

@@ -43,7 +43,7 @@ from ..recipe_files import apply_overrides, deep_merge, load_raw, read_yaml
 from ..training.reporting import progress
 from .data import glue_task_dir
 from .evaluation import predict_export
-from .finetune import RESULTS, finetune_seeds
+from .finetune import RESULTS, finetune_seeds, finished_results
 from .grid import GRID_PNG, SweepClock, cell_name, cell_summary, check_fixed, choose, plot_grid
 from .recipe import FinetuneRecipe, FinetuneTrainConfig, SweepConfig
 from .report import entry_names, majority_class, plot_results, results_markdown, summarise, write_test_submission
@@ -331,23 +331,19 @@ def run_task(recipe: FinetuneRecipe, cells: list[dict], protocol: str, clock=Non
         summaries, index, runtime = [cell_summary(task, {}, result)], 0, result.get("runtime_s")
         config = {key: getattr(recipe.train, key) for key in keys}
     else:
-        if recipe.resume_from and (out / RESULTS).is_file():
-            previous = json.loads((out / RESULTS).read_text())
-            if "grid" in previous:
-                logger.info("%s: every cell finished; reusing %s", task.name, out / RESULTS)
-                return previous
         if (out / RESULTS).exists() and not (recipe.overwrite or recipe.resume_from):
             raise UserError(f"output_dir: '{out}' already holds a sweep ({RESULTS}); set resume_from=latest to "
                             "continue it cell by cell or overwrite=true to replace it")
         runs = []
-        for cell in cells:
+        for cell in cells:  # a finished cell is reused when its recipe is this one (else refused or continued)
             where = cell_dir(recipe, cell, cells)
-            if recipe.resume_from and (where / RESULTS).is_file():
-                logger.info("%s %s: finished; skipped", task.name, where.name)
-                runs.append(json.loads((where / RESULTS).read_text()))
-                continue
             train = FinetuneTrainConfig.model_validate({**recipe.train.model_dump(), **cell})
             cell_recipe = recipe.model_copy(update={"train": train, "output_dir": str(where), "predict_test": False})
+            finished = finished_results(cell_recipe, where)
+            if finished is not None:
+                logger.info("%s %s: finished; skipped", task.name, where.name)
+                runs.append(finished)
+                continue
             logger.info("%s %s (%d seed(s))", task.name, where.name, max(1, len(recipe.seeds)))
             runs.append(finetune_seeds(cell_recipe, on_log=clock))
         summaries = [cell_summary(task, cell, r) for cell, r in zip(cells, runs)]
