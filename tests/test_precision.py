@@ -78,3 +78,20 @@ def test_a_new_precision_under_fsdp_is_refused_and_deepspeed_keeps_its_state(mon
         _allow_precision("bf16")
     _allow_precision("no")  # the same precision: nothing to do
     assert shared == {"_mixed_precision": "no", "distributed_type": DistributedType(kind)}
+
+
+def test_fp16_on_a_cpu_is_refused_before_anything_is_written(tmp_path, capsys, checkpoint):
+    """Accelerate trains a CPU run in fp32 when asked for fp16 (and logs fp16): refused in one
+    line by the preflight, for pretraining and fine-tuning, with nothing written."""
+    from bert_recipes.cli import main
+
+    from .conftest import TINY_RECIPE, tiny_overrides
+    from .test_finetune import GLUE_RECIPES, overrides
+
+    commands = [["pretrain", str(TINY_RECIPE), *tiny_overrides(tmp_path / "pre", precision="fp16")],
+                ["finetune", str(GLUE_RECIPES / "sample.yaml"), *overrides(checkpoint, tmp_path / "ft", precision="fp16")]]
+    for command in commands:
+        assert main(command) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: precision: fp16 needs a GPU") and "\n" not in err, err
+    assert not (tmp_path / "pre").exists() and not (tmp_path / "ft").exists()

@@ -140,9 +140,13 @@ def check_launch(recipe, accumulation: int) -> None:
     Raises:
         UserError: a tracker of ``report_to`` is not installed (Accelerate would drop it
             silently), or DeepSpeed with ``accumulation`` > 1 micro-batches per step
-            (DeepSpeed steps inside backward, so the loop's exact accumulation cannot run).
+            (DeepSpeed steps inside backward, so the loop's exact accumulation cannot run),
+            or ``precision: fp16`` on a CPU (Accelerate would log fp16 and train in fp32).
     """
     check_trackers_installed(trackers_for(recipe.report_to))
+    if recipe.precision == "fp16" and launch_state().device.type == "cpu":
+        raise UserError("precision: fp16 needs a GPU (on a CPU Accelerate would train in fp32 while logging fp16); "
+                        "use precision=bf16 or auto on a CPU")
     if launch_state().distributed_type == "DEEPSPEED" and accumulation > 1:
         raise UserError("train.gradient_accumulation_steps: DeepSpeed steps inside backward; use 1 with DeepSpeed "
                         "(raise per_device_train_batch_size or the number of processes instead)")
