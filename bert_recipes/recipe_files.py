@@ -197,6 +197,22 @@ def dump_recipe(recipe: BaseModel) -> str:
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
 
 
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """A nested recipe dict as ``{"train.learning_rate": value, ...}``: numbers, strings and
+    booleans kept, other values (lists, None) as their ``str`` (what trackers take; equal
+    exactly when the values are, for a recipe's values); an empty dict adds no key."""
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "."))
+        elif isinstance(value, (int, float, str, bool)):
+            flat[name] = value
+        else:
+            flat[name] = str(value)
+    return flat
+
+
 def save_recipe(recipe: BaseModel, directory: str | os.PathLike, name: str = "recipe.yaml") -> Path:
     """Write the resolved recipe to ``directory/name`` atomically."""
     directory = Path(directory)

@@ -50,18 +50,18 @@ from ..training.loop import Run, train
 from ..training.optim import build_optimizer, build_scheduler
 from ..training.outdir import check_output_dir
 from ..training.plan import Resolved, resolve
-from ..training.resume import SCHEDULE_KEYS, ResumePoint, check_resume, refuse_retraining_export, reschedule
+from ..training.resume import ResumePoint, check_resume, refuse_retraining_export, reschedule
 from ..training.reporting import Reporter
 from .batching import BatchPlan, collate_batch, load_splits
 from .classifier import build_classifier
 from .data import glue_task_dir, label_mapping, load_glue_split
 from .evaluation import TEST_PREDICTIONS, evaluate, loss_sum, predict_test
 from .recipe import FinetuneRecipe
+from .reuse import RESULTS, finished_results
 from .tasks import GlueTask, get_task
 
 logger = logging.getLogger("bert_recipes")
 
-RESULTS = "results.json"
 FINETUNE_ARTEFACTS = ("best", RESULTS, TEST_PREDICTIONS, "predictions")
 
 
@@ -107,58 +107,6 @@ def finetune(recipe: FinetuneRecipe, on_log=None) -> dict:
     job.on_log = on_log
     train(job, run)
     return export(run, job, started)
-
-
-#: Recipe keys whose change leaves a finished run's results standing: where and how a run is
-#: written, logged, evaluated in batches or resumed, not what it trains or measures (``sweep.*``
-#: too: a cell's own ``train`` values say what it trained).
-BOOKKEEPING = frozenset({"output_dir", "overwrite", "resume_from", "report_to", "keep_host_memory", "predict_test",
-                         "init_from_task", "train.logging_steps", "train.save_steps", "train.save_total_limit",
-                         "train.max_consecutive_nonfinite_steps", "train.peak_flops", "train.per_device_eval_batch_size",
-                         "train.reschedule_on_resume"})
-
-
-def finished_results(recipe: FinetuneRecipe, out: Path) -> dict | None:
-    """With ``resume_from``, the results of the finished run in ``out`` when ``recipe`` asks for
-    that same run; None when there is none, or when the run is to go on: a schedule key changed
-    (``train.max_steps`` / ``num_train_epochs`` raised extend it; the others are checked by
-    :func:`~bert_recipes.training.resume.check_resume`) or ``seeds`` changed (each seed's own
-    run is reused or trained by :func:`finetune_seeds`). The recipe is compared with the run's
-    saved ``recipe.yaml``, key by key, but for :data:`BOOKKEEPING`.
-
-    Raises:
-        UserError: another key (the model, the data, the precision, a seed, an optimizer
-            setting, ...) differs from the finished run's: its results are not this recipe's.
-    """
-    from ..recipe_files import read_yaml
-
-    if not (recipe.resume_from and (out / RESULTS).is_file()):
-        return None
-    results = json.loads((out / RESULTS).read_text())
-    if not (out / "recipe.yaml").is_file():
-        return results
-    saved, now = _flat(read_yaml(out / "recipe.yaml") or {}), _flat(recipe.model_dump(mode="json"))
-    changed = [key for key in dict.fromkeys([*saved, *now])
-               if key not in BOOKKEEPING and not key.startswith("sweep.") and saved.get(key) != now.get(key)]
-    goes_on = {f"train.{key}" for key in SCHEDULE_KEYS} | {"seeds"}
-    other = [key for key in changed if key not in goes_on]
-    if other:
-        key = other[0]
-        raise UserError(f"{key}: {now.get(key)!r} differs from {saved.get(key)!r} of the finished run in '{out}', whose "
-                        f"results would be reused as this recipe's: set {key}={saved.get(key)} to reuse them, "
-                        "output_dir=DIR for a new run, or overwrite=true to retrain it")
-    return None if changed else results
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    """A nested recipe dict as ``{"train.learning_rate": value, ...}`` (empty dicts kept as values)."""
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def preflight(recipe: FinetuneRecipe) -> Checked:

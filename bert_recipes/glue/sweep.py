@@ -43,10 +43,11 @@ from ..recipe_files import apply_overrides, deep_merge, load_raw, read_yaml
 from ..training.reporting import progress
 from .data import glue_task_dir
 from .evaluation import predict_export
-from .finetune import RESULTS, finetune_seeds, finished_results
+from .finetune import RESULTS, finetune_seeds
 from .grid import GRID_PNG, SweepClock, cell_name, cell_summary, check_fixed, choose, plot_grid
 from .recipe import FinetuneRecipe, FinetuneTrainConfig, SweepConfig
 from .report import entry_names, majority_class, plot_results, results_markdown, summarise, write_test_submission
+from .reuse import finished_results
 from .tasks import TASKS, get_task
 from .transfer import check_architectures, export_encoder
 

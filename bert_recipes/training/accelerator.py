@@ -18,11 +18,13 @@ import torch
 
 from ..attention import kernels_for_packed_batches
 from ..errors import UserError
+from ..recipe_files import flatten
 from .host_memory import keep_freed_memory
 from .precision import describe_device, resolve_precision
 from .reporting import trackers_for
 
 logger = logging.getLogger("bert_recipes")
+
 
 def _allow_precision(precision: str) -> None:
     """Let a process start a run at another precision than its previous run (a ``glue`` sweep's
@@ -119,7 +121,7 @@ def start_trackers(accelerator, recipe, project_name: str = "bert-recipes") -> N
     if trackers:
         name = run_name(recipe.output_dir)
         init_kwargs = {"trackio": {"name": name}, "wandb": {"name": name}}
-        accelerator.init_trackers(project_name, config=_flatten(recipe.model_dump(mode="json")),
+        accelerator.init_trackers(project_name, config=flatten(recipe.model_dump(mode="json")),
                                   init_kwargs={key: value for key, value in init_kwargs.items() if key in trackers})
 
 
@@ -144,10 +146,11 @@ def check_launch(recipe, accumulation: int) -> None:
             or ``precision: fp16`` on a CPU (Accelerate would log fp16 and train in fp32).
     """
     check_trackers_installed(trackers_for(recipe.report_to))
-    if recipe.precision == "fp16" and launch_state().device.type == "cpu":
+    state = launch_state()
+    if recipe.precision == "fp16" and state.device.type == "cpu":
         raise UserError("precision: fp16 needs a GPU (on a CPU Accelerate would train in fp32 while logging fp16); "
                         "use precision=bf16 or auto on a CPU")
-    if launch_state().distributed_type == "DEEPSPEED" and accumulation > 1:
+    if state.distributed_type == "DEEPSPEED" and accumulation > 1:
         raise UserError("train.gradient_accumulation_steps: DeepSpeed steps inside backward; use 1 with DeepSpeed "
                         "(raise per_device_train_batch_size or the number of processes instead)")
 
@@ -207,16 +210,3 @@ def _ranks_without_accelerator() -> bool:
         return False
     accel = getattr(torch, "accelerator", None)  # torch >= 2.6: CUDA, XPU, MPS, ...
     return not (accel.is_available() if accel is not None else torch.cuda.is_available())
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, name + "."))
-        elif isinstance(value, (int, float, str, bool)):
-            flat[name] = value
-        else:
-            flat[name] = str(value)
-    return flat

@@ -1,0 +1,59 @@
+"""When a finished GLUE run's results stand for a recipe: ``resume_from`` on a run or a sweep
+cell that already wrote its ``results.json``.
+
+The recipe is compared with the run's saved ``recipe.yaml`` key by key. Keys that only say
+where and how a run is written, logged or resumed (:data:`BOOKKEEPING`) do not count; a
+changed schedule or set of seeds lets the run go on; anything else is refused in one line,
+so that old results are never reported as a new recipe's.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import UserError
+from ..recipe_files import flatten, read_yaml
+from ..training.resume import SCHEDULE_KEYS
+from .recipe import FinetuneRecipe
+
+#: A finished run's (or sweep cell's) results file.
+RESULTS = "results.json"
+
+#: Recipe keys whose change leaves a finished run's results standing: where and how a run is
+#: written, logged, evaluated in batches or resumed, not what it trains or measures (``sweep.*``
+#: too: a cell's own ``train`` values say what it trained).
+BOOKKEEPING = frozenset({"output_dir", "overwrite", "resume_from", "report_to", "keep_host_memory", "predict_test",
+                         "init_from_task", "train.logging_steps", "train.save_steps", "train.save_total_limit",
+                         "train.max_consecutive_nonfinite_steps", "train.peak_flops", "train.per_device_eval_batch_size",
+                         "train.reschedule_on_resume"})
+
+
+def finished_results(recipe: FinetuneRecipe, out: Path) -> dict | None:
+    """With ``resume_from``, the results of the finished run in ``out`` when ``recipe`` asks for
+    that same run; None when there is none, or when the run is to go on: a schedule key changed
+    (``train.max_steps`` / ``num_train_epochs`` raised extend it; the others are checked by
+    :func:`~bert_recipes.training.resume.check_resume`) or ``seeds`` changed (each seed's own
+    run is reused or trained by :func:`~bert_recipes.glue.finetune.finetune_seeds`). The recipe
+    is compared with the run's saved ``recipe.yaml``, key by key, but for :data:`BOOKKEEPING`.
+
+    Raises:
+        UserError: another key (the model, the data, the precision, a seed, an optimizer
+            setting, ...) differs from the finished run's: its results are not this recipe's.
+    """
+    if not (recipe.resume_from and (out / RESULTS).is_file()):
+        return None
+    results = json.loads((out / RESULTS).read_text())
+    if not (out / "recipe.yaml").is_file():
+        return results
+    saved, now = flatten(read_yaml(out / "recipe.yaml") or {}), flatten(recipe.model_dump(mode="json"))
+    changed = [key for key in dict.fromkeys([*saved, *now])
+               if key not in BOOKKEEPING and not key.startswith("sweep.") and saved.get(key) != now.get(key)]
+    goes_on = {f"train.{key}" for key in SCHEDULE_KEYS} | {"seeds"}
+    other = [key for key in changed if key not in goes_on]
+    if other:
+        key = other[0]
+        raise UserError(f"{key}: {now.get(key)} differs from {saved.get(key)} of the finished run in '{out}', whose "
+                        f"results would be reused as this recipe's: set {key}={saved.get(key)} to reuse them, "
+                        "output_dir=DIR for a new run, or overwrite=true to retrain it")
+    return None if changed else results
