@@ -12,9 +12,12 @@ backward in one kernel, and the dropout mask drawn as raw random bits
 (:func:`~bert_recipes.dropout.fill_keep`: a drop probability exact to 2**-32, finer than the
 float32 uniform TensorFlow's dropout compares).
 
-Everything else goes to transformers' own SDPA function unchanged: evaluation and inference
-(no dropout: the fused kernel), dropout 0, and every device but the CPU (CUDA's fused kernels
-take dropout). Recipes with ``model.attn_implementation: sdpa`` (the default) run on this
+Training in bf16 without attention dropout runs the same blocks without a mask: PyTorch's
+fused CPU kernel has a slow bf16 backward (forward + backward, 1 thread: 4.5x ours at ``[32,
+12, 128, 32]``, 1.45x at ``[4, 12, 512, 64]``; benchmarks/RESULTS.md). Everything else goes to
+transformers' own SDPA function unchanged: evaluation and inference (no gradient: the fused
+kernel is faster there), dropout 0 in float32 (the same speed), and every device but the CPU
+(CUDA's fused kernels take dropout). Recipes with ``model.attn_implementation: sdpa`` (the default) run on this
 implementation (:func:`runtime_attention`); a checkpoint records no attention
 implementation, so exports are unchanged.
 """
@@ -54,7 +57,8 @@ class DropoutAttention(torch.autograd.Function):
     the ``[.., Lq, d]`` output and gradient instead of the scores. Saved for backward: the
     probabilities and the keep mask, both ``[B, heads, Lq, Lk]`` in the inputs' dtype (SDPA's
     math path saves the probabilities, the dropped probabilities and a boolean mask); the
-    backward works block by block.
+    backward works block by block. At ``p`` 0 no mask is drawn or saved (and no random
+    number consumed): plain softmax attention.
     Softmax runs in the inputs' dtype (the CPU kernel accumulates bf16 in fp32; rows of a length
     where that kernel is slow go through a float32 result, :func:`_softmax`) and the
     probabilities are kept in it: in bf16 the error is bf16 eager attention's, about twice
@@ -72,17 +76,21 @@ class DropoutAttention(torch.autograd.Function):
             q_scaled, k, v = _scaled(q, scale), k.contiguous(), v.contiguous()
             bias = None if mask is None else _additive(mask, q.dtype)  # broadcastable to the scores
             probs = torch.empty(batch, heads, len_q, len_k, dtype=q.dtype, device=q.device)
-            keep = torch.empty(batch, heads, len_q, len_k, dtype=q.dtype, device=q.device)
-            bits = torch.empty((probs[blocks[0]].numel() + 1) // 2, dtype=torch.int64, device=q.device)
+            keep = torch.empty(batch, heads, len_q, len_k, dtype=q.dtype, device=q.device) if p > 0 else None
+            bits = torch.empty((probs[blocks[0]].numel() + 1) // 2, dtype=torch.int64, device=q.device) if p > 0 else None
             out = torch.empty(batch, heads, len_q, v.shape[-1], dtype=q.dtype, device=q.device)
             for s in blocks:
                 scores = torch.matmul(q_scaled[s], k[s].transpose(-1, -2))
                 if bias is not None:
                     scores.add_(bias[_rows(bias, s)])
                 _softmax(scores, probs[s])
+                if keep is None:  # p = 0: no mask, no draw
+                    torch.matmul(probs[s], v[s], out=out[s])
+                    continue
                 fill_keep(keep[s], p, bits)  # 1.0 / 0.0, drawn block by block, in cache
                 torch.matmul(probs[s] * keep[s], v[s], out=out[s])
-            out.mul_(1.0 / (1.0 - p))
+            if keep is not None:
+                out.mul_(1.0 / (1.0 - p))
         ctx.save_for_backward(q_scaled, k, v, probs, keep)
         ctx.p, ctx.scale, ctx.blocks = p, scale, blocks
         return out
@@ -93,8 +101,11 @@ class DropoutAttention(torch.autograd.Function):
         grad_out = _scaled(grad_out, 1.0 / (1.0 - ctx.p))  # the dropout's scale, on [B, heads, Lq, d]
         grad_q, grad_k, grad_v = torch.empty_like(q_scaled), torch.empty_like(k), torch.empty_like(v)
         for s in ctx.blocks:
-            torch.matmul((probs[s] * keep[s]).transpose(-1, -2), grad_out[s], out=grad_v[s])
-            grad_probs = torch.matmul(grad_out[s], v[s].transpose(-1, -2)).mul_(keep[s])
+            dropped = probs[s] if keep is None else probs[s] * keep[s]
+            torch.matmul(dropped.transpose(-1, -2), grad_out[s], out=grad_v[s])
+            grad_probs = torch.matmul(grad_out[s], v[s].transpose(-1, -2))
+            if keep is not None:
+                grad_probs.mul_(keep[s])
             grad_scores = _softmax_backward(grad_probs, probs[s])
             torch.matmul(grad_scores, k[s], out=grad_q[s])
             torch.matmul(grad_scores.transpose(-1, -2), q_scaled[s], out=grad_k[s])
@@ -175,7 +186,7 @@ def _blocks(batch: int, heads: int, elements_per_matrix: int) -> list:
 def sdpa_dropout_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """transformers' attention-interface function: :class:`DropoutAttention` while training
     BERT's bidirectional attention with dropout on a CPU, transformers' ``sdpa_attention_forward``
-    otherwise (see :func:`runs_fused_dropout`).
+    otherwise (see :func:`runs_blocked`).
 
     Shapes as that interface: ``query/key/value`` ``[B, heads, L, d]``, ``attention_mask``
     from the SDPA mask function (boolean ``[B, 1, L, L]``) or None; returns
@@ -183,7 +194,7 @@ def sdpa_dropout_attention(module, query, key, value, attention_mask, dropout: f
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if not runs_fused_dropout(module, query, key, attention_mask, dropout, kwargs):
+    if not runs_blocked(module, query, key, value, attention_mask, dropout, kwargs):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
@@ -191,13 +202,17 @@ def sdpa_dropout_attention(module, query, key, value, attention_mask, dropout: f
     return out.transpose(1, 2).contiguous(), None
 
 
-def runs_fused_dropout(module, query, key, attention_mask, dropout: float, kwargs: dict) -> bool:
-    """True when :class:`DropoutAttention` computes what SDPA would: dropout > 0 on a CPU, not
-    under ``torch.compile`` (Inductor fuses SDPA's math path itself; ``random_`` would break
-    the graph), non-empty, bidirectional (a causal module without a mask relies on SDPA's
+def runs_blocked(module, query, key, value, attention_mask, dropout: float, kwargs: dict) -> bool:
+    """True when :class:`DropoutAttention` runs instead of SDPA: on a CPU, for dropout > 0, or
+    for dropout 0 in bf16 with a gradient to compute (PyTorch's fused CPU kernel is slow to
+    differentiate in bf16; see the module docstring). Also required: not under
+    ``torch.compile`` (Inductor fuses SDPA's math path itself; ``random_`` would break the
+    graph), non-empty, bidirectional (a causal module without a mask relies on SDPA's
     ``is_causal``), no grouped key/value heads, no ``position_bias``/``softcap``/attention
     outputs, and no mask that needs a gradient."""
-    return (dropout > 0.0 and query.device.type == "cpu" and not torch.compiler.is_compiling()
+    trains_bf16 = (query.dtype == torch.bfloat16 and torch.is_grad_enabled()
+                   and any(t.requires_grad for t in (query, key, value)))
+    return ((dropout > 0.0 or trains_bf16) and query.device.type == "cpu" and not torch.compiler.is_compiling()
             and query.numel() > 0 and key.shape[2] > 0
             and not (attention_mask is None and (kwargs.get("is_causal") or getattr(module, "is_causal", False)))
             and getattr(module, "num_key_value_groups", 1) == 1

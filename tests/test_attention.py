@@ -151,8 +151,10 @@ def test_runtime_attention_and_exports(tmp_path):
 
 def test_what_sdpa_dropout_hands_back_to_sdpa():
     """Causal attention without a mask (SDPA's is_causal), grouped key/value heads, a
-    position bias, a mask that needs a gradient, empty inputs, evaluation: transformers' SDPA."""
-    from bert_recipes.attention import runs_fused_dropout
+    position bias, a mask that needs a gradient, empty inputs, evaluation, dropout 0 in
+    float32 or without a gradient: transformers' SDPA. Dropout 0 in bf16 with a gradient
+    stays on the blocked kernel (SDPA's bf16 backward is slow on a CPU)."""
+    from bert_recipes.attention import runs_blocked
 
     class Module(torch.nn.Module):
         is_causal = False
@@ -160,13 +162,60 @@ def test_what_sdpa_dropout_hands_back_to_sdpa():
     q = k = torch.randn(2, 2, 4, 8)
     bidirectional, causal = Module(), Module()
     causal.is_causal = True
-    assert runs_fused_dropout(bidirectional, q, k, None, 0.1, {})
-    assert not runs_fused_dropout(bidirectional, q, k, None, 0.0, {})
-    assert not runs_fused_dropout(causal, q, k, None, 0.1, {})
-    assert runs_fused_dropout(causal, q, k, torch.ones(2, 1, 4, 4, dtype=torch.bool), 0.1, {})  # the mask says it all
-    assert not runs_fused_dropout(bidirectional, q, k, None, 0.1, {"position_bias": torch.zeros(1)})
-    assert not runs_fused_dropout(bidirectional, q, k, torch.zeros(2, 1, 4, 4, requires_grad=True), 0.1, {})
-    assert not runs_fused_dropout(bidirectional, q[:0], k[:0], None, 0.1, {})
+    assert runs_blocked(bidirectional, q, k, k, None, 0.1, {})
+    assert not runs_blocked(bidirectional, q, k, k, None, 0.0, {})
+    assert not runs_blocked(causal, q, k, k, None, 0.1, {})
+    assert runs_blocked(causal, q, k, k, torch.ones(2, 1, 4, 4, dtype=torch.bool), 0.1, {})  # the mask says it all
+    assert not runs_blocked(bidirectional, q, k, k, None, 0.1, {"position_bias": torch.zeros(1)})
+    assert not runs_blocked(bidirectional, q, k, k, torch.zeros(2, 1, 4, 4, requires_grad=True), 0.1, {})
+    assert not runs_blocked(bidirectional, q[:0], k[:0], k[:0], None, 0.1, {})
+
+    bf16 = q.bfloat16()
+    trained = bf16.clone().requires_grad_()
+    assert runs_blocked(bidirectional, trained, bf16, bf16, None, 0.0, {})  # bf16, a gradient to compute
+    assert runs_blocked(bidirectional, bf16, bf16, trained, None, 0.0, {})
+    assert not runs_blocked(bidirectional, bf16, bf16, bf16, None, 0.0, {})  # nothing needs a gradient
+    with torch.no_grad():
+        assert not runs_blocked(bidirectional, trained, bf16, bf16, None, 0.0, {})
+    assert not runs_blocked(bidirectional, q.clone().requires_grad_(), k, k, None, 0.0, {})  # float32
+
+
+def test_without_dropout_it_draws_nothing_and_its_gradients_are_sdpas():
+    """At p = 0 no mask is drawn (the generator does not move) and forward and gradients
+    are SDPA's, with every kind of mask."""
+    for mask in masks():
+        q, k, v = qkv()
+        state = torch.get_rng_state()
+        out = DropoutAttention.apply(q, k, v, mask, 0.0, 8**-0.5)
+        assert torch.equal(torch.get_rng_state(), state)
+        grad = torch.randn_like(out)
+        ours = torch.autograd.grad(out, (q, k, v), grad)
+        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+        for a, b in zip(ours, torch.autograd.grad(expected, (q, k, v), grad)):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_a_bf16_bert_without_dropout_trains_on_the_blocked_kernel(monkeypatch):
+    """BERT with attention dropout 0, in bf16, training: the blocked kernel runs (counted),
+    and its loss and gradients match transformers' SDPA within bf16's rounding."""
+    calls = []
+    original = DropoutAttention.apply
+    monkeypatch.setattr(DropoutAttention, "apply", lambda *a: calls.append(a[4]) or original(*a))
+    ids, mask = padded_batch()
+    grads = {}
+    for attn in (runtime_attention("sdpa"), "sdpa"):
+        model = tiny_bert(attn, dropout=0.0).to(torch.bfloat16).train()
+        out = model(input_ids=ids, attention_mask=mask).prediction_logits.float()
+        loss = out.logsumexp(-1).mean()
+        loss.backward()
+        grads[attn] = (loss.detach(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None})
+    assert calls == [0.0, 0.0]  # two layers, blocked, no dropout; stock SDPA BERT never calls it
+    (loss_a, a), (loss_b, b) = grads.values()
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-2, atol=1e-2)
+    for name in a:  # relative error of each gradient: 0.5% at most here (a grad_v 20% off: 20%)
+        if "key.bias" not in name:  # mathematically zero (softmax ignores a per-row constant)
+            assert (a[name] - b[name]).norm() <= 0.01 * b[name].norm(), name
 
 
 def test_a_causal_bert_keeps_its_causal_mask_while_training():
