@@ -114,6 +114,7 @@ def test_every_task_trains_evaluates_and_exports(task_runs, name):
         assert (out / "best" / name_).is_file(), name_
     card = (out / "best" / "README.md").read_text()
     assert "pipeline_tag: text-classification" in card and f"GLUE {task.glue_folder}" in card
+    assert f"precision {results['precision']} (recipe: auto)," in card  # what auto resolved to
 
 
 @pytest.mark.parametrize("name", TRAINABLE)
@@ -418,6 +419,31 @@ def test_a_finished_finetune_is_reused_only_for_the_same_recipe(checkpoint, tmp_
     assert main([*common, "precision=no", "resume_from=latest", "train.learning_rate=0.5"]) == 2
     assert "train.learning_rate: 0.5 differs from the value 0.001 of checkpoint" in capsys.readouterr().err
     assert (run / "metrics.jsonl").read_text() == before
+
+
+def test_a_finished_run_resumed_with_predict_test_writes_its_test_predictions(checkpoint, tmp_path, caplog):
+    """A run trained without ``predict_test``, resumed with it: nothing is trained, and its
+    export predicts the test split, as a run with ``predict_test`` from the start does."""
+    base = ["finetune", str(GLUE_RECIPES / "sst2.yaml")]
+    args = ["data.max_train_samples=24", "train.per_device_train_batch_size=4", "data.max_eval_samples=8", "precision=no"]
+    later, direct = tmp_path / "later", tmp_path / "direct"
+    common = {"data.glue_dir": SAMPLE_GLUE, "train.max_steps": 2}
+    assert main([*base, *overrides(checkpoint, later, **common), *args]) == 0
+    assert not (later / "test_predictions.json").exists()
+    assert json.loads((later / "results.json").read_text())["test_predictions"] is None
+    before = (later / "metrics.jsonl").read_text()
+    caplog.set_level(logging.INFO, logger="bert_recipes")
+    assert main([*base, *overrides(checkpoint, later, predict_test="true", resume_from="latest", **common), *args]) == 0
+    assert (later / "metrics.jsonl").read_text() == before  # reused, not retrained
+    results = json.loads((later / "results.json").read_text())
+    assert results["test_predictions"] == str(later / "test_predictions.json")
+    assert main([*base, *overrides(checkpoint, direct, predict_test="true", **common), *args]) == 0
+    assert (later / "test_predictions.json").read_text() == (direct / "test_predictions.json").read_text()
+    assert sorted(p.name for p in (later / "predictions").iterdir()) == sorted(p.name for p in (direct / "predictions").iterdir())
+    assert (later / "predictions" / "SST-2.tsv").read_text() == (direct / "predictions" / "SST-2.tsv").read_text()
+    caplog.clear()
+    assert main([*base, *overrides(checkpoint, later, predict_test="true", resume_from="latest", **common), *args]) == 0
+    assert not [r for r in caplog.records if "predicting the test split" in r.getMessage()]  # already there
 
 
 def test_packed_finetuning_trains_like_padded_without_dropout(checkpoint, tmp_path, monkeypatch, caplog):

@@ -55,7 +55,7 @@ from ..training.reporting import Reporter
 from .batching import BatchPlan, collate_batch, load_splits
 from .classifier import build_classifier
 from .data import glue_task_dir, label_mapping, load_glue_split
-from .evaluation import TEST_PREDICTIONS, evaluate, loss_sum, predict_test
+from .evaluation import TEST_PREDICTIONS, evaluate, loss_sum, predict_export, predict_test
 from .recipe import FinetuneRecipe
 from .reuse import RESULTS, finished_results
 from .tasks import GlueTask, get_task
@@ -101,7 +101,7 @@ def finetune(recipe: FinetuneRecipe, on_log=None) -> dict:
     finished = finished_results(recipe, out)
     if finished is not None:
         logger.info("%s: the run is complete (same recipe); reusing %s", out, out / RESULTS)
-        return finished
+        return predict_if_missing(recipe, out, finished)
     checked = preflight(recipe)
     run, job = build(checked)
     job.on_log = on_log
@@ -263,7 +263,7 @@ class FinetuneJob:
         full_state = run.accelerator.get_state_dict(run.model)  # every rank: gathers FSDP/DeepSpeed shards
         if run.accelerator.is_main_process:
             export_finetuned(run.accelerator.unwrap_model(run.model), self.tokenizer, run.recipe, self.task,
-                             run.out / "best", self.results, step, full_state)
+                             run.out / "best", self.results, step, full_state, run.accelerator.mixed_precision)
         run.accelerator.wait_for_everyone()
 
     def data_state(self) -> None:
@@ -296,6 +296,24 @@ def export(run: Run, job: FinetuneJob, started: float) -> dict:
     run.reporter.write(run.reporter.summary({"steps": state.step, "best_step": results["best_step"],
                                              **{f"best_{k}": v for k, v in results["dev"].items()}, "best": results["best"]}))
     run.accelerator.end_training()
+    return results
+
+
+def predict_if_missing(recipe: FinetuneRecipe, out: Path, results: dict) -> dict:
+    """A reused finished run's ``results``, with test predictions when ``predict_test`` asks
+    for them and the run has none (it trained without ``predict_test``, or they were
+    deleted): predicted with its export and recorded in its ``results.json``.
+
+    Raises:
+        UserError / DataError: no export in ``out/best``, missing test data.
+    """
+    recorded = results.get("test_predictions")
+    if not recipe.predict_test or (recorded and Path(recorded).is_file() and (out / "predictions").is_dir()):
+        return results
+    logger.info("%s: predicting the test split(s) with the finished run's export", out)
+    results = {**results, "test_predictions": str(predict_export(recipe, out))}
+    if launch_state().is_main_process:
+        write_json(out / RESULTS, results)
     return results
 
 
