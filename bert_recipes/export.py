@@ -40,8 +40,17 @@ def _evaluation_and_use(data: str, results: dict, usage: list[str]) -> list[str]
             "from transformers import pipeline", *usage, "```"]
 
 
-def pretraining_card(recipe, results: dict, steps: int) -> str:
-    """The model card of a pretraining export."""
+def _precision(recipe, resolved: str | None) -> str:
+    """The card's precision: what the run trained in, and the recipe's value when it differs
+    (``precision: auto``)."""
+    if resolved is None or resolved == recipe.precision:
+        return f"precision {recipe.precision}"
+    return f"precision {resolved} (recipe: {recipe.precision})"
+
+
+def pretraining_card(recipe, results: dict, steps: int, precision: str | None = None) -> str:
+    """The model card of a pretraining export; ``precision``: the mixed precision the run
+    trained in (Accelerate's ``mixed_precision``: ``precision: auto`` resolved)."""
     data = recipe.data
     sources = data.train_files or [data.dataset_name]
     arch = recipe.model.config
@@ -84,7 +93,7 @@ def pretraining_card(recipe, results: dict, steps: int) -> str:
         f"max_predictions_per_seq {data.max_predictions_per_seq}, whole_word_mask {data.whole_word_mask}",
         f"- steps: {steps}, per_device_train_batch_size {recipe.train.per_device_train_batch_size}, "
         f"gradient_accumulation_steps {recipe.train.gradient_accumulation_steps}, learning_rate {recipe.train.learning_rate}, "
-        f"precision {recipe.precision}, seed {recipe.seed}",
+        f"{_precision(recipe, precision)}, seed {recipe.seed}",
         *_evaluation_and_use("held-out files", results, ['fill = pipeline("fill-mask", model="PATH_OR_REPO")',
                                                           'fill("The capital of France is [MASK].")']),
     ]
@@ -121,18 +130,20 @@ def _write_export(model, tokenizer, recipe, directory: str | os.PathLike, card: 
 
 
 def export_pretrained(model, tokenizer, recipe, directory: str | os.PathLike, results: dict, steps: int,
-                      state_dict: dict | None = None) -> Path:
+                      state_dict: dict | None = None, precision: str | None = None) -> Path:
     """Write the Hub-ready export of a pretrained ``BertForPreTraining`` to ``directory``.
 
     ``state_dict`` (optional) is the full state gathered from all ranks
-    (``accelerator.get_state_dict``), needed when the weights are sharded (FSDP, DeepSpeed).
+    (``accelerator.get_state_dict``), needed when the weights are sharded (FSDP, DeepSpeed);
+    ``precision``: the one the run trained in, for the model card.
     """
-    return _write_export(model, tokenizer, recipe, directory, pretraining_card(recipe, results, steps),
+    return _write_export(model, tokenizer, recipe, directory, pretraining_card(recipe, results, steps, precision),
                          {"step": steps, **results}, state_dict)
 
 
-def finetuning_card(recipe, task, results: dict, steps: int) -> str:
-    """The model card of a GLUE fine-tuning export (``task`` is a :class:`GlueTask`)."""
+def finetuning_card(recipe, task, results: dict, steps: int, precision: str | None = None) -> str:
+    """The model card of a GLUE fine-tuning export (``task`` is a :class:`GlueTask`);
+    ``precision`` as :func:`pretraining_card`'s."""
     base = recipe.model.name_or_path
     on_hub = not os.path.exists(os.path.expanduser(base))
     metrics = [
@@ -178,7 +189,7 @@ def finetuning_card(recipe, task, results: dict, steps: int) -> str:
         f"- data: {recipe.data.glue_dir or task.hub_name}, max_seq_length {recipe.data.max_seq_length}",
         f"- steps: {steps}, per_device_train_batch_size {train.per_device_train_batch_size}, "
         f"gradient_accumulation_steps {train.gradient_accumulation_steps}, learning_rate {train.learning_rate}, "
-        f"warmup_ratio {train.warmup_ratio}, weight_decay {train.weight_decay}, precision {recipe.precision}, "
+        f"warmup_ratio {train.warmup_ratio}, weight_decay {train.weight_decay}, {_precision(recipe, precision)}, "
         f"seed {recipe.seed}",
         *_evaluation_and_use("GLUE dev", results, [
             'classify = pipeline("text-classification", model="PATH_OR_REPO")',
@@ -189,13 +200,13 @@ def finetuning_card(recipe, task, results: dict, steps: int) -> str:
 
 
 def export_finetuned(model, tokenizer, recipe, task, directory: str | os.PathLike, results: dict, steps: int,
-                     state_dict: dict | None = None) -> Path:
+                     state_dict: dict | None = None, precision: str | None = None) -> Path:
     """Write the Hub-ready export of a fine-tuned ``BertForSequenceClassification``.
 
     The folder holds the weights, config (``id2label`` with the task's label names),
     tokenizer, ``recipe.yaml``, ``README.md`` (model card with the dev results) and
     ``eval_results.json``; it is written next to ``directory`` and renamed into place.
-    ``state_dict`` as in :func:`export_pretrained`.
+    ``state_dict`` and ``precision`` as in :func:`export_pretrained`.
     """
-    return _write_export(model, tokenizer, recipe, directory, finetuning_card(recipe, task, results, steps),
+    return _write_export(model, tokenizer, recipe, directory, finetuning_card(recipe, task, results, steps, precision),
                          {"task": task.name, "step": steps, **results}, state_dict)

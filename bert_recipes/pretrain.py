@@ -180,7 +180,7 @@ def export(run: Run, job: PretrainJob) -> Path:
         weights = {key.removeprefix("model."): value for key, value in full_state.items()}
         tokenizer = load_tokenizer(str(run.out / "tokenizer"), key="output_dir/tokenizer")
         export_pretrained(accelerator.unwrap_model(run.model).model, tokenizer, run.recipe, final, job.results,
-                          run.state.step, weights)
+                          run.state.step, weights, accelerator.mixed_precision)
     accelerator.wait_for_everyone()
     run.reporter.write(run.reporter.summary({"steps": run.state.step, "skipped_steps": run.state.skipped_steps,
                                              "export": str(final)}))

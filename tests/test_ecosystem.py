@@ -160,6 +160,7 @@ def test_model_card_is_hub_metadata(tiny_run):
     assert "recipe.yaml" in body and (final / "recipe.yaml").is_file()
     assert "data/sample/train/*.txt" in body
     assert "steps: 6" in body
+    assert "precision no, seed" in body  # the recipe's own: nothing to resolve
 
     from huggingface_hub import ModelCard  # the Hub's own parser accepts the metadata
 
