@@ -10,7 +10,9 @@ matmuls, all materialised at ``[B, heads, L, L]``); with dropout 0 the CPU flash
 Alternating rounds (benchmarks/common.py) time both and ``sdpa_dropout``
 (bert_recipes/attention.py: the same dropout attention in one autograd node, block by block)
 on the same random q, k, v, and the Bernoulli draw alone at the scores' size against
-``drop_mask``. ``--dtype bf16`` runs all three on bf16 tensors. Writes
+``drop_mask``. ``--dtype bf16`` runs all three on bf16 tensors; ``--dropout 0 --dtype bf16``
+measures what bf16 training without attention dropout runs (``sdpa_dropout`` keeps it: SDPA's
+bf16 backward is slow on a CPU). Writes
 benchmarks/out/attention_dropout[-bf16].json.
 """
 
@@ -88,7 +90,7 @@ def main() -> int:
     print(f"  SDPA, dropout 0:   {1 / summary['no_dropout_calls_per_s']:.3f} s  ({', '.join(ops['no_dropout'])})")
     print(f"  sdpa_dropout, dropout {args.dropout}: {1 / ours_summary['sdpa_dropout_calls_per_s']:.3f} s")
     print(f"  SDPA's dropout costs {summary['ratio_median_of_rounds']:.2f}x (rounds {summary['per_round_ratio']}); "
-          f"sdpa_dropout is {ours_summary['ratio_median_of_rounds']:.2f}x SDPA with dropout (rounds "
+          f"sdpa_dropout is {ours_summary['ratio_median_of_rounds']:.2f}x SDPA at dropout {args.dropout} (rounds "
           f"{ours_summary['per_round_ratio']})")
     print(f"  the mask alone, {torch.Size(shape).numel():,} elements: bernoulli_ {draw_s['bernoulli_']:.3f} s, "
           f"drop_mask {draw_s['drop_mask']:.3f} s")
