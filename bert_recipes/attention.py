@@ -12,12 +12,13 @@ backward in one kernel, and the dropout mask drawn as raw random bits
 (:func:`~bert_recipes.dropout.fill_keep`: a drop probability exact to 2**-32, finer than the
 float32 uniform TensorFlow's dropout compares).
 
-Training in bf16 without attention dropout runs the same blocks without a mask: PyTorch's
-fused CPU kernel has a slow bf16 backward (forward + backward, 1 thread: 4.5x ours at ``[32,
-12, 128, 32]``, 1.45x at ``[4, 12, 512, 64]``; benchmarks/RESULTS.md). Everything else goes to
-transformers' own SDPA function unchanged: evaluation and inference (no gradient: the fused
-kernel is faster there), dropout 0 in float32 (the same speed), and every device but the CPU
-(CUDA's fused kernels take dropout). Recipes with ``model.attn_implementation: sdpa`` (the default) run on this
+Training in bf16 without attention dropout runs the same blocks without a mask, up to keys
+of 512: PyTorch's fused CPU kernel has a slow bf16 backward there (forward + backward, 1
+thread: 4.5x ours at ``[32, 12, 128, 32]``, 1.3x at ``[4, 12, 512, 64]``, 0.55x at 1024;
+benchmarks/RESULTS.md). Everything else goes to transformers' own SDPA function unchanged:
+evaluation and inference (the fused kernel is faster there), dropout 0 in float32 (the same
+speed) or past 512 keys, ``torch.func`` transforms, and every device but the CPU (CUDA's fused
+kernels take dropout). Recipes with ``model.attn_implementation: sdpa`` (the default) run on this
 implementation (:func:`runtime_attention`); a checkpoint records no attention
 implementation, so exports are unchanged.
 """
@@ -28,7 +29,7 @@ import functools
 
 import torch
 
-from .dropout import fill_keep
+from .dropout import fill_keep, functorch_wrapped
 
 #: The name :func:`register` gives this implementation in transformers' ``AttentionInterface``.
 NAME = "sdpa_dropout"
@@ -202,17 +203,28 @@ def sdpa_dropout_attention(module, query, key, value, attention_mask, dropout: f
     return out.transpose(1, 2).contiguous(), None
 
 
+#: The longest key sequence that bf16 training without dropout runs blocked: forward + backward
+#: at ``[4, 12, 512, 64]`` 1.33x SDPA, at ``[2, 12, 640, 64]`` even, at 768 0.72-0.88x and at
+#: 1024 0.55x (1 and 2 threads; SDPA's fused kernel also saves no ``[L, L]`` probabilities).
+BF16_NO_DROPOUT_MAX_LENGTH = 512
+
+
 def runs_blocked(module, query, key, value, attention_mask, dropout: float, kwargs: dict) -> bool:
     """True when :class:`DropoutAttention` runs instead of SDPA: on a CPU, for dropout > 0, or
-    for dropout 0 in bf16 with a gradient to compute (PyTorch's fused CPU kernel is slow to
-    differentiate in bf16; see the module docstring). Also required: not under
-    ``torch.compile`` (Inductor fuses SDPA's math path itself; ``random_`` would break the
-    graph), non-empty, bidirectional (a causal module without a mask relies on SDPA's
-    ``is_causal``), no grouped key/value heads, no ``position_bias``/``softcap``/attention
-    outputs, and no mask that needs a gradient."""
-    trains_bf16 = (query.dtype == torch.bfloat16 and torch.is_grad_enabled()
-                   and any(t.requires_grad for t in (query, key, value)))
+    for dropout 0 in bf16 in a module in training mode with keys of at most
+    :data:`BF16_NO_DROPOUT_MAX_LENGTH` (PyTorch's fused CPU kernel is slow to differentiate in
+    bf16; see the module docstring). The mode, not the gradient mode, decides, so that
+    evaluation gives the same values with or without a gradient and a recomputed checkpoint
+    runs the kernel its first forward ran. Also required: not under ``torch.compile``
+    (Inductor fuses SDPA's math path itself; ``random_`` would break the graph) nor a
+    ``torch.func`` transform (the autograd function has no ``setup_context``), non-empty,
+    bidirectional (a causal module without a mask relies on SDPA's ``is_causal``), no grouped
+    key/value heads, no ``position_bias``/``softcap``/attention outputs, and no mask that
+    needs a gradient."""
+    trains_bf16 = (query.dtype == torch.bfloat16 and getattr(module, "training", False)
+                   and key.shape[2] <= BF16_NO_DROPOUT_MAX_LENGTH)
     return ((dropout > 0.0 or trains_bf16) and query.device.type == "cpu" and not torch.compiler.is_compiling()
+            and not functorch_wrapped(query)
             and query.numel() > 0 and key.shape[2] > 0
             and not (attention_mask is None and (kwargs.get("is_causal") or getattr(module, "is_causal", False)))
             and getattr(module, "num_key_value_groups", 1) == 1

@@ -82,6 +82,13 @@ def keep_mask(shape, p: float, device, dtype: torch.dtype) -> torch.Tensor:
     return fill_keep(torch.empty(tuple(int(size) for size in shape), dtype=dtype, device=device), p)
 
 
+def functorch_wrapped(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is inside a ``torch.func`` transform (``grad``, ``vmap``, ...), where
+    an autograd function without ``setup_context`` cannot run."""
+    wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    return bool(wrapped and wrapped(tensor))
+
+
 class _BitsDropout(torch.autograd.Function):
     """``x * keep / (1 - p)`` with ``keep = keep_mask(x.shape, p, ...)``; the backward
     multiplies the gradient by the same. Saved for backward: the mask (``x``'s dtype)."""
@@ -103,13 +110,15 @@ class Dropout(torch.nn.Dropout):
     """``nn.Dropout`` whose mask, while training on a CPU, comes from :func:`keep_mask`.
 
     Same shapes, semantics and state dict as ``nn.Dropout``. Falls back to it in
-    evaluation, at ``p`` of 0 or 1, for non-floating inputs, off the CPU and under
-    ``torch.compile``. ``inplace`` is accepted but the CPU path returns a new tensor.
+    evaluation, at ``p`` of 0 or 1, for non-floating inputs, off the CPU, under
+    ``torch.compile`` and inside ``torch.func`` transforms (``vmap``, ``grad``: where
+    ``nn.Dropout``'s own rules on randomness apply). ``inplace`` is accepted but the CPU path
+    returns a new tensor.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (self.training and 0.0 < self.p < 1.0 and x.device.type == "cpu" and x.is_floating_point()
-                and x.numel() > 0 and not torch.compiler.is_compiling()):
+                and x.numel() > 0 and not torch.compiler.is_compiling() and not functorch_wrapped(x)):
             return _BitsDropout.apply(x, self.p)
         return super().forward(x)
 

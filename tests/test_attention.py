@@ -152,9 +152,10 @@ def test_runtime_attention_and_exports(tmp_path):
 def test_what_sdpa_dropout_hands_back_to_sdpa():
     """Causal attention without a mask (SDPA's is_causal), grouped key/value heads, a
     position bias, a mask that needs a gradient, empty inputs, evaluation, dropout 0 in
-    float32 or without a gradient: transformers' SDPA. Dropout 0 in bf16 with a gradient
-    stays on the blocked kernel (SDPA's bf16 backward is slow on a CPU)."""
-    from bert_recipes.attention import runs_blocked
+    float32, in evaluation mode or past 512 keys: transformers' SDPA. Dropout 0 in bf16 in
+    training mode stays on the blocked kernel (SDPA's bf16 backward is slow on a CPU), with or
+    without a gradient (a reentrant checkpoint's first forward has none)."""
+    from bert_recipes.attention import BF16_NO_DROPOUT_MAX_LENGTH, runs_blocked
 
     class Module(torch.nn.Module):
         is_causal = False
@@ -171,13 +172,21 @@ def test_what_sdpa_dropout_hands_back_to_sdpa():
     assert not runs_blocked(bidirectional, q[:0], k[:0], k[:0], None, 0.1, {})
 
     bf16 = q.bfloat16()
-    trained = bf16.clone().requires_grad_()
-    assert runs_blocked(bidirectional, trained, bf16, bf16, None, 0.0, {})  # bf16, a gradient to compute
-    assert runs_blocked(bidirectional, bf16, bf16, trained, None, 0.0, {})
-    assert not runs_blocked(bidirectional, bf16, bf16, bf16, None, 0.0, {})  # nothing needs a gradient
+    assert runs_blocked(bidirectional, bf16, bf16, bf16, None, 0.0, {})  # bf16, training mode
     with torch.no_grad():
-        assert not runs_blocked(bidirectional, trained, bf16, bf16, None, 0.0, {})
-    assert not runs_blocked(bidirectional, q.clone().requires_grad_(), k, k, None, 0.0, {})  # float32
+        assert runs_blocked(bidirectional, bf16, bf16, bf16, None, 0.0, {})
+    assert not runs_blocked(bidirectional, q, k, k, None, 0.0, {})  # float32
+    assert not runs_blocked(bidirectional.eval(), bf16, bf16, bf16, None, 0.0, {})  # evaluation
+    bidirectional.train()
+    assert BF16_NO_DROPOUT_MAX_LENGTH == 512
+    long_k = torch.zeros(2, 2, 513, 8, dtype=torch.bfloat16)
+    assert runs_blocked(bidirectional, bf16, long_k[:, :, :512], long_k[:, :, :512], None, 0.0, {})
+    assert not runs_blocked(bidirectional, bf16, long_k, long_k, None, 0.0, {})  # past 512 keys: SDPA
+    assert runs_blocked(bidirectional, bf16, long_k, long_k, None, 0.1, {})  # dropout: blocked at any length
+
+    seen = []
+    torch.func.grad(lambda x: seen.append(runs_blocked(bidirectional, x, k, k, None, 0.1, {})) or x.sum())(q)
+    assert seen == [False]  # inside a torch.func transform: SDPA (no setup_context here)
 
 
 def test_without_dropout_it_draws_nothing_and_its_gradients_are_sdpas():
@@ -194,6 +203,39 @@ def test_without_dropout_it_draws_nothing_and_its_gradients_are_sdpas():
         torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
         for a, b in zip(ours, torch.autograd.grad(expected, (q, k, v), grad)):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_a_bf16_bert_without_dropout_evaluates_alike_with_or_without_a_gradient():
+    """Evaluation mode runs SDPA whatever the gradient mode, so the values do not depend on it."""
+    ids, mask = padded_batch()
+    model = tiny_bert(runtime_attention("sdpa"), dropout=0.0).to(torch.bfloat16).eval()
+    with torch.no_grad():
+        a = model(input_ids=ids, attention_mask=mask).prediction_logits
+    with torch.enable_grad():
+        b = model(input_ids=ids, attention_mask=mask).prediction_logits
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_torch_func_grad_through_a_bert_on_it_is_sdpas(dropout):
+    """``torch.func.grad`` over a model on ``sdpa_dropout`` (bf16; with and without attention
+    dropout) runs, and equals the same transform over transformers' SDPA model."""
+    from torch.func import functional_call, grad
+
+    ids, mask = padded_batch()
+    grads = []
+    for attn in (runtime_attention("sdpa"), "sdpa"):
+        model = tiny_bert(attn, dropout=dropout).to(torch.bfloat16).train()
+        params = {name: p.detach() for name, p in model.named_parameters()}
+
+        def loss(params):
+            out = functional_call(model, params, (ids,), {"attention_mask": mask})
+            return out.prediction_logits.float().logsumexp(-1).mean()
+
+        torch.manual_seed(0)  # the same dropout draws for both
+        grads.append(grad(loss)(params))
+    for name in grads[0]:
+        assert torch.equal(grads[0][name], grads[1][name]), name
 
 
 def test_a_bf16_bert_without_dropout_trains_on_the_blocked_kernel(monkeypatch):

@@ -92,6 +92,12 @@ def test_where_it_is_nn_dropout():
     assert not torch.equal(ours, stock)  # a different draw on the CPU
     meta = torch.empty(4, 8, device="meta")
     assert Dropout(0.5).train()(meta).device.type == "meta"  # off the CPU: nn.Dropout
+    # inside torch.func transforms: nn.Dropout's own draw (the autograd function has no setup_context)
+    for transform in (torch.func.grad, lambda f: torch.func.vmap(f, randomness="same")):
+        torch.manual_seed(2)
+        ours = transform(lambda t: Dropout(0.5).train()(t).sum())(x)
+        torch.manual_seed(2)
+        assert torch.equal(ours, transform(lambda t: torch.nn.Dropout(0.5).train()(t).sum())(x))
 
 
 def test_use_bits_dropout_swaps_every_dropout_and_changes_no_weights_or_evaluation():

@@ -444,6 +444,15 @@ def test_a_finished_run_resumed_with_predict_test_writes_its_test_predictions(ch
     caplog.clear()
     assert main([*base, *overrides(checkpoint, later, predict_test="true", resume_from="latest", **common), *args]) == 0
     assert not [r for r in caplog.records if "predicting the test split" in r.getMessage()]  # already there
+    (later / "predictions" / "SST-2.tsv").unlink()  # a deleted leaderboard file is predicted again
+    assert main([*base, *overrides(checkpoint, later, predict_test="true", resume_from="latest", **common), *args]) == 0
+    assert (later / "predictions" / "SST-2.tsv").read_text() == (direct / "predictions" / "SST-2.tsv").read_text()
+    copy = tmp_path / "copy"  # a run folder copied without its predictions: its own are written
+    shutil.copytree(direct, copy)
+    (copy / "test_predictions.json").unlink()
+    assert main([*base, *overrides(checkpoint, copy, predict_test="true", resume_from="latest", **common), *args]) == 0
+    assert json.loads((copy / "results.json").read_text())["test_predictions"] == str(copy / "test_predictions.json")
+    assert (copy / "test_predictions.json").read_text() == (direct / "test_predictions.json").read_text()
 
 
 def test_packed_finetuning_trains_like_padded_without_dropout(checkpoint, tmp_path, monkeypatch, caplog):

@@ -58,7 +58,7 @@ from .data import glue_task_dir, label_mapping, load_glue_split
 from .evaluation import TEST_PREDICTIONS, evaluate, loss_sum, predict_export, predict_test
 from .recipe import FinetuneRecipe
 from .reuse import RESULTS, finished_results
-from .tasks import GlueTask, get_task
+from .tasks import GlueTask, get_task, leaderboard_entry
 
 logger = logging.getLogger("bert_recipes")
 
@@ -301,20 +301,38 @@ def export(run: Run, job: FinetuneJob, started: float) -> dict:
 
 def predict_if_missing(recipe: FinetuneRecipe, out: Path, results: dict) -> dict:
     """A reused finished run's ``results``, with test predictions when ``predict_test`` asks
-    for them and the run has none (it trained without ``predict_test``, or they were
-    deleted): predicted with its export and recorded in its ``results.json``.
+    for them: when ``out`` lacks them (the run trained without ``predict_test``, or a file of
+    them was deleted) its export predicts them; ``results.json`` records their path in ``out``.
 
     Raises:
         UserError / DataError: no export in ``out/best``, missing test data.
     """
-    recorded = results.get("test_predictions")
-    if not recipe.predict_test or (recorded and Path(recorded).is_file() and (out / "predictions").is_dir()):
+    if not recipe.predict_test:
         return results
-    logger.info("%s: predicting the test split(s) with the finished run's export", out)
-    results = {**results, "test_predictions": str(predict_export(recipe, out))}
+    path = out / TEST_PREDICTIONS
+    if not has_test_predictions(out):
+        logger.info("%s: predicting the test split(s) with the finished run's export", out)
+        path = predict_export(recipe, out)
+    elif results.get("test_predictions") == str(path):
+        return results
+    results = {**results, "test_predictions": str(path)}
     if launch_state().is_main_process:
         write_json(out / RESULTS, results)
     return results
+
+
+def has_test_predictions(out: Path) -> bool:
+    """Whether run folder ``out`` holds its test predictions: ``test_predictions.json`` and,
+    under ``predictions/``, the leaderboard TSV of each of its entries and ``submission.zip``."""
+    try:
+        entries = json.loads((out / TEST_PREDICTIONS).read_text())
+        files = []
+        for name in entries:
+            task, split = leaderboard_entry(name)
+            files.append(task.leaderboard_files[split])
+    except (OSError, ValueError, TypeError, KeyError, UserError):  # unreadable: predicted again
+        return False
+    return bool(files) and all((out / "predictions" / name).is_file() for name in [*files, "submission.zip"])
 
 
 def finetune_seeds(recipe: FinetuneRecipe, on_log=None) -> dict:
