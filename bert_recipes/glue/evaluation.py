@@ -6,6 +6,7 @@ which reads the model inputs alone.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -14,13 +15,14 @@ import torch
 import torch.nn.functional as F
 
 from ..atomic import write_json
+from ..errors import UserError
 from ..modeling import classification_logits, load_pretrained
 from ..training.accelerator import in_lockstep
 from ..training.reporting import progress
 from .batching import collate_batch
 from .metrics import compute_metrics
 from .submission import write_submission
-from .tasks import GlueTask, predicted_by, submission_entry
+from .tasks import GlueTask, leaderboard_entry, predicted_by, submission_entry
 
 TEST_PREDICTIONS = "test_predictions.json"
 
@@ -111,6 +113,20 @@ def predict_test(accelerator, recipe: FinetuneRecipe, task: GlueTask, splits: di
         write_submission({name: (e["idx"], e["prediction"]) for name, e in entries.items()}, out / "predictions")
     accelerator.wait_for_everyone()
     return path
+
+
+def has_test_predictions(out: Path) -> bool:
+    """Whether run folder ``out`` holds its test predictions: ``test_predictions.json`` and,
+    under ``predictions/``, the leaderboard TSV of each of its entries and ``submission.zip``."""
+    try:
+        entries = json.loads((out / TEST_PREDICTIONS).read_text())
+        files = []
+        for name in entries:
+            task, split = leaderboard_entry(name)
+            files.append(task.leaderboard_files[split])
+    except (OSError, ValueError, TypeError, KeyError, UserError):  # unreadable: predicted again
+        return False
+    return bool(files) and all((out / "predictions" / name).is_file() for name in [*files, "submission.zip"])
 
 
 def predict_export(recipe: FinetuneRecipe, out: Path) -> Path:

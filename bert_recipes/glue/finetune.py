@@ -55,10 +55,10 @@ from ..training.reporting import Reporter
 from .batching import BatchPlan, collate_batch, load_splits
 from .classifier import build_classifier
 from .data import glue_task_dir, label_mapping, load_glue_split
-from .evaluation import TEST_PREDICTIONS, evaluate, loss_sum, predict_export, predict_test
+from .evaluation import TEST_PREDICTIONS, evaluate, has_test_predictions, loss_sum, predict_export, predict_test
 from .recipe import FinetuneRecipe
 from .reuse import RESULTS, finished_results
-from .tasks import GlueTask, get_task, leaderboard_entry
+from .tasks import GlueTask, get_task
 
 logger = logging.getLogger("bert_recipes")
 
@@ -319,20 +319,6 @@ def predict_if_missing(recipe: FinetuneRecipe, out: Path, results: dict) -> dict
     if launch_state().is_main_process:
         write_json(out / RESULTS, results)
     return results
-
-
-def has_test_predictions(out: Path) -> bool:
-    """Whether run folder ``out`` holds its test predictions: ``test_predictions.json`` and,
-    under ``predictions/``, the leaderboard TSV of each of its entries and ``submission.zip``."""
-    try:
-        entries = json.loads((out / TEST_PREDICTIONS).read_text())
-        files = []
-        for name in entries:
-            task, split = leaderboard_entry(name)
-            files.append(task.leaderboard_files[split])
-    except (OSError, ValueError, TypeError, KeyError, UserError):  # unreadable: predicted again
-        return False
-    return bool(files) and all((out / "predictions" / name).is_file() for name in [*files, "submission.zip"])
 
 
 def finetune_seeds(recipe: FinetuneRecipe, on_log=None) -> dict:
