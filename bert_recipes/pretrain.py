@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .data.checks import check_corpus
-from .data.loader import build_pretraining_dataloader
+from .data.loader import build_pretraining_dataloader, stop_workers
 from .errors import UserError
 from .export import export_pretrained
 from .hub import check_local_folder, ensure_hub_reachable, local_or_hub
@@ -72,7 +72,10 @@ def pretrain(recipe: PretrainRecipe) -> Path:
                     "to continue it", recipe.output_dir, checked.point.step)
         return final
     run, job = build(checked)
-    train(job, run)
+    try:
+        train(job, run)
+    finally:  # stopped, failed or done: the DataLoader workers go now, not at interpreter exit
+        stop_workers(job.batches)
     return export(run, job)
 
 

@@ -159,6 +159,26 @@ def test_sigterm_saves_and_resumes(tmp_path):
     assert (run / "final" / "model.safetensors").is_file()
 
 
+def test_ctrl_c_to_the_process_group_with_dataloader_workers_stops_cleanly(tmp_path):
+    """A terminal's Ctrl-C reaches every process of the group, DataLoader workers included:
+    they ignore it, and the main process finishes its step, saves a checkpoint and exits 130
+    (the workers used to die, and the run crashed without a checkpoint). The run then resumes."""
+    run = tmp_path / "run"
+    overrides = tiny_overrides(run, **{"train.max_steps": 400, "train.save_steps": 0, "data.dataloader_num_workers": 1})
+    proc = cli("pretrain", str(TINY_RECIPE), *overrides, start_new_session=True)  # its own process group
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").stat().st_size):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT, output
+    assert "Traceback" not in output and "resume with resume_from=latest" in output
+    [ckpt] = (run / "checkpoints").glob("checkpoint-*")
+    assert 1 <= int(ckpt.name.split("-")[1]) < 400
+    assert main(["pretrain", str(TINY_RECIPE), *overrides, "resume_from=latest", "train.max_steps=400"]) == 0
+    assert max(train_records(run)) == 400
+
+
 def test_refuses_to_overwrite_another_run(tiny_run, capsys):
     assert main(["pretrain", str(TINY_RECIPE), *tiny_overrides(tiny_run), "overwrite=false"]) == 2
     err = capsys.readouterr().err.strip()

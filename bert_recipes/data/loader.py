@@ -8,6 +8,7 @@ worker is a data shard; ``state_dict()`` / ``load_state_dict()`` resume exactly.
 from __future__ import annotations
 
 import os
+import signal
 import warnings
 from typing import Optional
 
@@ -29,6 +30,32 @@ def make_collator(cfg, tokenizer):
                           fill_rows=cfg.packing == "batch")
 
 
+def ignore_stop_signals(_worker_id: int) -> None:
+    """A DataLoader worker's ``worker_init_fn``: SIGINT and SIGTERM are ignored in the worker.
+    A Ctrl-C in a terminal (or a scheduler's SIGTERM to the process group) reaches the workers
+    too; they must keep serving batches while the main process finishes its step and saves a
+    checkpoint (:class:`~bert_recipes.training.signals.StopRequest`), then shuts them down."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def stop_workers(batches) -> None:
+    """Shut down now the DataLoader workers behind ``batches`` (an iterator of the loader
+    :func:`build_pretraining_dataloader` returns; anything else is left alone), as the
+    iterator's own finaliser does: each gets the end-of-work sentinel and is joined. Workers
+    ignore SIGTERM (:func:`ignore_stop_signals`), so they must not be left to
+    ``multiprocessing``'s exit handler, which terminates and then joins them (it would wait
+    forever); one still alive after the shutdown is killed."""
+    shutdown = getattr(batches, "_shutdown_workers", None)  # the finaliser's own method (torch's DataLoader)
+    if shutdown is None:
+        return
+    shutdown()
+    for worker in getattr(batches, "_workers", ()):
+        if worker.is_alive():
+            worker.kill()
+            worker.join()
+
+
 def build_pretraining_dataloader(cfg, tokenizer, files: list[str], *, batch_size: int, seed: int, rank: int = 0,
                                  world_size: int = 1, infinite: bool = True, max_samples: Optional[int] = None,
                                  num_workers: Optional[int] = None, key: str = "data.train_files"):
@@ -41,7 +68,8 @@ def build_pretraining_dataloader(cfg, tokenizer, files: list[str], *, batch_size
     longest instance of the batch rounded up to ``cfg.pad_to_multiple_of``, but never more
     than ``cfg.max_seq_length`` (when that is not a multiple, a full-length batch has
     ``L = cfg.max_seq_length``). ``num_workers`` defaults to ``cfg.dataloader_num_workers``;
-    each worker is a data shard. ``loader.state_dict()`` / ``load_state_dict()`` restore the
+    each worker is a data shard and ignores SIGINT/SIGTERM (:func:`ignore_stop_signals`).
+    ``loader.state_dict()`` / ``load_state_dict()`` restore the
     exact stream position, with or without workers (torchdata snapshots worker states every
     batch, incrementally). Resume with the same ``world_size`` and number of workers.
 
@@ -71,7 +99,7 @@ def build_pretraining_dataloader(cfg, tokenizer, files: list[str], *, batch_size
     with warnings.catch_warnings():  # torchdata 0.11 calls torch.set_vital, deprecated in recent torch
         warnings.filterwarnings("ignore", message=".*set_vital.*")
         return PretrainingDataLoader(stream, batch_size=batch_size, collate_fn=collator, num_workers=workers,
-                                     generator=generator)
+                                     generator=generator, worker_init_fn=ignore_stop_signals if workers else None)
 
 
 def build_eval_batches(cfg, tokenizer, files: list[str], *, batch_size: int, seed: int, rank: int = 0,
@@ -95,5 +123,5 @@ def build_eval_batches(cfg, tokenizer, files: list[str], *, batch_size: int, see
     return [collator(mine[i : i + batch_size]) for i in range(0, len(mine), batch_size)]
 
 
-__all__ = ["PretrainingStream", "build_eval_batches", "build_pretraining_dataloader", "check_files", "make_collator",
-           "use_index"]
+__all__ = ["PretrainingStream", "build_eval_batches", "build_pretraining_dataloader", "check_files", "ignore_stop_signals",
+           "make_collator", "stop_workers", "use_index"]
