@@ -144,6 +144,34 @@ def test_a_changed_schedule_is_refused_without_opt_in(finished, tmp_path, tokeni
     assert lr[7]["lr"] == pytest.approx(2e-4 * (8 - 7) / (8 - 1), rel=1e-9)
 
 
+def test_a_resume_that_changes_the_model_tokenizer_or_data_is_refused(finished, tmp_path, tokenizer_dir, capsys):
+    """Keys that say what the checkpoint is (architecture, dropout, tokenizer, batch size, the
+    instances' shape) are refused in one line before anything is written: the weights would
+    not load (a traceback before), or the change would be ignored or mixed into the run
+    silently. A bookkeeping change (logging) still resumes."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    args = ["pretrain", str(TINY_RECIPE), *tiny_overrides(run, **{"tokenizer.name_or_path": tokenizer_dir}), "resume_from=latest",
+            "train.max_steps=8"]
+    before = snapshot(run)
+    checkpoint = run / "checkpoints" / "checkpoint-00000006"
+    for change, key, old in (("model.config.hidden_size=64", "model.config.hidden_size", 32),
+                             ("model.config.hidden_dropout_prob=0.3", "model.config.hidden_dropout_prob", 0.1),
+                             ("tokenizer.vocab_size=600", "tokenizer.vocab_size", 500),
+                             ("train.per_device_train_batch_size=2", "train.per_device_train_batch_size", 4),
+                             ("data.max_seq_length=32", "data.max_seq_length", 64)):
+        err = one_error(capsys, [*args, change])
+        new = change.split("=")[1]
+        assert err == (f"error: {key}: {new} differs from the value {old} of checkpoint {checkpoint}; a resume continues "
+                       f"that run's model, tokenizer and data: set {key}={old} to resume it, or output_dir=DIR for a new "
+                       "run (model.name_or_path=<its export> starts from its weights)"), err
+    assert snapshot(run) == before
+    assert main([*args, "train.logging_steps=2"]) == 0
+    assert max(steps(run)) == 8
+
+
 # --------------------------------------------------------------------------- 2. one history after a resume
 
 

@@ -11,6 +11,9 @@ resumed run compares them with the checkpoint's own ``recipe.yaml``:
   ``max_steps``): refused with one line naming the key, unless
   ``train.reschedule_on_resume: true``, which recomputes the schedule with the new values
   from the checkpoint's step (and says so in one line).
+
+Keys that say what the checkpoint is (its model, tokenizer, data stream, batch plan:
+:data:`IDENTITY_PREFIXES`, :data:`IDENTITY_KEYS`) cannot change on resume: refused in one line.
 """
 
 from __future__ import annotations
@@ -26,6 +29,20 @@ from .checkpoint import TRAINER_STATE
 logger = logging.getLogger("bert_recipes")
 
 SCHEDULE_KEYS = ("max_steps", "num_train_epochs", "learning_rate", "lr_scheduler_type", "warmup_ratio", "warmup_steps")
+
+#: Keys that say what a checkpoint IS (its model, tokenizer, data stream or batch plan): a
+#: resume cannot change them (the weights would not load, the saved tokenizer would be
+#: reused silently, or the saved data position would point into another stream). Any key
+#: under these prefixes, and these keys.
+IDENTITY_PREFIXES = ("model.config.", "tokenizer.")
+IDENTITY_KEYS = frozenset({
+    "seed", "task", "model.name_or_path", "tokenizer_name_or_path",
+    "train.per_device_train_batch_size", "train.gradient_accumulation_steps", "train.global_batch_size",
+    "data.max_seq_length", "data.masked_lm_prob", "data.max_predictions_per_seq", "data.short_seq_prob",
+    "data.short_seq_scope", "data.whole_word_mask", "data.random_next_prob", "data.sentence_split",
+    "data.document_split", "data.document_start_regex", "data.text_column", "data.max_train_samples",
+    "data.group_by_length",
+})
 
 
 @dataclass(frozen=True)
@@ -45,24 +62,48 @@ class ResumePoint:
         return f"resume from step {self.step}: {what}: the learning-rate schedule is recomputed with the new values"
 
 
-def _checkpoint_train(path: Path) -> dict:
+def _checkpoint_recipe(path: Path) -> dict:
     from ..recipe_files import parse_yaml
 
     try:
         saved = parse_yaml((path / "recipe.yaml").read_text(encoding="utf-8")) or {}
     except (OSError, ValueError):
         return {}
-    train = saved.get("train") if isinstance(saved, dict) else None
+    return saved if isinstance(saved, dict) else {}
+
+
+def _checkpoint_train(path: Path) -> dict:
+    train = _checkpoint_recipe(path).get("train")
     return train if isinstance(train, dict) else {}
 
 
-def check_resume(recipe, path: Path) -> ResumePoint:
-    """Compare ``recipe`` with the checkpoint at ``path`` (see the module doc).
+def check_identity(recipe, path: Path) -> None:
+    """Refuse a resume whose recipe changes what the checkpoint at ``path`` is
+    (:data:`IDENTITY_PREFIXES`, :data:`IDENTITY_KEYS`), compared with its ``recipe.yaml``.
 
     Raises:
-        UserError: ``train.max_steps`` below the checkpoint's step, or a schedule key changed
-            without ``train.reschedule_on_resume: true``.
+        UserError: one line naming the first such key, its value in the checkpoint and how to go on.
     """
+    from ..recipe_files import flatten
+
+    saved, now = flatten(_checkpoint_recipe(path)), flatten(recipe.model_dump(mode="json"))
+    for key in saved:
+        if (key in IDENTITY_KEYS or key.startswith(IDENTITY_PREFIXES)) and key in now and now[key] != saved[key]:
+            raise UserError(f"{key}: {now[key]} differs from the value {saved[key]} of checkpoint {path}; a resume "
+                            f"continues that run's model, tokenizer and data: set {key}={saved[key]} to resume it, "
+                            "or output_dir=DIR for a new run (model.name_or_path=<its export> starts from its weights)")
+
+
+def check_resume(recipe, path: Path) -> ResumePoint:
+    """Compare ``recipe`` with the checkpoint at ``path`` (see the module doc, and
+    :func:`check_identity`).
+
+    Raises:
+        UserError: ``train.max_steps`` below the checkpoint's step, a schedule key changed
+            without ``train.reschedule_on_resume: true``, or a key of the checkpoint's
+            identity changed.
+    """
+    check_identity(recipe, path)
     step = int(json.loads((path / TRAINER_STATE).read_text())["step"])
     train, saved = recipe.train, _checkpoint_train(path)
     if train.max_steps is not None and train.max_steps < step:
