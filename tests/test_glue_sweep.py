@@ -69,6 +69,14 @@ def test_results_json_md_and_png(sweep):
     assert rows[-1].startswith("| **GLUE score** |") and f"**{100 * summary['glue_score']:.1f}**" in rows[-1]
     assert "MNLI-m / MNLI-mm" in (sweep / "glue_results.md").read_text()
     assert (sweep / "glue_results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert summary["subsampled"] == {} and "Part of the data" not in text  # the whole fixture data
+
+    from bert_recipes.glue.report import results_markdown  # a sweep on part of the data says so
+
+    part = results_markdown({**summary, "subsampled": {"max_train_samples": 500, "max_eval_samples": 100}})
+    assert ("**Part of the data**: trained on at most 500 examples per task (data.max_train_samples); dev metrics on "
+            "at most the first 100 dev examples per task (data.max_eval_samples): not comparable with full GLUE "
+            "results.") in part
 
 
 def rows_of(text: str) -> str:

@@ -145,6 +145,18 @@ def score_text(summary: dict) -> str:
     return text
 
 
+def subsampled_text(subsampled: dict) -> str:
+    """One sentence for a sweep run on part of the data (``data.max_train_samples`` /
+    ``data.max_eval_samples``): its scores are not GLUE's."""
+    parts = []
+    if subsampled.get("max_train_samples"):
+        parts.append(f"trained on at most {subsampled['max_train_samples']} examples per task (data.max_train_samples)")
+    if subsampled.get("max_eval_samples"):
+        parts.append(f"dev metrics on at most the first {subsampled['max_eval_samples']} dev examples per task "
+                     "(data.max_eval_samples)")
+    return "**Part of the data**: " + "; ".join(parts) + ": not comparable with full GLUE results."
+
+
 def results_markdown(summary: dict) -> str:
     """One row per task (dev metrics x 100, mean ± std and median over seeds, the chosen
     configuration, time of all its cells and training examples per second), the GLUE score
@@ -166,6 +178,8 @@ def results_markdown(summary: dict) -> str:
     lines.append(f"| **GLUE score** | | {score_text(summary)} | **{_pct(summary['glue_score'])}** | | | "
                  f"{_duration(total)} | |")
     lines += ["", protocol_text(summary)]
+    if summary.get("subsampled"):
+        lines.append(subsampled_text(summary["subsampled"]))
     if summary.get("estimate_s") is not None:
         lines.append(f"Estimated training time before the start: {_duration(summary['estimate_s'])}.")
     for name, row in summary["tasks"].items():
