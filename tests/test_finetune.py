@@ -193,6 +193,31 @@ def test_pretraining_checkpoint_loads_with_only_the_fresh_head_reported(checkpoi
     assert model.config.num_labels == 3 and model.config.id2label[2] == "contradiction"
 
 
+def test_dropout_is_the_checkpoints_unless_the_recipe_sets_it(checkpoint, caplog):
+    """model.hidden_dropout_prob / attention_probs_dropout_prob / classifier_dropout set the
+    fine-tuning dropout (a checkpoint pretrained without dropout); unset, the checkpoint's
+    stays. The log says which."""
+    from transformers.models.bert.modeling_bert import BertSelfAttention
+
+    caplog.set_level(logging.INFO, logger="bert_recipes")
+    recipe = load_finetune_recipe(GLUE_RECIPES / "rte.yaml", [f"model.name_or_path={checkpoint}"])
+    model = build_classifier(recipe, get_task("rte"))
+    assert (model.config.hidden_dropout_prob, model.config.attention_probs_dropout_prob) == (0.1, 0.1)
+    assert "dropout: hidden 0.1, attention 0.1, classifier 0.1 (the checkpoint's)" in caplog.text
+    caplog.clear()
+    recipe = load_finetune_recipe(GLUE_RECIPES / "rte.yaml", [f"model.name_or_path={checkpoint}", "model.hidden_dropout_prob=0.2",
+                                                              "model.attention_probs_dropout_prob=0", "model.classifier_dropout=0.3"])
+    model = build_classifier(recipe, get_task("rte"))
+    assert (model.config.hidden_dropout_prob, model.config.attention_probs_dropout_prob, model.config.classifier_dropout) \
+        == (0.2, 0.0, 0.3)
+    assert {m.dropout.p for m in model.modules() if isinstance(m, BertSelfAttention)} == {0.0}
+    assert model.dropout.p == 0.3 and model.bert.embeddings.dropout.p == 0.2
+    assert ("dropout: hidden 0.2, attention 0, classifier 0.3 (model.hidden_dropout_prob, "
+            "model.attention_probs_dropout_prob, model.classifier_dropout from the recipe)") in caplog.text
+    with pytest.raises(UserError, match="model.hidden_dropout_prob"):
+        load_finetune_recipe(GLUE_RECIPES / "rte.yaml", [f"model.name_or_path={checkpoint}", "model.hidden_dropout_prob=1.5"])
+
+
 def test_label_mapping_refuses_conflicting_label_sets(task_runs, capsys, tmp_path):
     sst2_model = task_runs["sst2"] / "best"  # id2label: negative, positive
     for task in ("mnli", "stsb", "rte"):

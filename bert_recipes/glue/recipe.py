@@ -25,11 +25,22 @@ class FinetuneModelConfig(Strict):
 
     ``name_or_path`` (required): a pretraining export of this repo (``runs/tiny/final``),
     any local BERT folder, or a Hub id. A fresh classifier head is put on top of it.
+    ``hidden_dropout_prob``, ``attention_probs_dropout_prob``, ``classifier_dropout``: the
+    fine-tuning run's dropout; None (the default) keeps the checkpoint's (a checkpoint
+    pretrained without dropout, Cramming-style, usually fine-tunes with 0.1).
     """
 
     name_or_path: Optional[str] = None  # required (checked by FinetuneRecipe)
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = "sdpa"
     trust_remote_code: bool = False
+    hidden_dropout_prob: Optional[float] = Field(None, ge=0.0, lt=1.0)
+    attention_probs_dropout_prob: Optional[float] = Field(None, ge=0.0, lt=1.0)
+    classifier_dropout: Optional[float] = Field(None, ge=0.0, lt=1.0)
+
+    def dropout_overrides(self) -> dict:
+        """The dropout values the recipe sets (for ``from_pretrained``), without the ones it leaves to the checkpoint."""
+        names = ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout")
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
 
 class FinetuneDataConfig(Strict):

@@ -37,6 +37,7 @@ SCHEDULE_KEYS = ("max_steps", "num_train_epochs", "learning_rate", "lr_scheduler
 IDENTITY_PREFIXES = ("model.config.", "tokenizer.")
 IDENTITY_KEYS = frozenset({
     "seed", "task", "model.name_or_path", "tokenizer_name_or_path",
+    "model.hidden_dropout_prob", "model.attention_probs_dropout_prob", "model.classifier_dropout",
     "train.per_device_train_batch_size", "train.gradient_accumulation_steps", "train.global_batch_size",
     "data.max_seq_length", "data.masked_lm_prob", "data.max_predictions_per_seq", "data.short_seq_prob",
     "data.short_seq_scope", "data.whole_word_mask", "data.random_next_prob", "data.sentence_split",
