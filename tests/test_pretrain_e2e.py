@@ -179,6 +179,21 @@ def test_ctrl_c_to_the_process_group_with_dataloader_workers_stops_cleanly(tmp_p
     assert max(train_records(run)) == 400
 
 
+def test_overwrite_replaces_the_runs_own_files_plots_included_and_nothing_else(tiny_run, tmp_path):
+    """overwrite=true deletes the old run's artefacts, the plots of ``bert-recipes plot`` among
+    them (they would show the old curves next to the new metrics), and keeps other files."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / "plots").mkdir(exist_ok=True)
+    (run / "plots" / "loss.png").write_bytes(b"old curve")
+    (run / "notes.txt").write_text("mine")
+    assert main(["pretrain", str(TINY_RECIPE), *tiny_overrides(run), "overwrite=true"]) == 0
+    assert not (run / "plots").exists() and (run / "notes.txt").read_text() == "mine"
+    assert (run / "final" / "model.safetensors").is_file()
+
+
 def test_refuses_to_overwrite_another_run(tiny_run, capsys):
     assert main(["pretrain", str(TINY_RECIPE), *tiny_overrides(tiny_run), "overwrite=false"]) == 2
     err = capsys.readouterr().err.strip()

@@ -88,7 +88,8 @@ def finetune(recipe: FinetuneRecipe, on_log=None) -> dict:
         ``results.json``'s content: ``task``, ``seed``, ``dev`` (the best evaluation's
         metrics, keys as :func:`~bert_recipes.glue.metrics.compute_metrics`), ``best``
         (export folder), ``best_step``, ``steps``, ``epochs``, ``stopped_early`` (early
-        stopping ended the run), ``train_examples`` (examples trained on), ``precision`` (the
+        stopping ended the run), ``train_examples`` (examples trained on, each epoch's counted
+        again: epochs x the training set), ``precision`` (the
         mixed precision the run trained in: ``precision: auto`` resolved), ``runtime_s``
         (wall seconds), ``examples_per_s`` (train_examples / runtime_s) and
         ``test_predictions`` (a JSON file, or None).

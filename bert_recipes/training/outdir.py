@@ -17,7 +17,7 @@ from ..errors import UserError
 # or exported. A run that failed before that (an empty corpus, a bad tokenizer) leaves only
 # recipe.yaml and tokenizer/, and the same command can simply be run again.
 RUN_MARKERS = ("metrics.jsonl", "checkpoints", "final", "best", "results.json")
-RUN_FILES = (*RUN_MARKERS, "recipe.yaml", "tokenizer", "logs", "summary.json")
+RUN_FILES = (*RUN_MARKERS, "recipe.yaml", "tokenizer", "logs", "summary.json", "plots")  # plots: `bert-recipes plot`'s default folder
 
 
 def check_output_dir(recipe, artefacts: tuple[str, ...] = ()) -> list[str]:
