@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .data.checks import check_corpus
-from .data.loader import build_pretraining_dataloader, stop_workers
+from .data.loader import build_pretraining_dataloader, check_saved_workers, stop_workers
 from .errors import UserError
 from .export import export_pretrained
 from .hub import check_local_folder, ensure_hub_reachable, local_or_hub
@@ -28,7 +28,7 @@ from .pretrain_job import PretrainJob, eval_batches, evaluate
 from .recipe import PretrainRecipe, expand_files, save_recipe
 from .tokenizer import load_tokenizer, recipe_tokenizer, save_tokenizer
 from .training.accelerator import check_launch, launch_state, start_run
-from .training.checkpoint import TrainerState, find_resume_checkpoint, load_checkpoint
+from .training.checkpoint import TrainerState, check_data_layout, find_resume_checkpoint, load_checkpoint
 from .training.loop import Run, train
 from .training.optim import build_optimizer, build_scheduler
 from .training.outdir import check_output_dir
@@ -115,6 +115,9 @@ def preflight(recipe: PretrainRecipe) -> Checked:
     if recipe.resume_from and resume is None:
         refuse_retraining_export(final)
     point = check_resume(recipe, resume) if resume is not None else None
+    if resume is not None:  # the processes and DataLoader workers the data state was saved with
+        check_data_layout(resume, state.num_processes,
+                          lambda saved: check_saved_workers(saved, recipe.data.dataloader_num_workers))
     complete = point is not None and point.step == recipe.train.max_steps and (final / "config.json").is_file()
     return Checked(plan, train_files, eval_files, resume, doomed, point, complete)
 

@@ -172,6 +172,32 @@ def test_a_resume_that_changes_the_model_tokenizer_or_data_is_refused(finished, 
     assert max(steps(run)) == 8
 
 
+def test_a_resume_with_other_processes_or_workers_is_refused_before_anything_is_loaded(finished, tmp_path, tokenizer_dir,
+                                                                                      capsys, caplog):
+    """The data state's layout (one file per process, the DataLoader workers) is checked in the
+    preflight: one line naming what differs, before any "resumed from" line (it used to come
+    after the checkpoint was loaded and logged, naming the workers for a process count)."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    checkpoint = run / "checkpoints" / "checkpoint-00000006"
+    args = ["pretrain", str(TINY_RECIPE), *tiny_overrides(run, **{"tokenizer.name_or_path": tokenizer_dir}), "resume_from=latest",
+            "train.max_steps=8"]
+    caplog.set_level(logging.INFO, logger="bert_recipes")
+    before = snapshot(run)
+    err = one_error(capsys, [*args, "data.dataloader_num_workers=1"])
+    assert err == ("error: data.dataloader_num_workers: the saved data state is for 0 DataLoader worker(s), this run "
+                   "has 1; resume with data.dataloader_num_workers=0")
+    shutil.copy(checkpoint / "data_state_rank0.pt", checkpoint / "data_state_rank1.pt")  # as if saved by 2 processes
+    err = one_error(capsys, args)
+    assert err == (f"error: resume_from: {checkpoint} was saved by 2 process(es) and this launch has 1: resume with 2 "
+                   "(accelerate launch --num_processes 2); each rank's data position is saved separately")
+    assert "resumed from" not in caplog.text
+    (checkpoint / "data_state_rank1.pt").unlink()
+    assert snapshot(run) == before
+
+
 # --------------------------------------------------------------------------- 2. one history after a resume
 
 

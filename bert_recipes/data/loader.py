@@ -30,6 +30,19 @@ def make_collator(cfg, tokenizer):
                           fill_rows=cfg.packing == "batch")
 
 
+def check_saved_workers(state: dict, workers: int) -> None:
+    """Refuse a saved loader ``state`` (``loader.state_dict()``) written with another number of
+    DataLoader workers than ``workers``.
+
+    Raises:
+        DataError: one line naming ``data.dataloader_num_workers`` and the saved number.
+    """
+    saved = state.get("_snapshot", {}).get("_main_snapshot", {}).get("_num_workers", 0) if "_snapshot" in state else 0
+    if ("_snapshot" in state) != (workers > 0) or saved != workers:
+        raise DataError(f"data.dataloader_num_workers: the saved data state is for {saved} DataLoader worker(s), "
+                        f"this run has {workers}; resume with data.dataloader_num_workers={saved}")
+
+
 def ignore_stop_signals(_worker_id: int) -> None:
     """A DataLoader worker's ``worker_init_fn``: SIGINT and SIGTERM are ignored in the worker.
     A Ctrl-C in a terminal (or a scheduler's SIGTERM to the process group) reaches the workers
@@ -90,10 +103,7 @@ def build_pretraining_dataloader(cfg, tokenizer, files: list[str], *, batch_size
     class PretrainingDataLoader(StatefulDataLoader):
         def load_state_dict(self, state: dict) -> None:
             """Raises DataError (one line) for a state saved with another number of workers."""
-            saved = state.get("_snapshot", {}).get("_main_snapshot", {}).get("_num_workers", 0) if "_snapshot" in state else 0
-            if ("_snapshot" in state) != (self.num_workers > 0) or saved != self.num_workers:
-                raise DataError(f"data.dataloader_num_workers: the saved data state is for {saved} DataLoader worker(s), "
-                                f"this run has {self.num_workers}; resume with data.dataloader_num_workers={saved}")
+            check_saved_workers(state, self.num_workers)
             super().load_state_dict(state)
 
     with warnings.catch_warnings():  # torchdata 0.11 calls torch.set_vital, deprecated in recent torch
@@ -123,5 +133,6 @@ def build_eval_batches(cfg, tokenizer, files: list[str], *, batch_size: int, see
     return [collator(mine[i : i + batch_size]) for i in range(0, len(mine), batch_size)]
 
 
-__all__ = ["PretrainingStream", "build_eval_batches", "build_pretraining_dataloader", "check_files", "ignore_stop_signals",
+__all__ = ["PretrainingStream", "build_eval_batches", "build_pretraining_dataloader", "check_files", "check_saved_workers",
+           "ignore_stop_signals",
            "make_collator", "stop_workers", "use_index"]

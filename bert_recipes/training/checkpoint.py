@@ -191,6 +191,23 @@ def save_checkpoint(accelerator, model: torch.nn.Module, scheduler, root: Path, 
     return final
 
 
+def check_data_layout(path: Path, processes: int, check_state=None) -> None:
+    """Before anything is loaded or logged: the checkpoint at ``path`` holds a data state per
+    process of this launch (``data_state_rank<r>.pt`` for r < ``processes``, or none at all);
+    ``check_state(rank 0's state)`` checks the rest of the layout (the DataLoader workers).
+
+    Raises:
+        UserError / DataError: another number of processes (or what ``check_state`` refuses).
+    """
+    saved = len(list(path.glob("data_state_rank*.pt")))
+    if saved and saved != processes:
+        raise UserError(f"resume_from: {path} was saved by {saved} process(es) and this launch has {processes}: "
+                        f"resume with {saved} (accelerate launch --num_processes {saved}); each rank's data position "
+                        "is saved separately")
+    if saved and check_state is not None:
+        check_state(torch.load(path / "data_state_rank0.pt", map_location="cpu", weights_only=True))
+
+
 def load_checkpoint(accelerator, path: Path, scheduler) -> tuple[TrainerState, dict | None]:
     """Restore model, optimizer, ``scheduler``, scaler and RNGs; return the trainer state and
     this rank's data-stream state (None when the checkpoint has none).
