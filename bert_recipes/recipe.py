@@ -266,11 +266,14 @@ class PretrainRecipe(RunConfig):
 # --------------------------------------------------------------------------- validation
 
 
-def validate(schema: type[BaseModel], raw: dict, source: str, overrides: list[str] = ()):
+def validate(schema: type[BaseModel], raw: dict, source: str, overrides: list[str] = (), file_raw: dict | None = None):
     """Validate ``raw`` against ``schema``; raise a one-line :class:`RecipeError`.
 
     The message starts with ``source`` (the recipe file), or with ``override 'key=value'``
-    when the offending key was set by one of ``overrides``.
+    when the offending key was set by one of ``overrides``; or it says the file is another
+    kind of recipe than the command takes (judged on ``file_raw``, the file before the
+    overrides, when given: ``data.glue_dir=...`` on the command line does not make a
+    pretraining recipe a fine-tuning one).
 
     Raises:
         RecipeError: the recipe is invalid.
@@ -280,7 +283,8 @@ def validate(schema: type[BaseModel], raw: dict, source: str, overrides: list[st
     except ValidationError as err:
         item = override_for(error_key(err), list(overrides))
         where = f"override '{item}'" if item else source
-        raise RecipeError(_wrong_kind(schema, raw, source) or format_error(schema, where, err)) from None
+        kind = _wrong_kind(schema, raw if file_raw is None else file_raw, source)
+        raise RecipeError(kind or format_error(schema, where, err)) from None
 
 
 def is_finetuning_recipe(raw: dict) -> bool:
@@ -319,8 +323,9 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None, sch
     Raises:
         RecipeError: one line naming the file/key and what was expected.
     """
-    raw = apply_overrides(load_raw(path), list(overrides or []))
-    return validate(schema, raw, str(path), list(overrides or []))
+    file_raw = load_raw(path)
+    raw = apply_overrides(file_raw, list(overrides or []))
+    return validate(schema, raw, str(path), list(overrides or []), file_raw)
 
 
 __all__ = [

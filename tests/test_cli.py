@@ -38,6 +38,10 @@ def test_user_errors_are_one_line(capsys, tmp_path):
         f"error: {TINY_RECIPE}: a pretraining recipe (it has data.train_files/model.config); run it with "
         f"`bert-recipes pretrain {TINY_RECIPE}`")
     assert run_error(capsys, ["pretrain", str(ddp)]).startswith(f"error: {ddp}: an Accelerate launch config, not a recipe")
+    # judged on the file: fine-tuning overrides on the command line do not hide it
+    assert run_error(capsys, ["finetune", str(TINY_RECIPE), "data.glue_dir=glue", "model.name_or_path=m"]) == (
+        f"error: {TINY_RECIPE}: a pretraining recipe (it has data.train_files/model.config); run it with "
+        f"`bert-recipes pretrain {TINY_RECIPE}`")
 
 
 def test_no_traceback_from_the_installed_command(tmp_path):
