@@ -37,13 +37,14 @@ def build_classifier(recipe: FinetuneRecipe, task: GlueTask):
     keep_head = mapping is not None or (not _generic_labels(config) and len(config.id2label) == task.num_labels)
     labels = {} if mapping is not None else {"num_labels": task.num_labels, "id2label": task.id2label,
                                              "label2id": task.label2id}
+    dropout = spec.dropout_overrides()
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # transformers' load report: replaced by the lines below
     try:
         model, info = load_pretrained(
             BertForSequenceClassification, spec.name_or_path, trust_remote_code=spec.trust_remote_code,
             attn_implementation=runtime_attention(spec.attn_implementation), output_loading_info=True,
-            ignore_mismatched_sizes=not keep_head, **labels, **spec.dropout_overrides(),
+            ignore_mismatched_sizes=not keep_head, **labels, **dropout,
         )
     finally:
         hf_logging.set_verbosity(verbosity)
@@ -53,11 +54,11 @@ def build_classifier(recipe: FinetuneRecipe, task: GlueTask):
     model.config.problem_type = "regression" if task.is_regression else "single_label_classification"
     model.config.finetuning_task = task.name
     _report_loading(info, spec.name_or_path, resuming=bool(recipe.resume_from))
-    cfg, set_here = model.config, spec.dropout_overrides()
+    cfg = model.config
     classifier = cfg.classifier_dropout if cfg.classifier_dropout is not None else cfg.hidden_dropout_prob
     logger.info("dropout: hidden %g, attention %g, classifier %g (%s)", cfg.hidden_dropout_prob,
                 cfg.attention_probs_dropout_prob, classifier,
-                "the checkpoint's" if not set_here else "model." + ", model.".join(set_here) + " from the recipe")
+                "the checkpoint's" if not dropout else "model." + ", model.".join(dropout) + " from the recipe")
     return use_bits_dropout(model)
 
 

@@ -162,10 +162,9 @@ def run_glue(base: str | os.PathLike, tasks: list[str], overrides: list[str] | N
         results["wnli"] = majority_class(wnli_recipe, root / "wnli", predict_test and main)
     results = {name: results[name] for name in tasks if name in results}  # the leaderboard's order
     summary = summarise(results, settings.protocol, settings.wnli if "wnli" in tasks else None)
-    summary.update(recipe=str(base), output_dir=str(root), estimate_s=clock.estimate_s,
-                   subsampled={key: value for key, value in (("max_train_samples", recipes[order[0]].data.max_train_samples),
-                                                             ("max_eval_samples", recipes[order[0]].data.max_eval_samples))
-                               if value} if order else {})
+    data = recipes[order[0]].data if order else None  # the first task's (sizes given on the command line apply to all)
+    subsampled = {key: getattr(data, key) for key in ("max_train_samples", "max_eval_samples") if getattr(data, key, None)}
+    summary.update(recipe=str(base), output_dir=str(root), estimate_s=clock.estimate_s, subsampled=subsampled)
     if main:
         write_report(summary, results, root, predict_test)
     PartialState().wait_for_everyone()

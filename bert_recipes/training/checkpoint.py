@@ -210,21 +210,14 @@ def check_data_layout(path: Path, processes: int, check_state=None) -> None:
 
 def load_checkpoint(accelerator, path: Path, scheduler) -> tuple[TrainerState, dict | None]:
     """Restore model, optimizer, ``scheduler``, scaler and RNGs; return the trainer state and
-    this rank's data-stream state (None when the checkpoint has none).
-
-    Raises:
-        UserError: the checkpoint was saved with a different number of processes.
+    this rank's data-stream state (None when the checkpoint has none). The preflight has
+    checked the data states' layout (:func:`check_data_layout`).
     """
     accelerator.load_state(str(path))
     state = TrainerState.from_dict(json.loads((path / TRAINER_STATE).read_text()))
     scheduler.load_state_dict(state.extra["scheduler"])
     data_file = path / f"data_state_rank{accelerator.process_index}.pt"
     if not data_file.is_file():
-        if (path / "data_state_rank0.pt").is_file():
-            raise UserError(
-                f"resume_from: {path} was saved with a different number of processes "
-                f"(no data state for rank {accelerator.process_index})"
-            )
         return state, None
     data_state = torch.load(data_file, map_location="cpu", weights_only=True)
     return state, data_state
