@@ -33,6 +33,7 @@ from .training.loop import Run, train
 from .training.optim import build_optimizer, build_scheduler
 from .training.outdir import check_output_dir
 from .training.plan import Resolved, resolve
+from .training.precision import precision_by_step
 from .training.resume import ResumePoint, check_resume, refuse_retraining_export, reschedule
 from .training.reporting import Reporter, interactive
 from .training.throughput import peak_flops_per_second
@@ -186,7 +187,8 @@ def export(run: Run, job: PretrainJob) -> Path:
         weights = {key.removeprefix("model."): value for key, value in full_state.items()}
         tokenizer = load_tokenizer(str(run.out / "tokenizer"), key="output_dir/tokenizer")
         export_pretrained(accelerator.unwrap_model(run.model).model, tokenizer, run.recipe, final, job.results,
-                          run.state.step, weights, accelerator.mixed_precision)
+                          run.state.step, weights,
+                          precision_by_step(run.state.extra, accelerator.mixed_precision, run.state.step))
     accelerator.wait_for_everyone()
     run.reporter.write(run.reporter.summary({"steps": run.state.step, "skipped_steps": run.state.skipped_steps,
                                              "export": str(final)}))

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from bert_recipes.training.precision import cpu_flags, resolve_precision
+from bert_recipes.training.precision import cpu_flags, precision_by_step, record_precision, resolve_precision
 
 
 @pytest.mark.parametrize("device, cuda_bf16, flags, expected", [
@@ -95,3 +97,37 @@ def test_fp16_on_a_cpu_is_refused_before_anything_is_written(tmp_path, capsys, c
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: precision: fp16 needs a GPU") and "\n" not in err, err
     assert not (tmp_path / "pre").exists() and not (tmp_path / "ft").exists()
+
+
+def test_precision_by_step_names_each_precision_with_its_steps():
+    """The trainer state's notes (record_precision) -> the model card's words."""
+    extra = {}
+    record_precision(extra, 0, "no")
+    record_precision(extra, 40, "no")  # a resume in the same precision adds nothing
+    assert extra["precision_steps"] == [[1, "no"]]
+    assert precision_by_step(extra, "no", 100) == "no"
+    record_precision(extra, 100, "bf16")
+    assert extra["precision_steps"] == [[1, "no"], [101, "bf16"]]
+    assert precision_by_step(extra, "bf16", 250) == "no for steps 1-100, bf16 for steps 101-250"
+    assert precision_by_step(extra, "bf16", 100) == "no"  # the best checkpoint came before the change
+    assert precision_by_step({}, "bf16", 7) == "bf16"  # no notes (a run that never trained here)
+    older = {"precision_steps": [[31, "bf16"]]}  # resumed from a checkpoint written before notes were kept
+    assert precision_by_step(older, "bf16", 60) == "not recorded for steps 1-30, bf16 for steps 31-60"
+
+
+def test_a_resume_in_another_precision_is_on_the_model_card(tmp_path):
+    """Precision may change on resume; the export's card then says which steps ran in which
+    (it named only the last one), and the checkpoint's state keeps the notes."""
+    from bert_recipes.cli import main
+
+    from .conftest import TINY_RECIPE, tiny_overrides
+
+    run = tmp_path / "run"
+    assert main(["pretrain", str(TINY_RECIPE), *tiny_overrides(run, **{"train.max_steps": 3}), "precision=no"]) == 0
+    assert "precision no, seed" in (run / "final" / "README.md").read_text()
+    assert main(["pretrain", str(TINY_RECIPE), *tiny_overrides(run, **{"train.max_steps": 5}), "precision=bf16",
+                 "resume_from=latest"]) == 0
+    card = (run / "final" / "README.md").read_text()
+    assert "precision no for steps 1-3, bf16 for steps 4-5 (recipe: bf16), seed" in card
+    state = max((run / "checkpoints").glob("checkpoint-*/trainer_state.json"))
+    assert json.loads(state.read_text())["extra"]["precision_steps"] == [[1, "no"], [4, "bf16"]]

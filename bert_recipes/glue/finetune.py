@@ -50,6 +50,7 @@ from ..training.loop import Run, train
 from ..training.optim import build_optimizer, build_scheduler
 from ..training.outdir import check_output_dir
 from ..training.plan import Resolved, resolve
+from ..training.precision import precision_by_step
 from ..training.resume import ResumePoint, check_resume, refuse_retraining_export, reschedule
 from ..training.reporting import Reporter
 from .batching import BatchPlan, collate_batch, load_splits
@@ -264,7 +265,8 @@ class FinetuneJob:
         full_state = run.accelerator.get_state_dict(run.model)  # every rank: gathers FSDP/DeepSpeed shards
         if run.accelerator.is_main_process:
             export_finetuned(run.accelerator.unwrap_model(run.model), self.tokenizer, run.recipe, self.task,
-                             run.out / "best", self.results, step, full_state, run.accelerator.mixed_precision)
+                             run.out / "best", self.results, step, full_state,
+                             precision_by_step(state.extra, run.accelerator.mixed_precision, step))
         run.accelerator.wait_for_everyone()
 
     def data_state(self) -> None:

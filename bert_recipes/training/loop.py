@@ -29,6 +29,7 @@ import torch
 from ..errors import TrainingError
 from .accelerator import sharded_parameters
 from .checkpoint import TrainerState, save_checkpoint
+from .precision import record_precision
 from .signals import RunStopped, StopRequest, any_rank_stopping
 
 logger = logging.getLogger("bert_recipes")
@@ -175,6 +176,7 @@ def train(job: Job, run: Run, checkpoint_at_end: bool = True) -> None:
     saved_at = state.step if state.step else None  # a resumed run starts at its checkpoint
     health = StepHealth(state, accelerator.device, config.max_consecutive_nonfinite_steps)
     on_device = accelerator.mixed_precision != "fp16" and skips_on_device(run.optimizer, run.model)
+    record_precision(state.extra, state.step, accelerator.mixed_precision)  # for the model card
     run.model.train()
     with StopRequest() as stop:
         while state.step < job.total_steps:

@@ -61,4 +61,30 @@ def describe_device(device_type: str) -> str:
     return f"CPU with {', '.join(fast)}" if fast else "CPU without AMX / AVX512-BF16"
 
 
-__all__ = ["FAST_BF16_CPU_FLAGS", "cpu_flags", "describe_device", "resolve_precision"]
+def record_precision(extra: dict, step: int, precision: str) -> None:
+    """Note in a run's trainer state that its steps from ``step + 1`` train in ``precision``
+    (Accelerate's ``mixed_precision``: ``no``, ``bf16``, ``fp16``). ``extra["precision_steps"]``
+    holds ``[first_step, precision]`` pairs, one more each time a resume changes the precision
+    (allowed: see :mod:`.resume`); a checkpoint saves them with its state, so the export's
+    model card can say which steps ran in which precision (:func:`precision_by_step`)."""
+    segments = extra.setdefault("precision_steps", [])
+    if not segments or segments[-1][1] != precision:
+        segments.append([step + 1, precision])
+
+
+def precision_by_step(extra: dict, precision: str, last_step: int) -> str:
+    """What steps 1..``last_step`` of a run trained in, from :func:`record_precision`'s notes:
+    ``precision`` when they name no other (``bf16``), else each precision with its steps
+    (``no for steps 1-100, bf16 for steps 101-200``; steps before the first note, from a
+    checkpoint written before notes were kept: ``not recorded``)."""
+    segments = [(first, name) for first, name in extra.get("precision_steps", []) if first <= last_step]
+    if not segments or (len(segments) == 1 and segments[0][0] == 1):
+        return segments[0][1] if segments else precision
+    if segments[0][0] > 1:
+        segments.insert(0, (1, "not recorded"))
+    ends = [first - 1 for first, _ in segments[1:]] + [last_step]
+    return ", ".join(f"{name} for steps {first}-{end}" for (first, name), end in zip(segments, ends))
+
+
+__all__ = ["FAST_BF16_CPU_FLAGS", "cpu_flags", "describe_device", "precision_by_step", "record_precision",
+           "resolve_precision"]
