@@ -24,6 +24,7 @@ from bert_recipes.glue.batching import BatchPlan
 from bert_recipes.glue.classifier import build_classifier
 from bert_recipes.glue.recipe import FinetuneRecipe, load_finetune_recipe
 from bert_recipes.glue.tasks import TASKS, get_task
+from bert_recipes.training.precision import resolve_precision
 
 from .conftest import REPO
 
@@ -98,8 +99,6 @@ def test_every_task_trains_evaluates_and_exports(task_runs, name):
 
     results = json.loads((out / "results.json").read_text())
     assert set(results["dev"]) == set(task.metrics)
-    from bert_recipes.training.precision import resolve_precision
-
     assert results["precision"] == resolve_precision("auto", "cpu")  # the GLUE default, resolved here
     best = [r for r in evals if r["step"] == results["best_step"]][0]
     assert results["dev"][task.main_metric] == pytest.approx(best[f"eval_{task.main_metric}"])
@@ -130,6 +129,8 @@ def test_test_splits_are_predicted_without_labels(task_runs, name):
         assert len(values["prediction"]) == len(values["idx"])
         if task.is_regression:
             assert all(isinstance(v, float) for v in values["prediction"])
+            if resolve_precision("auto", "cpu") == "bf16":  # the head's float32 scores, not bf16-rounded
+                assert not all(torch.tensor(v).bfloat16().item() == v for v in values["prediction"])
         else:
             assert set(values["prediction"]) <= set(range(task.num_labels))
     tsvs = sorted(p.name for p in (task_runs[name] / "predictions").glob("*.tsv"))
@@ -216,6 +217,30 @@ def test_dropout_is_the_checkpoints_unless_the_recipe_sets_it(checkpoint, caplog
             "model.attention_probs_dropout_prob, model.classifier_dropout from the recipe)") in caplog.text
     with pytest.raises(UserError, match="model.hidden_dropout_prob"):
         load_finetune_recipe(GLUE_RECIPES / "rte.yaml", [f"model.name_or_path={checkpoint}", "model.hidden_dropout_prob=1.5"])
+
+
+def test_the_classifier_output_layer_computes_in_float32_under_bf16(checkpoint):
+    """Under bf16 autocast the encoder runs in bf16 but the head's output layer in float32: an
+    STS-B score is the float32 product of the pooled features (it was rounded to bf16, steps of
+    2**-6 on scores in [2, 4)), with the same parameters and state dict as a plain Linear."""
+    from transformers import BertForSequenceClassification
+
+    recipe = load_finetune_recipe(GLUE_RECIPES / "stsb.yaml", [f"model.name_or_path={checkpoint}"])
+    model = build_classifier(recipe, get_task("stsb")).eval()
+    with torch.no_grad():
+        model.classifier.weight.normal_(0, 1.0)
+        model.classifier.bias.fill_(3.0)  # scores around 3, where bf16's step is 2**-6
+        ids = torch.randint(5, model.config.vocab_size, (64, 12), generator=torch.Generator().manual_seed(0))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(input_ids=ids, output_hidden_states=True)
+            pooled = model.bert.pooler(out.hidden_states[-1])
+        assert pooled.dtype == torch.bfloat16 and out.logits.dtype == torch.float32
+        expected = torch.nn.functional.linear(pooled.float(), model.classifier.weight, model.classifier.bias)
+        assert torch.equal(out.logits, expected)
+        assert (out.logits.bfloat16().float() != out.logits).float().mean() > 0.9  # not bf16 values
+    plain = BertForSequenceClassification(model.config)
+    assert list(model.state_dict()) == list(plain.state_dict())
+    plain.load_state_dict(model.state_dict())  # strict: the same keys and shapes
 
 
 def test_label_mapping_refuses_conflicting_label_sets(task_runs, capsys, tmp_path):

@@ -20,6 +20,7 @@ from ..modeling import classification_logits, load_pretrained
 from ..training.accelerator import in_lockstep
 from ..training.reporting import progress
 from .batching import collate_batch
+from .classifier import use_float32_head
 from .metrics import compute_metrics
 from .submission import write_submission
 from .tasks import GlueTask, leaderboard_entry, predicted_by, submission_entry
@@ -97,7 +98,7 @@ def predict_test(accelerator, recipe: FinetuneRecipe, task: GlueTask, splits: di
     from transformers import BertForSequenceClassification
 
     best = load_pretrained(BertForSequenceClassification, str(out / "best"), key="output_dir/best")
-    best = best.to(accelerator.device)
+    best = use_float32_head(best).to(accelerator.device)  # scores as in training's evaluation
     entries = {}
     tests = {split: submission_entry(task, split) for split in task.test_splits}
     tests.update({other.name: submission_entry(other, "test") for other in predicted_by(task)})
