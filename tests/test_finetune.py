@@ -449,6 +449,30 @@ def test_a_finished_finetune_extends_with_more_steps_and_is_left_alone_otherwise
     assert json.loads((seed_dir / "results.json").read_text())["steps"] == 6
 
 
+def test_keep_final_checkpoint_false_deletes_a_finished_runs_checkpoints_only(checkpoint, tmp_path, capsys):
+    """train.keep_final_checkpoint=false: the finished run keeps best/ and results.json, not
+    checkpoints/; a resume still reuses its results (the key is bookkeeping), and extending it
+    is refused in one line (there is nothing to continue from)."""
+    base = ["finetune", str(GLUE_RECIPES / "sst2.yaml")]
+    args = ["data.max_train_samples=24", "train.per_device_train_batch_size=4", "data.max_eval_samples=8"]
+    run = tmp_path / "run"
+    common = [*base, *overrides(checkpoint, run, **{"data.glue_dir": SAMPLE_GLUE, "train.max_steps": 2}), *args]
+    assert main([*common, "train.keep_final_checkpoint=false"]) == 0
+    assert not (run / "checkpoints").exists()
+    assert (run / "best" / "model.safetensors").is_file() and (run / "results.json").is_file()
+    before = (run / "results.json").read_text()
+    assert main([*common, "resume_from=latest"]) == 0  # the default again: still the same run
+    assert (run / "results.json").read_text() == before
+    capsys.readouterr()
+    assert main([*common, "resume_from=latest", "train.max_steps=4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: resume_from: no complete checkpoint") and "\n" not in err, err
+    assert (run / "results.json").read_text() == before
+    kept = tmp_path / "kept"
+    assert main([*base, *overrides(checkpoint, kept, **{"data.glue_dir": SAMPLE_GLUE, "train.max_steps": 2}), *args]) == 0
+    assert [p.name for p in (kept / "checkpoints").iterdir()] == ["checkpoint-00000002"]  # the default keeps it
+
+
 def test_a_finished_finetune_is_reused_only_for_the_same_recipe(checkpoint, tmp_path, capsys):
     """resume_from=latest on a finished run reuses its results only when nothing that changes
     them differs (logging does not): another precision, model or training-set size is refused

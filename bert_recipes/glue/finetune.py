@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import statistics
 import time
 from dataclasses import dataclass
@@ -274,7 +275,8 @@ class FinetuneJob:
 
 
 def export(run: Run, job: FinetuneJob, started: float) -> dict:
-    """The run's results (and test predictions with ``predict_test``), written to ``results.json``."""
+    """The run's results (and test predictions with ``predict_test``), written to ``results.json``;
+    then, with ``train.keep_final_checkpoint: false``, its ``checkpoints/`` deleted."""
     run.reporter.close()
     state, out, task = run.state, run.out, job.task
     results = {
@@ -296,6 +298,9 @@ def export(run: Run, job: FinetuneJob, started: float) -> dict:
     results["examples_per_s"] = round(results["train_examples"] / max(results["runtime_s"], 1e-9), 2)
     if run.accelerator.is_main_process:
         write_json(out / RESULTS, results)
+        if not run.recipe.train.keep_final_checkpoint:  # after results.json: a crash between leaves a finished run
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)  # (part of a checkpoint fails its manifest)
+            logger.info("%s: checkpoints deleted (train.keep_final_checkpoint: false)", out / "checkpoints")
     run.reporter.write(run.reporter.summary({"steps": state.step, "best_step": results["best_step"],
                                              **{f"best_{k}": v for k, v in results["dev"].items()}, "best": results["best"]}))
     run.accelerator.end_training()

@@ -191,7 +191,7 @@ def plot_grid(tasks: dict[str, dict], path: Path) -> Path | None:
 
 
 # train keys that change how a run is logged or saved, not what it learns: free per task under the fixed protocol
-BOOKKEEPING = ("logging_steps", "save_steps", "save_total_limit", "per_device_eval_batch_size")
+BOOKKEEPING = ("logging_steps", "save_steps", "save_total_limit", "keep_final_checkpoint", "per_device_eval_batch_size")
 
 
 def check_fixed(recipes: dict[str, "FinetuneRecipe"], cells: dict[str, list[dict]]) -> None:

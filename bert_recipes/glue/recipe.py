@@ -78,6 +78,12 @@ class FinetuneTrainConfig(TrainConfig):
     ``early_stopping_patience`` (optional, in evaluations): stop once that many evaluations
     in a row have not beaten the best dev main metric; the best model stays in
     ``output_dir/best``. Set ``eval_steps`` too to evaluate more often than once per epoch.
+
+    ``keep_final_checkpoint: false``: once the run has finished and written ``results.json``,
+    delete its ``checkpoints/`` (weights, optimizer state, RNGs: 3x the export's size; a sweep
+    keeps one per cell and seed). Its ``best/`` export and results stay, and a resume reuses
+    them; only extending it with more steps is then impossible. A stopped or crashed run
+    keeps its checkpoints either way.
     """
 
     num_train_epochs: Optional[float] = Field(3.0, gt=0)
@@ -86,6 +92,7 @@ class FinetuneTrainConfig(TrainConfig):
     warmup_ratio: float = Field(0.1, ge=0.0, le=1.0)
     weight_decay: float = Field(0.01, ge=0.0)
     early_stopping_patience: Optional[int] = Field(None, ge=1)  # evaluations without improvement; None: off
+    keep_final_checkpoint: bool = True  # false: a finished run deletes checkpoints/ (best/ and results stay)
 
 
 GRID_KEYS = tuple(name for name in FinetuneTrainConfig.model_fields)

@@ -26,7 +26,7 @@ RESULTS = "results.json"
 BOOKKEEPING = frozenset({"output_dir", "overwrite", "resume_from", "report_to", "keep_host_memory", "predict_test",
                          "init_from_task", "train.logging_steps", "train.save_steps", "train.save_total_limit",
                          "train.max_consecutive_nonfinite_steps", "train.peak_flops", "train.per_device_eval_batch_size",
-                         "train.reschedule_on_resume"})
+                         "train.reschedule_on_resume", "train.keep_final_checkpoint"})
 
 
 def finished_results(recipe: FinetuneRecipe, out: Path) -> dict | None:
