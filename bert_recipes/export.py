@@ -146,6 +146,7 @@ def finetuning_card(recipe, task, results: dict, steps: int, precision: str | No
     ``precision`` as :func:`pretraining_card`'s."""
     base = recipe.model.name_or_path
     on_hub = not os.path.exists(os.path.expanduser(base))
+    sample = recipe.data.max_eval_samples  # dev metrics on the first N examples of each dev split
     metrics = [
         {"type": key, "value": round(float(value), 6), "name": f"{task.glue_folder} {key}"}
         for key, value in results.items()
@@ -167,7 +168,7 @@ def finetuning_card(recipe, task, results: dict, steps: int, precision: str | No
                             "name": f"GLUE {task.glue_folder}",
                             "type": task.hub_name,
                             "config": task.hub_config,
-                            "split": ", ".join(task.dev_splits),
+                            "split": ", ".join(f"{split}[:{sample}]" if sample else split for split in task.dev_splits),
                         },
                         "metrics": metrics,
                     }
@@ -176,6 +177,9 @@ def finetuning_card(recipe, task, results: dict, steps: int, precision: str | No
         ],
     }
     train = recipe.train
+    part = (f", at most the first {recipe.data.max_train_samples} training examples (data.max_train_samples)"
+            if recipe.data.max_train_samples else "")
+    dev = f"GLUE dev, at most the first {sample} examples (data.max_eval_samples)" if sample else "GLUE dev"
     labels = ", ".join(task.label_names) if task.label_names else "one similarity score in [0, 5] (regression)"
     example = ", ".join('"..."' for _ in task.text_columns)
     body = [
@@ -186,12 +190,12 @@ def finetuning_card(recipe, task, results: dict, steps: int, precision: str | No
         "## Training",
         "",
         f"- task: {task.name} ({' + '.join(task.text_columns)}); labels: {labels}",
-        f"- data: {recipe.data.glue_dir or task.hub_name}, max_seq_length {recipe.data.max_seq_length}",
+        f"- data: {recipe.data.glue_dir or task.hub_name}{part}, max_seq_length {recipe.data.max_seq_length}",
         f"- steps: {steps}, per_device_train_batch_size {train.per_device_train_batch_size}, "
         f"gradient_accumulation_steps {train.gradient_accumulation_steps}, learning_rate {train.learning_rate}, "
         f"warmup_ratio {train.warmup_ratio}, weight_decay {train.weight_decay}, {_precision(recipe, precision)}, "
         f"seed {recipe.seed}",
-        *_evaluation_and_use("GLUE dev", results, [
+        *_evaluation_and_use(dev, results, [
             'classify = pipeline("text-classification", model="PATH_OR_REPO")',
             f"classify({example})" if not task.is_pair else 'classify({"text": "...", "text_pair": "..."})',
         ]),

@@ -473,6 +473,28 @@ def test_keep_final_checkpoint_false_deletes_a_finished_runs_checkpoints_only(ch
     assert [p.name for p in (kept / "checkpoints").iterdir()] == ["checkpoint-00000002"]  # the default keeps it
 
 
+def test_a_run_on_part_of_the_data_says_so_in_its_summary_and_model_card(checkpoint, tmp_path, capsys):
+    """data.max_train_samples / max_eval_samples: the finetune summary says the scores are not
+    GLUE's, and the card names the subsets, its model-index split too (``validation[:8]``)."""
+    from huggingface_hub import ModelCard
+
+    run = tmp_path / "run"
+    assert main(["finetune", str(GLUE_RECIPES / "sst2.yaml"), *overrides(checkpoint, run, **{"data.glue_dir": SAMPLE_GLUE}),
+                 "data.max_train_samples=24", "data.max_eval_samples=8"]) == 0
+    out = capsys.readouterr().out
+    assert ("Part of the data: trained on at most 24 examples (data.max_train_samples); dev metrics on at most the "
+            "first 8 dev examples (data.max_eval_samples): not comparable with full GLUE results.") in out
+    card = (run / "best" / "README.md").read_text()
+    assert "at most the first 24 training examples (data.max_train_samples)" in card
+    assert "## Evaluation (GLUE dev, at most the first 8 examples (data.max_eval_samples))" in card
+    [result] = ModelCard.load(run / "best" / "README.md").data.eval_results[:1]
+    assert result.dataset_split == "validation[:8]"
+    full = tmp_path / "full"
+    assert main(["finetune", str(GLUE_RECIPES / "sst2.yaml"), *overrides(checkpoint, full, **{"data.glue_dir": SAMPLE_GLUE})]) == 0
+    assert "Part of the data" not in capsys.readouterr().out
+    assert "## Evaluation (GLUE dev)" in (full / "best" / "README.md").read_text()
+
+
 def test_a_finished_finetune_is_reused_only_for_the_same_recipe(checkpoint, tmp_path, capsys):
     """resume_from=latest on a finished run reuses its results only when nothing that changes
     them differs (logging does not): another precision, model or training-set size is refused

@@ -61,6 +61,10 @@ def cmd_finetune(args) -> int:
     dev = ", ".join(f"{key} {value:.4f}" + (f" ± {result['dev_std'][key]:.4f}" if "dev_std" in result else "")
                     for key, value in result["dev"].items())
     print(f"{result['task']} dev: {dev}")
+    from .report import subsampled, subsampled_text
+
+    if subsampled(recipe.data):
+        print(subsampled_text(subsampled(recipe.data), scope="", mark=""))
     print(f"best model: {result['best']}")
     if result.get("test_predictions"):
         print(f"test predictions: {result['test_predictions']}")

@@ -145,16 +145,21 @@ def score_text(summary: dict) -> str:
     return text
 
 
-def subsampled_text(subsampled: dict) -> str:
-    """One sentence for a sweep run on part of the data (``data.max_train_samples`` /
-    ``data.max_eval_samples``): its scores are not GLUE's."""
+def subsampled(data) -> dict:
+    """``data.max_train_samples`` / ``data.max_eval_samples`` of a recipe's ``data`` (or None), where set."""
+    return {key: getattr(data, key) for key in ("max_train_samples", "max_eval_samples") if getattr(data, key, None)}
+
+
+def subsampled_text(subsampled: dict, scope: str = " per task", mark: str = "**") -> str:
+    """One sentence for a sweep (or, ``scope=""``, one run) on part of the data
+    (``data.max_train_samples`` / ``data.max_eval_samples``): its scores are not GLUE's."""
     parts = []
     if subsampled.get("max_train_samples"):
-        parts.append(f"trained on at most {subsampled['max_train_samples']} examples per task (data.max_train_samples)")
+        parts.append(f"trained on at most {subsampled['max_train_samples']} examples{scope} (data.max_train_samples)")
     if subsampled.get("max_eval_samples"):
-        parts.append(f"dev metrics on at most the first {subsampled['max_eval_samples']} dev examples per task "
+        parts.append(f"dev metrics on at most the first {subsampled['max_eval_samples']} dev examples{scope} "
                      "(data.max_eval_samples)")
-    return "**Part of the data**: " + "; ".join(parts) + ": not comparable with full GLUE results."
+    return f"{mark}Part of the data{mark}: " + "; ".join(parts) + ": not comparable with full GLUE results."
 
 
 def results_markdown(summary: dict) -> str:

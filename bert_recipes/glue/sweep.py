@@ -46,7 +46,8 @@ from .evaluation import predict_export
 from .finetune import RESULTS, finetune_seeds
 from .grid import GRID_PNG, SweepClock, cell_name, cell_summary, check_fixed, choose, plot_grid
 from .recipe import FinetuneRecipe, FinetuneTrainConfig, SweepConfig
-from .report import entry_names, majority_class, plot_results, results_markdown, summarise, write_test_submission
+from .report import (entry_names, majority_class, plot_results, results_markdown, subsampled, summarise,
+                     write_test_submission)
 from .reuse import finished_results
 from .tasks import TASKS, get_task
 from .transfer import check_architectures, export_encoder
@@ -163,8 +164,7 @@ def run_glue(base: str | os.PathLike, tasks: list[str], overrides: list[str] | N
     results = {name: results[name] for name in tasks if name in results}  # the leaderboard's order
     summary = summarise(results, settings.protocol, settings.wnli if "wnli" in tasks else None)
     data = recipes[order[0]].data if order else None  # the first task's (sizes given on the command line apply to all)
-    subsampled = {key: getattr(data, key) for key in ("max_train_samples", "max_eval_samples") if getattr(data, key, None)}
-    summary.update(recipe=str(base), output_dir=str(root), estimate_s=clock.estimate_s, subsampled=subsampled)
+    summary.update(recipe=str(base), output_dir=str(root), estimate_s=clock.estimate_s, subsampled=subsampled(data))
     if main:
         write_report(summary, results, root, predict_test)
     PartialState().wait_for_everyone()
