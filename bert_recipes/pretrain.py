@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .data.checks import check_corpus
-from .data.loader import build_pretraining_dataloader, check_saved_workers, stop_workers
+from .data.loader import build_pretraining_dataloader, check_saved_data, check_saved_workers, stop_workers
 from .errors import UserError
 from .export import export_pretrained
 from .hub import check_local_folder, ensure_hub_reachable, local_or_hub
@@ -104,7 +104,7 @@ def preflight(recipe: PretrainRecipe) -> Checked:
     eval_files = expand_files(recipe.data.eval_files, "data.eval_files")
     if train_files:
         check_has_text(train_files, "data.train_files")
-    check_corpus(recipe.data, train_files, "data.train_files")  # builds the (cached) index: before any deletion
+    fingerprint = check_corpus(recipe.data, train_files, "data.train_files")  # builds the (cached) index: before any deletion
     if eval_files:
         check_corpus(recipe.data, eval_files, "data.eval_files")
     state = launch_state()
@@ -117,8 +117,11 @@ def preflight(recipe: PretrainRecipe) -> Checked:
         refuse_retraining_export(final)
     point = check_resume(recipe, resume) if resume is not None else None
     if resume is not None:  # the processes and DataLoader workers the data state was saved with
-        check_data_layout(resume, state.num_processes,
-                          lambda saved: check_saved_workers(saved, recipe.data.dataloader_num_workers))
+        def check_saved(saved: dict) -> None:  # rank 0's loader state: its workers, then its streams
+            check_saved_workers(saved, recipe.data.dataloader_num_workers)
+            check_saved_data(saved, recipe.data, fingerprint)
+
+        check_data_layout(resume, state.num_processes, check_saved)
     complete = point is not None and point.step == recipe.train.max_steps and (final / "config.json").is_file()
     return Checked(plan, train_files, eval_files, resume, doomed, point, complete)
 
@@ -145,8 +148,6 @@ def build(checked: Checked) -> tuple[Run, PretrainJob]:
     recipe = checked.plan.recipe
     accelerator, out = start_run(checked.plan, checked.doomed)
     tokenizer = prepare_tokenizer(recipe, out, accelerator, checked.train_files, resumed=checked.resume is not None)
-    if accelerator.is_main_process:
-        save_recipe(recipe, out)
     model = build_pretraining_model(recipe, tokenizer)
     objective = BertPreTrainingObjective(model, sparse_mlm_head=recipe.model.sparse_mlm_head)
     if recipe.train.torch_compile:
@@ -160,7 +161,7 @@ def build(checked: Checked) -> tuple[Run, PretrainJob]:
     )
     state = TrainerState()
     if checked.resume is not None:
-        state, data_state = load_checkpoint(accelerator, checked.resume, scheduler)
+        state, data_state = load_checkpoint(accelerator, checked.resume, scheduler, optimizer)
         if data_state is not None:
             loader.load_state_dict(data_state)
         logger.info("resumed from %s at step %d", checked.resume, state.step)
@@ -168,6 +169,8 @@ def build(checked: Checked) -> tuple[Run, PretrainJob]:
             before = scheduler.get_last_lr()[0]
             reschedule(scheduler, recipe.train.learning_rate)
             logger.warning("%s; lr %.3g -> %.3g", checked.point.note(), before, scheduler.get_last_lr()[0])
+    if accelerator.is_main_process:  # after the resume's own checks: a refused resume leaves the run's recipe.yaml
+        save_recipe(recipe, out)
     has_eval = bool(checked.eval_files) or bool(recipe.data.dataset_name and recipe.data.eval_dataset_split)
     evaluator = (lambda: evaluate(accelerator, objective, *eval_batches(recipe, tokenizer, checked.eval_files, accelerator),
                                   tokenizer)) if has_eval else None

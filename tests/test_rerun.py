@@ -198,6 +198,90 @@ def test_a_resume_with_other_processes_or_workers_is_refused_before_anything_is_
     assert snapshot(run) == before
 
 
+def test_a_resume_that_changes_the_data_stream_is_refused_before_anything_is_written(finished, tmp_path, tokenizer_dir,
+                                                                                     capsys, caplog):
+    """The stream's own settings (interleaving, shuffle buffer, ...) are identity keys, and the
+    saved data state is checked against the corpus, its access mode and the packing mode in the
+    preflight: a helper found these accepted (another data stream, silently) or refused only
+    after "resumed from", with the refused values already in the run's recipe.yaml."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    args = ["pretrain", str(TINY_RECIPE), *tiny_overrides(run, **{"tokenizer.name_or_path": tokenizer_dir}), "resume_from=latest",
+            "train.max_steps=8"]
+    caplog.set_level(logging.INFO, logger="bert_recipes")
+    before = snapshot(run)
+    for change, start in (("data.interleave_documents=4", "error: data.interleave_documents: 4 differs from the value 16"),
+                          ("data.shuffle_buffer_size=10", "error: data.shuffle_buffer_size: 10 differs from the value 16"),
+                          (f"data.train_files=[{SAMPLE_TRAIN[0]}]",
+                           "error: data.train_files: the corpus differs from the one this data state was saved on"),
+                          ("data.corpus_access=stream", "error: data.corpus_access: the saved data state was read with "
+                                                        "corpus_access index, this run uses stream"),
+                          ("data.packing=true", "error: data.packing: the saved data state was written with data.packing "
+                                                "false or batch (instances), this run has true")):
+        err = one_error(capsys, [*args, change])
+        assert err.startswith(start), (change, err)
+    assert "resumed from" not in caplog.text
+    assert snapshot(run) == before  # recipe.yaml included
+    assert main([*args, "data.packing=false"]) == 0  # the same instances, collated another way
+
+
+def test_a_resume_trains_with_the_recipes_optimizer_settings(finished, tmp_path, tokenizer_dir, caplog):
+    """Loading the optimizer's state restored the checkpoint's weight decay, betas and epsilon
+    over the recipe's, while recipe.yaml recorded the new values (found by a helper). The
+    recipe's now apply from the resume step, logged; the learning rate stays the schedule's."""
+    import shutil
+
+    import torch
+
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    caplog.set_level(logging.INFO, logger="bert_recipes")
+    assert main(["pretrain", str(TINY_RECIPE), *tiny_overrides(run, **{"tokenizer.name_or_path": tokenizer_dir}),
+                 "resume_from=latest", "train.max_steps=7", "train.weight_decay=0.5", "train.adam_epsilon=0.001",
+                 "train.adam_beta2=0.98"]) == 0
+    assert ("resume from step 6: the recipe's optimizer settings apply: weight_decay 0.01 -> 0.5, betas (0.9, 0.999) -> "
+            "(0.9, 0.98), eps 1e-06 -> 0.001") in caplog.text
+    groups = torch.load(run / "checkpoints" / "checkpoint-00000007" / "optimizer.bin", weights_only=False)["param_groups"]
+    assert [(g["weight_decay"], tuple(g["betas"]), g["eps"]) for g in groups] == [(0.5, (0.9, 0.98), 0.001),
+                                                                                  (0.0, (0.9, 0.98), 0.001)]
+    caplog.clear()
+    assert main(["pretrain", str(TINY_RECIPE), *tiny_overrides(run, **{"tokenizer.name_or_path": tokenizer_dir}),
+                 "resume_from=latest", "train.max_steps=8", "train.weight_decay=0.5", "train.adam_epsilon=0.001",
+                 "train.adam_beta2=0.98"]) == 0
+    assert "optimizer settings apply" not in caplog.text  # the same settings: nothing to say
+
+
+def test_a_finetune_resume_on_other_data_or_processes_is_refused(checkpoint, tmp_path, capsys, caplog):
+    """A fine-tuning checkpoint's batch plan indexes its train split under its number of
+    processes: another data.glue_dir (found by a helper: 67,349 examples where the checkpoint
+    had 200) or another process count is refused in one line before anything is written."""
+    import shutil
+
+    run = tmp_path / "run"
+    common = ["finetune", str(REPO / "recipes" / "glue" / "sst2.yaml"), f"model.name_or_path={checkpoint}",
+              f"output_dir={run}", "train.max_steps=2", "train.per_device_train_batch_size=4", "data.max_eval_samples=4"]
+    sample, fixtures = REPO / "data" / "sample" / "glue", REPO / "tests" / "fixtures" / "glue"
+    assert main([*common, f"data.glue_dir={sample}"]) == 0
+    (run / "results.json").unlink()  # as if stopped at its last checkpoint
+    before = snapshot(run)
+    saved = run / "checkpoints" / "checkpoint-00000002"
+    err = one_error(capsys, [*common, f"data.glue_dir={fixtures}", "resume_from=latest"])
+    assert err.startswith(f"error: data.glue_dir: the sst2 train split from {fixtures} (") and "\n" not in err
+    assert f"is not the one checkpoint {saved} trained on (" in err
+    shutil.copy(saved / "random_states_0.pkl", saved / "random_states_1.pkl")  # as if saved by 2 processes
+    err = one_error(capsys, [*common, f"data.glue_dir={sample}", "resume_from=latest"])
+    assert err == (f"error: resume_from: {saved} was saved by 2 process(es) and this launch has 1: resume with 2 "
+                   "(accelerate launch --num_processes 2); each rank's random state and share of the batches is saved "
+                   "separately")
+    (saved / "random_states_1.pkl").unlink()
+    assert snapshot(run) == before
+    copy = tmp_path / "copy"  # the same data in another folder resumes
+    shutil.copytree(sample, copy)
+    assert main([*common, f"data.glue_dir={copy}", "resume_from=latest"]) == 0
+
+
 # --------------------------------------------------------------------------- 2. one history after a resume
 
 
@@ -232,7 +316,7 @@ def test_a_run_that_failed_before_its_first_step_can_be_retried(tmp_path, tokeni
 
     monkeypatch.setattr(pretrain_module, "build_pretraining_dataloader", broken)
     assert one_error(capsys, args) == "error: data.train_files: something the user fixes"
-    assert sorted(p.name for p in run.iterdir()) == ["recipe.yaml", "tokenizer"]  # what it left
+    assert sorted(p.name for p in run.iterdir()) == ["tokenizer"]  # what it left (recipe.yaml comes with the data)
     monkeypatch.undo()
     assert main(args) == 0  # the same command again
     assert steps(run) == [1, 2, 3, 4, 5, 6]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Optional
 
 from ..errors import DataError
 from .index import build_index, random_access_problem
@@ -55,18 +56,24 @@ def check_document_count(index, cfg, key: str, where: str) -> None:
                         f"random-next B segments; {fix}, or set data.random_next_prob=0 (IsNext pairs only)")
 
 
-def check_corpus(cfg, files: list[str], key: str = "data.train_files") -> None:
+def check_corpus(cfg, files: list[str], key: str = "data.train_files") -> Optional[str]:
     """The checks a :class:`PretrainingStream` makes before reading, without a tokenizer (a
     preflight): files present and not all empty, the index buildable (it is cached for the
     run), more than one document for NSP.
+
+    Returns:
+        The index's fingerprint (what a saved data state names), or None for a corpus read
+        as a stream.
 
     Raises:
         DataError: naming ``key``, the file and the fix.
     """
     check_files(files, cfg, key)
-    if use_index(files, cfg):
-        index = build_index(files, cfg, show_progress=False)
-        check_document_count(index, cfg, key, f"{len(files)} file(s)")
+    if not use_index(files, cfg):
+        return None
+    index = build_index(files, cfg, show_progress=False)
+    check_document_count(index, cfg, key, f"{len(files)} file(s)")
+    return index.fingerprint
 
 
 __all__ = ["check_corpus", "check_document_count", "check_files", "use_index"]

@@ -18,7 +18,7 @@ from ..errors import DataError
 from .collator import PretrainingCollator
 from .packing import PackedCollator
 from .checks import check_files, use_index
-from .stream import PretrainingStream
+from .stream import PretrainingStream, check_saved_state
 
 
 def make_collator(cfg, tokenizer):
@@ -41,6 +41,22 @@ def check_saved_workers(state: dict, workers: int) -> None:
     if ("_snapshot" in state) != (workers > 0) or saved != workers:
         raise DataError(f"data.dataloader_num_workers: the saved data state is for {saved} DataLoader worker(s), "
                         f"this run has {workers}; resume with data.dataloader_num_workers={saved}")
+
+
+def check_saved_data(state, cfg, fingerprint: Optional[str], key: str = "data.train_files") -> None:
+    """Check every stream state inside a saved loader ``state`` (the main process's and each
+    DataLoader worker's) with :func:`~.stream.check_saved_state`: a resume's preflight, before
+    anything is written (the loader itself checks them only once its iterator starts).
+
+    Raises:
+        DataError: see :func:`~.stream.check_saved_state`.
+    """
+    if isinstance(state, dict):
+        if state.get("version") is not None and "access" in state:  # a PretrainingStream's state
+            check_saved_state(state, cfg, fingerprint, key)
+            return
+        for value in state.values():
+            check_saved_data(value, cfg, fingerprint, key)
 
 
 def ignore_stop_signals(_worker_id: int) -> None:
@@ -133,6 +149,7 @@ def build_eval_batches(cfg, tokenizer, files: list[str], *, batch_size: int, see
     return [collator(mine[i : i + batch_size]) for i in range(0, len(mine), batch_size)]
 
 
-__all__ = ["PretrainingStream", "build_eval_batches", "build_pretraining_dataloader", "check_files", "check_saved_workers",
+__all__ = ["PretrainingStream", "build_eval_batches", "build_pretraining_dataloader", "check_files", "check_saved_data",
+           "check_saved_workers",
            "ignore_stop_signals",
            "make_collator", "stop_workers", "use_index"]

@@ -67,6 +67,38 @@ class _StreamState:
     packer: dict = field(default_factory=lambda: {"window": [], "ready": []})  # data.packing: see packing.pack_rows
 
 
+def check_saved_state(state: dict, cfg, fingerprint: Optional[str], key: str = "data.train_files") -> None:
+    """Whether a saved stream ``state`` (:meth:`PretrainingStream.state_dict`) can resume a
+    stream of ``cfg`` over a corpus whose index has ``fingerprint`` (None: read as a stream,
+    not indexed). Used by :meth:`PretrainingStream.load_state_dict` and, before anything is
+    written, by a resume's preflight (:func:`~.loader.check_saved_data`).
+
+    Raises:
+        DataError: a state of another format version, corpus access mode, corpus (files,
+            their contents, the document/sentence split) or packing mode (rows packed by the
+            stream, ``data.packing: true``, against instances).
+    """
+    if state.get("version") != STATE_VERSION:
+        raise DataError(f"data state: unsupported version {state.get('version')!r} (expected {STATE_VERSION}); "
+                        "it was saved by another version of bert-recipes")
+    if "epoch" not in state:
+        return
+    access = "index" if fingerprint is not None else "stream"
+    if state["access"] != access:  # first: the access mode changes the fingerprint too
+        raise DataError(f"data.corpus_access: the saved data state was read with corpus_access {state['access']}, "
+                        f"this run uses {access}; resume with the same data settings")
+    if state.get("corpus") not in (None, fingerprint):
+        raise DataError(f"{key}: the corpus differs from the one this data state was saved on (files, their "
+                        "contents or data.document_split/sentence_split changed); resume with the same data, or "
+                        "start a new run (overwrite=true or another output_dir)")
+    rows = state.get("emits") == "rows"
+    if rows != (cfg.packing is True):
+        saved = "true (rows packed by the stream)" if rows else "false or batch (instances)"
+        raise DataError(f"data.packing: the saved data state was written with data.packing {saved}, this run has "
+                        f"{str(cfg.packing).lower()}; resume with data.packing="
+                        f"{'true' if rows else 'batch'} (its stream keeps rows being packed)")
+
+
 class PretrainingStream(torch.utils.data.IterableDataset):
     """Masked NSP instances from ``files``, sharded, shuffled and resumable.
 
@@ -210,26 +242,9 @@ class PretrainingStream(torch.utils.data.IterableDataset):
         """Resume from :meth:`state_dict` at the next ``iter()`` (a state without position restarts).
 
         Raises:
-            DataError: a state of another format version, corpus access mode, or packing mode
-                (rows packed by the stream, ``data.packing: true``, against instances).
+            DataError: see :func:`check_saved_state`.
         """
-        if state.get("version") != STATE_VERSION:
-            raise DataError(f"data state: unsupported version {state.get('version')!r} (expected {STATE_VERSION}); "
-                            "it was saved by another version of bert-recipes")
-        access = "index" if self.corpus is not None else "stream"
-        if "epoch" in state and state.get("corpus") not in (None, self._fingerprint()):
-            raise DataError(f"{self.key}: the corpus differs from the one this data state was saved on (files, their "
-                            "contents or data.document_split/sentence_split changed); resume with the same data, or "
-                            "start a new run (overwrite=true or another output_dir)")
-        if "epoch" in state and state["access"] != access:
-            raise DataError(f"data.corpus_access: the saved data state was read with corpus_access {state['access']}, "
-                            f"this run uses {access}; resume with the same data settings")
-        rows = state.get("emits") == "rows"
-        if "epoch" in state and rows != (self._emits() == "rows"):
-            saved = "true (rows packed by the stream)" if rows else "false or batch (instances)"
-            raise DataError(f"data.packing: the saved data state was written with data.packing {saved}, this run has "
-                            f"{str(self.cfg.packing).lower()}; resume with data.packing="
-                            f"{'true' if rows else 'batch'} (its stream keeps rows being packed)")
+        check_saved_state(state, self.cfg, self._fingerprint(), self.key)
         self._pending = state if "epoch" in state else None
         self._live = None
 
@@ -350,4 +365,4 @@ class PretrainingStream(torch.utils.data.IterableDataset):
             )
 
 
-__all__ = ["PretrainingStream"]
+__all__ = ["PretrainingStream", "check_saved_state"]

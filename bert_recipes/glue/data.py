@@ -293,6 +293,18 @@ _KEPT: dict = {}  # the split a preflight loaded (load_glue_split(keep=True)), u
 # --------------------------------------------------------------------------- features
 
 
+def split_fingerprint(dataset, task: "str | GlueTask") -> dict:
+    """What identifies a loaded split for a resume: ``{"examples": N, "sha256": ...}`` over its
+    text columns and labels, in order (the batch plan indexes into exactly these examples),
+    whatever folder or Hub cache it came from."""
+    import hashlib
+    import json
+
+    columns = dataset.select_columns([*get_task(task).text_columns, "label"]).to_dict()
+    digest = hashlib.sha256(json.dumps(columns, ensure_ascii=False, sort_keys=True).encode())
+    return {"examples": len(dataset), "sha256": digest.hexdigest()}
+
+
 def has_labels(dataset) -> bool:
     """True when every example is labelled, False when none is (``label == -1``).
 

@@ -46,7 +46,7 @@ from ..modeling import classification_logits, device_count, load_config
 from ..recipe import save_recipe
 from ..tokenizer import recipe_tokenizer
 from ..training.accelerator import check_launch, launch_state, start_run
-from ..training.checkpoint import TrainerState, find_resume_checkpoint, load_checkpoint
+from ..training.checkpoint import TRAINER_STATE, TrainerState, check_data_layout, find_resume_checkpoint, load_checkpoint
 from ..training.loop import Run, train
 from ..training.optim import build_optimizer, build_scheduler
 from ..training.outdir import check_output_dir
@@ -56,7 +56,7 @@ from ..training.resume import ResumePoint, check_resume, refuse_retraining_expor
 from ..training.reporting import Reporter
 from .batching import BatchPlan, collate_batch, load_splits
 from .classifier import build_classifier
-from .data import glue_task_dir, label_mapping, load_glue_split
+from .data import glue_task_dir, label_mapping, load_glue_split, split_fingerprint
 from .evaluation import TEST_PREDICTIONS, evaluate, has_test_predictions, loss_sum, predict_export, predict_test
 from .recipe import FinetuneRecipe
 from .reuse import RESULTS, finished_results
@@ -76,6 +76,7 @@ class Checked:
     resume: Path | None
     doomed: list[str]
     point: ResumePoint | None = None
+    train_split: dict | None = None  # the train split's fingerprint (glue.data.split_fingerprint)
 
 
 def finetune(recipe: FinetuneRecipe, on_log=None) -> dict:
@@ -136,7 +137,7 @@ def preflight(recipe: FinetuneRecipe) -> Checked:
                         f"max_position_embeddings ({config.max_position_embeddings})")
     if recipe.data.glue_dir is not None:
         glue_task_dir(recipe.data.glue_dir, task)
-    load_glue_split(task, "train", recipe.data.glue_dir, keep=True)  # found, readable, labelled (build reuses it)
+    train = load_glue_split(task, "train", recipe.data.glue_dir, keep=True)  # found, readable, labelled (build reuses it)
     state = launch_state()
     plan = resolve(recipe, state.num_processes, log=False)  # logged by build: errors come alone
     check_launch(recipe, plan.accumulation)
@@ -145,7 +146,26 @@ def preflight(recipe: FinetuneRecipe) -> Checked:
     if recipe.resume_from and resume is None:
         refuse_retraining_export(Path(recipe.output_dir) / "best")
     point = check_resume(recipe, resume) if resume is not None else None
-    return Checked(plan, task, resume, doomed, point)
+    fingerprint = split_fingerprint(train, task)
+    if resume is not None:  # the processes, and the training examples, the checkpoint's batch plan was made for
+        check_data_layout(resume, state.num_processes)
+        check_train_split(resume, fingerprint, recipe)
+    return Checked(plan, task, resume, doomed, point, fingerprint)
+
+
+def check_train_split(path: Path, fingerprint: dict, recipe: FinetuneRecipe) -> None:
+    """The checkpoint at ``path`` trained on the same train split (:func:`split_fingerprint`,
+    in its trainer state; checkpoints written before it was kept are not checked).
+
+    Raises:
+        UserError: one line: another split (another ``data.glue_dir``, or edited files).
+    """
+    saved = json.loads((path / TRAINER_STATE).read_text()).get("extra", {}).get("train_split")
+    if saved and saved != fingerprint:
+        source = recipe.data.glue_dir or "the Hub"
+        raise UserError(f"data.glue_dir: the {recipe.task} train split from {source} ({fingerprint['examples']} examples) "
+                        f"is not the one checkpoint {path} trained on ({saved['examples']} examples, another content "
+                        "hash): resume with that data, or output_dir=DIR for a new run")
 
 
 def build(checked: Checked) -> tuple[Run, "FinetuneJob"]:
@@ -171,13 +191,14 @@ def build(checked: Checked) -> tuple[Run, "FinetuneJob"]:
     model, optimizer = accelerator.prepare(model, optimizer)
     state = TrainerState()
     if checked.resume is not None:
-        state, _ = load_checkpoint(accelerator, checked.resume, scheduler)
+        state, _ = load_checkpoint(accelerator, checked.resume, scheduler, optimizer)
         restore_best(state, out / "best", task)
         logger.info("resumed from %s at step %d", checked.resume, state.step)
         if checked.point.changed:
             before = scheduler.get_last_lr()[0]
             reschedule(scheduler, train_cfg.learning_rate)
             logger.warning("%s; lr %.3g -> %.3g", checked.point.note(), before, scheduler.get_last_lr()[0])
+    state.extra.setdefault("train_split", checked.train_split)  # what a resume must train on (check_train_split)
     logger.info("%s: %d training examples, %d steps per epoch, %d steps", task.name, len(splits["train"]),
                 plan.steps_per_epoch, total_steps)
     reporter = Reporter(accelerator, out, total_steps, initial_step=state.step, desc=f"finetune {task.name}")

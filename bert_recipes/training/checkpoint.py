@@ -192,30 +192,52 @@ def save_checkpoint(accelerator, model: torch.nn.Module, scheduler, root: Path, 
 
 
 def check_data_layout(path: Path, processes: int, check_state=None) -> None:
-    """Before anything is loaded or logged: the checkpoint at ``path`` holds a data state per
-    process of this launch (``data_state_rank<r>.pt`` for r < ``processes``, or none at all);
-    ``check_state(rank 0's state)`` checks the rest of the layout (the DataLoader workers).
+    """Before anything is loaded or logged: the checkpoint at ``path`` was saved by as many
+    processes as this launch has (``processes``): a data state per process
+    (``data_state_rank<r>.pt``) or, without those (fine-tuning), Accelerate's random states
+    (``random_states_<r>.pkl``); ``check_state(rank 0's data state)`` checks the rest of the
+    layout (the DataLoader workers).
 
     Raises:
         UserError / DataError: another number of processes (or what ``check_state`` refuses).
     """
     saved = len(list(path.glob("data_state_rank*.pt")))
-    if saved and saved != processes:
-        raise UserError(f"resume_from: {path} was saved by {saved} process(es) and this launch has {processes}: "
-                        f"resume with {saved} (accelerate launch --num_processes {saved}); each rank's data position "
-                        "is saved separately")
+    ranks = saved or len(list(path.glob("random_states_*.pkl")))  # Accelerate's, one per process
+    if ranks and ranks != processes:
+        raise UserError(f"resume_from: {path} was saved by {ranks} process(es) and this launch has {processes}: "
+                        f"resume with {ranks} (accelerate launch --num_processes {ranks}); each rank's "
+                        f"{'data position' if saved else 'random state and share of the batches'} is saved separately")
     if saved and check_state is not None:
         check_state(torch.load(path / "data_state_rank0.pt", map_location="cpu", weights_only=True))
 
 
-def load_checkpoint(accelerator, path: Path, scheduler) -> tuple[TrainerState, dict | None]:
+def _settings(group: dict) -> dict:
+    """An optimizer param group's settings but its parameters and learning rate (the schedule's)."""
+    return {key: value for key, value in group.items() if key not in ("params", "lr", "initial_lr")}
+
+
+def load_checkpoint(accelerator, path: Path, scheduler, optimizer=None) -> tuple[TrainerState, dict | None]:
     """Restore model, optimizer, ``scheduler``, scaler and RNGs; return the trainer state and
     this rank's data-stream state (None when the checkpoint has none). The preflight has
     checked the data states' layout (:func:`check_data_layout`).
+
+    ``optimizer`` (the prepared one, built from the recipe): its settings other than the
+    learning rate (``weight_decay``, ``betas``, ``eps``, ...) stay the recipe's, and a change
+    from the checkpoint's is logged. Loading an optimizer's state restores the saved settings,
+    so a resume with a new ``train.weight_decay`` or ``adam_epsilon`` ran with the old one while
+    its ``recipe.yaml`` said the new one. The learning rate is the schedule's (:mod:`.resume`).
     """
+    recipe_groups = [_settings(group) for group in optimizer.param_groups] if optimizer is not None else []
     accelerator.load_state(str(path))
     state = TrainerState.from_dict(json.loads((path / TRAINER_STATE).read_text()))
     scheduler.load_state_dict(state.extra["scheduler"])
+    changed = {}
+    for group, wanted in zip(optimizer.param_groups if optimizer is not None else (), recipe_groups):
+        changed.update({key: (group[key], value) for key, value in wanted.items() if group.get(key) != value})
+        group.update(wanted)
+    if changed:
+        logger.info("resume from step %d: the recipe's optimizer settings apply: %s", state.step,
+                    ", ".join(f"{key} {old} -> {new}" for key, (old, new) in changed.items()))
     data_file = path / f"data_state_rank{accelerator.process_index}.pt"
     if not data_file.is_file():
         return state, None

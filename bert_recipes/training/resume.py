@@ -42,7 +42,8 @@ IDENTITY_KEYS = frozenset({
     "data.max_seq_length", "data.masked_lm_prob", "data.max_predictions_per_seq", "data.short_seq_prob",
     "data.short_seq_scope", "data.whole_word_mask", "data.random_next_prob", "data.sentence_split",
     "data.document_split", "data.document_start_regex", "data.text_column", "data.max_train_samples",
-    "data.group_by_length",
+    "data.group_by_length", "data.interleave_documents", "data.shuffle_buffer_size", "data.random_next_buffer_size",
+    "data.packing_window", "data.dataset_name", "data.dataset_config_name", "data.dataset_split",
 })
 
 
