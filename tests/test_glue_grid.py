@@ -138,6 +138,33 @@ def test_an_interrupted_sweep_resumes_cell_by_cell(grid_sweep, checkpoint, tmp_p
     assert glue(checkpoint, copy, "rte", *GRID) == 2
 
 
+def test_a_moved_sweep_predicts_with_and_into_its_own_folders(grid_sweep, checkpoint, tmp_path):
+    """results.json files name the export and predictions of the folder a run trained in; a
+    copied or moved sweep resumed with --predict-test predicted with the original's export and
+    wrote there, or failed once the original was gone (found by a helper)."""
+    out, _ = grid_sweep
+    first, moved = tmp_path / "first", tmp_path / "moved"
+    shutil.copytree(out, first)
+    shutil.move(first, moved)  # "first", where its results.json files point, is gone
+    for stale in [*moved.rglob("test_predictions.json"), *moved.rglob("predictions")]:
+        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    assert glue(checkpoint, moved, "rte", *GRID, "resume_from=latest", "--predict-test") == 0
+    result = json.loads((moved / "rte" / "results.json").read_text())
+    assert result["best"].startswith(str(moved / "rte")) and Path(result["best"]).is_dir()
+    assert result["test_predictions"].startswith(str(moved / "rte")) and Path(result["test_predictions"]).is_file()
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before  # the original: untouched
+
+
+def test_init_from_task_finds_a_moved_sweeps_chosen_encoder(tmp_path):
+    from bert_recipes.glue.sweep import finished_best
+
+    root = tmp_path / "now"
+    (root / "mnli" / "lr2e-05" / "seed-1" / "best").mkdir(parents=True)
+    (root / "mnli" / "results.json").write_text(json.dumps({"best": str(tmp_path / "then" / "mnli" / "lr2e-05" / "seed-1" / "best")}))
+    assert finished_best(root, "mnli") == str(root / "mnli" / "lr2e-05" / "seed-1" / "best")
+
+
 def test_a_finished_sweep_with_a_larger_grid_or_more_seeds_trains_only_what_is_new(grid_sweep, checkpoint, tmp_path,
                                                                                  caplog, capsys):
     """resume_from=latest after the grid gained a learning rate and the seeds a third seed: the

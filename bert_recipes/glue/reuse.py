@@ -15,6 +15,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..recipe_files import flatten, read_yaml
 from ..training.resume import SCHEDULE_KEYS
+from .evaluation import TEST_PREDICTIONS
 from .recipe import FinetuneRecipe
 
 #: A finished run's (or sweep cell's) results file.
@@ -27,6 +28,19 @@ BOOKKEEPING = frozenset({"output_dir", "overwrite", "resume_from", "report_to", 
                          "init_from_task", "train.logging_steps", "train.save_steps", "train.save_total_limit",
                          "train.max_consecutive_nonfinite_steps", "train.peak_flops", "train.per_device_eval_batch_size",
                          "train.reschedule_on_resume", "train.keep_final_checkpoint"})
+
+
+def rebased(results: dict, out: Path) -> dict:
+    """A finished run's ``results`` (from ``out/results.json``) with its ``best`` export and
+    ``test_predictions`` paths in ``out``, where the run is now: they were written with the
+    folder it trained in, so a copied or moved run (or sweep) pointed into the original and
+    predicted there (found by a helper). A run's export is ``out/best``; a run of several seeds
+    points into its ``best_seed``'s folder."""
+    folder = out / f"seed-{results['best_seed']}" if results.get("best_seed") is not None else out
+    results = {**results, "best": str(folder / "best")}
+    if results.get("test_predictions"):
+        results["test_predictions"] = str(folder / TEST_PREDICTIONS)
+    return results
 
 
 def finished_results(recipe: FinetuneRecipe, out: Path) -> dict | None:
@@ -43,7 +57,7 @@ def finished_results(recipe: FinetuneRecipe, out: Path) -> dict | None:
     """
     if not (recipe.resume_from and (out / RESULTS).is_file()):
         return None
-    results = json.loads((out / RESULTS).read_text())
+    results = rebased(json.loads((out / RESULTS).read_text()), out)
     if not (out / "recipe.yaml").is_file():
         return results
     saved, now = flatten(read_yaml(out / "recipe.yaml") or {}), flatten(recipe.model_dump(mode="json"))

@@ -216,6 +216,10 @@ def finished_best(root: Path, task: str) -> str:
     path = root / task / RESULTS
     if path.is_file():
         best = json.loads(path.read_text()).get("best")
+        parts = Path(best).parts if best else ()
+        if task in parts:  # the export's place under the task's folder, wherever the sweep is now (copied, moved)
+            here = root / task / Path(*parts[len(parts) - parts[::-1].index(task):])
+            best = str(here) if here.is_dir() else best
         if best and Path(best).is_dir():
             return best
     raise UserError(f"init_from_task '{task}': add {task} to --tasks (it runs first) or finish it into "
