@@ -165,6 +165,26 @@ def test_init_from_task_finds_a_moved_sweeps_chosen_encoder(tmp_path):
     assert finished_best(root, "mnli") == str(root / "mnli" / "lr2e-05" / "seed-1" / "best")
 
 
+def test_overwrite_replaces_a_sweeps_own_results_only(grid_sweep, checkpoint, tmp_path):
+    """overwrite=true on a sweep deletes the earlier sweep's cells, report and submission for
+    its tasks before training (its stale submission.zip and cells used to stay beside the new
+    results), and keeps other files."""
+    out, _ = grid_sweep
+    copy = tmp_path / "sweep"
+    shutil.copytree(out, copy)
+    assert (copy / "submission" / "submission.zip").is_file() and (copy / "rte" / "lr1e-05").is_dir()
+    (copy / "notes.txt").write_text("mine")
+    (copy / "rte" / "notes.txt").write_text("mine too")
+    inside = copy / "rte" / "lr0.001" / "seed-1" / "best"  # a model it would delete: refused, nothing deleted
+    assert glue(inside, copy, "rte", "sweep.grid.learning_rate=[1.0e-4]", "seeds=[3]", "overwrite=true") == 2
+    assert (copy / "submission" / "submission.zip").is_file() and inside.is_dir()
+    assert glue(checkpoint, copy, "rte", "sweep.grid.learning_rate=[1.0e-4]", "seeds=[3]", "overwrite=true") == 0
+    assert sorted(p.name for p in (copy / "rte").iterdir() if p.is_dir()) == ["lr0.0001"]
+    assert not (copy / "submission").exists()
+    assert (copy / "notes.txt").read_text() == "mine" and (copy / "rte" / "notes.txt").read_text() == "mine too"
+    assert list(json.loads((copy / "glue_results.json").read_text())["tasks"]) == ["rte"]
+
+
 def test_a_finished_sweep_with_a_larger_grid_or_more_seeds_trains_only_what_is_new(grid_sweep, checkpoint, tmp_path,
                                                                                  caplog, capsys):
     """resume_from=latest after the grid gained a learning rate and the seeds a third seed: the

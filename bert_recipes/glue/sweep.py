@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -40,6 +41,7 @@ from ..atomic import write_json, write_text
 from ..errors import UserError
 from ..recipe import save_recipe, validate
 from ..recipe_files import apply_overrides, deep_merge, load_raw, read_yaml
+from ..training.outdir import RUN_FILES
 from ..training.reporting import progress
 from .data import glue_task_dir
 from .evaluation import predict_export
@@ -56,6 +58,8 @@ logger = logging.getLogger("bert_recipes")
 
 TRAINABLE = tuple(name for name, task in TASKS.items() if task.dev_splits)
 RESULTS_JSON, RESULTS_MD, RESULTS_PNG = "glue_results.json", "glue_results.md", "glue_results.png"
+#: What a sweep writes into its root (besides the tasks' folders and the grid heatmap).
+SWEEP_FILES = (RESULTS_JSON, RESULTS_MD, RESULTS_PNG, "submission", "encoders")
 
 
 def parse_tasks(text: str | None) -> list[str]:
@@ -146,6 +150,12 @@ def run_glue(base: str | os.PathLike, tasks: list[str], overrides: list[str] | N
     from accelerate import PartialState
 
     main = PartialState().is_main_process
+    if root_raw.get("overwrite"):
+        doomed = sweep_doomed(root, [*recipes.values(), *([wnli_recipe] if wnli_recipe else [])])
+        if main:
+            for path in doomed:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        PartialState().wait_for_everyone()
     clock = SweepClock(*planned_work(recipes, cells), printer=print if main else (lambda *a, **k: None))
     results = {}
     with progress(total=len(order), desc="GLUE tasks", main=main) as bar:
@@ -169,6 +179,34 @@ def run_glue(base: str | os.PathLike, tasks: list[str], overrides: list[str] | N
         write_report(summary, results, root, predict_test)
     PartialState().wait_for_everyone()
     return summary
+
+
+def sweep_doomed(root: Path, recipes: list[FinetuneRecipe]) -> list[Path]:
+    """What ``overwrite=true`` on a sweep deletes before its first run: the report, the
+    submission and the exported encoders in ``root``, and in each of these tasks' folders its
+    results and every run or cell folder (one holding a ``recipe.yaml`` or ``results.json``);
+    other files stay. An earlier sweep's stale cells and its ``submission.zip`` used to stay
+    next to the new results (found by a helper).
+
+    Raises:
+        UserError: a model or tokenizer a task reads lies inside what would be deleted.
+    """
+    doomed = [root / name for name in (*SWEEP_FILES, GRID_PNG)]
+    for recipe in recipes:
+        folder = Path(recipe.output_dir)
+        doomed += [folder / name for name in RUN_FILES]
+        if folder.is_dir():
+            doomed += [child for child in sorted(folder.iterdir())
+                       if child.is_dir() and ((child / "recipe.yaml").exists() or (child / RESULTS).exists())]
+    doomed = [path for path in dict.fromkeys(doomed) if path.exists()]
+    for recipe in recipes:
+        for key, source in recipe.reads().items():
+            read = Path(os.path.expanduser(source)).resolve()
+            for path in doomed:
+                if read == path.resolve() or path.resolve() in read.parents:
+                    raise UserError(f"output_dir: '{path}' contains {key} '{source}', which this sweep reads; "
+                                    "overwrite=true would delete it: choose another output_dir")
+    return doomed
 
 
 def check_sweep(recipes: dict[str, FinetuneRecipe], settings: SweepConfig, root: Path) -> tuple[dict, list[str]]:
