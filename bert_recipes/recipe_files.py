@@ -213,6 +213,17 @@ def flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
+def as_override(value) -> str:
+    """``value`` (a recipe value, or :func:`flatten`'s ``str`` of one) as a command-line
+    override writes it: ``null`` for None, ``true`` / ``false``, else its text
+    (``set model.hidden_dropout_prob=None`` in a message was itself an invalid override)."""
+    if value is None or value == "None":
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
 def save_recipe(recipe: BaseModel, directory: str | os.PathLike, name: str = "recipe.yaml") -> Path:
     """Write the resolved recipe to ``directory/name`` atomically."""
     directory = Path(directory)

@@ -543,6 +543,9 @@ def test_a_finished_run_resumed_with_predict_test_writes_its_test_predictions(ch
     (later / "predictions" / "SST-2.tsv").unlink()  # a deleted leaderboard file is predicted again
     assert main([*base, *overrides(checkpoint, later, predict_test="true", resume_from="latest", **common), *args]) == 0
     assert (later / "predictions" / "SST-2.tsv").read_text() == (direct / "predictions" / "SST-2.tsv").read_text()
+    (later / "predictions" / "SST-2.tsv").write_text("")  # an emptied one too
+    assert main([*base, *overrides(checkpoint, later, predict_test="true", resume_from="latest", **common), *args]) == 0
+    assert (later / "predictions" / "SST-2.tsv").read_text() == (direct / "predictions" / "SST-2.tsv").read_text()
     copy = tmp_path / "copy"  # a run folder copied without its predictions: its own are written
     shutil.copytree(direct, copy)
     (copy / "test_predictions.json").unlink()

@@ -276,6 +276,8 @@ def test_a_finetune_resume_on_other_data_or_processes_is_refused(checkpoint, tmp
                    "(accelerate launch --num_processes 2); each rank's random state and share of the batches is saved "
                    "separately")
     (saved / "random_states_1.pkl").unlink()
+    err = one_error(capsys, [*common, f"data.glue_dir={sample}", "resume_from=latest", "model.hidden_dropout_prob=0.3"])
+    assert "set model.hidden_dropout_prob=null to resume it" in err  # an override that parses (it said =None)
     assert snapshot(run) == before
     copy = tmp_path / "copy"  # the same data in another folder resumes
     shutil.copytree(sample, copy)

@@ -118,7 +118,8 @@ def predict_test(accelerator, recipe: FinetuneRecipe, task: GlueTask, splits: di
 
 def has_test_predictions(out: Path) -> bool:
     """Whether run folder ``out`` holds its test predictions: ``test_predictions.json`` and,
-    under ``predictions/``, the leaderboard TSV of each of its entries and ``submission.zip``."""
+    under ``predictions/``, the leaderboard TSV of each of its entries and ``submission.zip``
+    (not empty)."""
     try:
         entries = json.loads((out / TEST_PREDICTIONS).read_text())
         files = []
@@ -127,7 +128,8 @@ def has_test_predictions(out: Path) -> bool:
             files.append(task.leaderboard_files[split])
     except (OSError, ValueError, TypeError, KeyError, UserError):  # unreadable: predicted again
         return False
-    return bool(files) and all((out / "predictions" / name).is_file() for name in [*files, "submission.zip"])
+    paths = [out / "predictions" / name for name in [*files, "submission.zip"]]
+    return bool(files) and all(path.is_file() and path.stat().st_size > 0 for path in paths)  # an emptied file: again
 
 
 def predict_export(recipe: FinetuneRecipe, out: Path) -> Path:

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from ..errors import UserError
-from ..recipe_files import flatten, read_yaml
+from ..recipe_files import as_override, flatten, read_yaml
 from ..training.resume import SCHEDULE_KEYS
 from .evaluation import TEST_PREDICTIONS
 from .recipe import FinetuneRecipe
@@ -68,6 +68,6 @@ def finished_results(recipe: FinetuneRecipe, out: Path) -> dict | None:
     if other:
         key = other[0]
         raise UserError(f"{key}: {now.get(key)} differs from {saved.get(key)} of the finished run in '{out}', whose "
-                        f"results would be reused as this recipe's: set {key}={saved.get(key)} to reuse them, "
+                        f"results would be reused as this recipe's: set {key}={as_override(saved.get(key))} to reuse them, "
                         "output_dir=DIR for a new run, or overwrite=true to retrain it")
     return None if changed else results

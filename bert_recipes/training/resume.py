@@ -86,14 +86,15 @@ def check_identity(recipe, path: Path) -> None:
     Raises:
         UserError: one line naming the first such key, its value in the checkpoint and how to go on.
     """
-    from ..recipe_files import flatten
+    from ..recipe_files import as_override, flatten
 
     saved, now = flatten(_checkpoint_recipe(path)), flatten(recipe.model_dump(mode="json"))
     for key in saved:
         if (key in IDENTITY_KEYS or key.startswith(IDENTITY_PREFIXES)) and key in now and now[key] != saved[key]:
             raise UserError(f"{key}: {now[key]} differs from the value {saved[key]} of checkpoint {path}; a resume "
-                            f"continues that run's model, tokenizer and data: set {key}={saved[key]} to resume it, "
-                            "or output_dir=DIR for a new run (model.name_or_path=<its export> starts from its weights)")
+                            f"continues that run's model, tokenizer and data: set {key}={as_override(saved[key])} to "
+                            "resume it, or output_dir=DIR for a new run (model.name_or_path=<its export> starts from "
+                            "its weights)")
 
 
 def check_resume(recipe, path: Path) -> ResumePoint:
@@ -105,6 +106,8 @@ def check_resume(recipe, path: Path) -> ResumePoint:
             without ``train.reschedule_on_resume: true``, or a key of the checkpoint's
             identity changed.
     """
+    from ..recipe_files import as_override
+
     check_identity(recipe, path)
     step = int(json.loads((path / TRAINER_STATE).read_text())["step"])
     train, saved = recipe.train, _checkpoint_train(path)
@@ -119,7 +122,7 @@ def check_resume(recipe, path: Path) -> ResumePoint:
         key = refused[0]
         old, new = changed[key]
         raise UserError(f"train.{key}: {new} differs from the value {old} of checkpoint {path}; resuming with another "
-                        f"schedule is refused: set train.{key}={old} to continue the same schedule, or "
+                        f"schedule is refused: set train.{key}={as_override(old)} to continue the same schedule, or "
                         "train.reschedule_on_resume=true to recompute it with the new values from the checkpoint's step")
     return ResumePoint(path, step, changed)
 
