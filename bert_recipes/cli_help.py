@@ -40,7 +40,8 @@ def keys_help(schema) -> str:
     width = max(len(key) for key, _, _ in rows)
     kinds = max(len(kind) for _, kind, _ in rows)
     lines = [f"  {key:<{width}}  {kind:<{kinds}}  default: {default}" for key, kind, default in rows]
-    return "recipe keys (override any with key.path=value):\n" + "\n".join(lines)
+    return ("recipe keys (override any with key.path=value; the defaults below are the schema's, a recipe file\n"
+            "sets its own: `bert-recipes show RECIPE` prints every value a run would use):\n" + "\n".join(lines))
 
 
 def recipe_args(parser: argparse.ArgumentParser) -> None:

@@ -68,11 +68,14 @@ def cmd_finetune(args) -> int:
     print(f"best model: {result['best']}")
     if result.get("test_predictions"):
         print(f"test predictions: {result['test_predictions']}")
+        warn_incomplete_submission([result["task"]], "predict_test", "`bert-recipes glue RECIPE --predict-test` "
+                                   "fine-tunes every task and writes one")
     return 0
 
 
-def warn_incomplete_submission(tasks: list[str]) -> None:
-    """One line on stderr when ``--predict-test`` runs only some tasks: gluebenchmark.com
+def warn_incomplete_submission(tasks: list[str], asked: str = "--predict-test",
+                               fix: str = "run all tasks (no --tasks) for one") -> None:
+    """One line on stderr when test predictions (``asked``) cover only some tasks: gluebenchmark.com
     scores a submission only with every task's test predictions (and AX, from MNLI)."""
     import sys
 
@@ -80,9 +83,8 @@ def warn_incomplete_submission(tasks: list[str]) -> None:
 
     missing = [name for name in TRAINABLE if name not in tasks]
     if missing:
-        print(f"warning: --predict-test with {len(tasks)} of the {len(TRAINABLE)} GLUE tasks (missing "
-              f"{','.join(missing)}): the zip is not a complete leaderboard submission; run all tasks "
-              "(no --tasks) for one", file=sys.stderr)
+        print(f"warning: {asked} with {len(tasks)} of the {len(TRAINABLE)} GLUE tasks (missing "
+              f"{','.join(missing)}): the zip is not a complete leaderboard submission; {fix}", file=sys.stderr)
 
 
 def cmd_glue(args) -> int:
