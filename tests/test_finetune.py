@@ -490,8 +490,11 @@ def test_a_run_on_part_of_the_data_says_so_in_its_summary_and_model_card(checkpo
     [result] = ModelCard.load(run / "best" / "README.md").data.eval_results[:1]
     assert result.dataset_split == "validation[:8]"
     full = tmp_path / "full"
-    assert main(["finetune", str(GLUE_RECIPES / "sst2.yaml"), *overrides(checkpoint, full, **{"data.glue_dir": SAMPLE_GLUE})]) == 0
-    assert "Part of the data" not in capsys.readouterr().out
+    assert main(["finetune", str(GLUE_RECIPES / "sst2.yaml"), *overrides(checkpoint, full, **{"data.glue_dir": SAMPLE_GLUE}),
+                 "predict_test=true"]) == 0
+    printed = capsys.readouterr()
+    assert "Part of the data" not in printed.out
+    assert "warning: predict_test with 1 of the" in printed.err and "not a complete leaderboard submission" in printed.err
     assert "## Evaluation (GLUE dev)" in (full / "best" / "README.md").read_text()
 
 
