@@ -101,9 +101,9 @@ def pretraining_card(recipe, results: dict, steps: int, precision: str | None = 
 
 
 def _write_export(model, tokenizer, recipe, directory: str | os.PathLike, card: str, eval_results: dict,
-                  state_dict: dict | None = None) -> Path:
-    """Weights (safetensors), config, tokenizer, recipe.yaml, README.md and eval_results.json,
-    written next to ``directory`` and renamed into place."""
+                  state_dict: dict | None = None, extra_json: dict | None = None) -> Path:
+    """Weights (safetensors), config, tokenizer, recipe.yaml, README.md, eval_results.json and
+    ``extra_json`` (``{file name: content}``), written next to ``directory`` and renamed into place."""
     directory = Path(directory)
     tmp = directory.with_name(f".{directory.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -122,6 +122,8 @@ def _write_export(model, tokenizer, recipe, directory: str | os.PathLike, card: 
     save_recipe(recipe, tmp)
     write_text(tmp / "README.md", card)
     write_json(tmp / "eval_results.json", eval_results)
+    for name, content in (extra_json or {}).items():
+        write_json(tmp / name, content)
     make_readable(tmp)
     if directory.exists():
         shutil.rmtree(directory)
@@ -204,13 +206,15 @@ def finetuning_card(recipe, task, results: dict, steps: int, precision: str | No
 
 
 def export_finetuned(model, tokenizer, recipe, task, directory: str | os.PathLike, results: dict, steps: int,
-                     state_dict: dict | None = None, precision: str | None = None) -> Path:
+                     state_dict: dict | None = None, precision: str | None = None,
+                     extra_json: dict | None = None) -> Path:
     """Write the Hub-ready export of a fine-tuned ``BertForSequenceClassification``.
 
     The folder holds the weights, config (``id2label`` with the task's label names),
-    tokenizer, ``recipe.yaml``, ``README.md`` (model card with the dev results) and
-    ``eval_results.json``; it is written next to ``directory`` and renamed into place.
-    ``state_dict`` and ``precision`` as in :func:`export_pretrained`.
+    tokenizer, ``recipe.yaml``, ``README.md`` (model card with the dev results),
+    ``eval_results.json`` and ``extra_json`` (the run's ``dev_predictions.json``); it is
+    written next to ``directory`` and renamed into place. ``state_dict`` and ``precision`` as
+    in :func:`export_pretrained`.
     """
     return _write_export(model, tokenizer, recipe, directory, finetuning_card(recipe, task, results, steps, precision),
-                         {"task": task.name, "step": steps, **results}, state_dict)
+                         {"task": task.name, "step": steps, **results}, state_dict, extra_json)

@@ -109,8 +109,22 @@ def test_every_task_trains_evaluates_and_exports(task_runs, name):
     assert config["problem_type"] == ("regression" if task.is_regression else "single_label_classification")
     if not task.is_regression:
         assert list(config["id2label"].values()) == list(task.label_names)
-    for name_ in ("model.safetensors", "tokenizer.json", "recipe.yaml", "README.md", "eval_results.json"):
+    for name_ in ("model.safetensors", "tokenizer.json", "recipe.yaml", "README.md", "eval_results.json",
+                  "dev_predictions.json"):
         assert (out / "best" / name_).is_file(), name_
+    # the best model's dev predictions give back its reported metrics
+    from bert_recipes.glue.metrics import compute_metrics
+
+    predictions = json.loads((out / "best" / "dev_predictions.json").read_text())
+    assert set(predictions) == set(task.dev_splits)
+    recomputed = {}
+    for split, values in predictions.items():
+        assert values["idx"] == fixture_idx(name, split) and len(values["label"]) == len(values["prediction"])
+        outputs = np.asarray(values["prediction"] if task.is_regression else values["logits"])
+        if not task.is_regression:
+            assert values["prediction"] == outputs.argmax(-1).tolist()
+        recomputed.update(compute_metrics(task, outputs, np.asarray(values["label"]), split=split))
+    assert recomputed == pytest.approx(results["dev"])
     card = (out / "best" / "README.md").read_text()
     assert "pipeline_tag: text-classification" in card and f"GLUE {task.glue_folder}" in card
     assert f"precision {results['precision']} (recipe: auto)," in card  # what auto resolved to

@@ -26,6 +26,8 @@ from .submission import write_submission
 from .tasks import GlueTask, leaderboard_entry, predicted_by, submission_entry
 
 TEST_PREDICTIONS = "test_predictions.json"
+#: The dev predictions of a run's best model, in its export (``best/``).
+DEV_PREDICTIONS = "dev_predictions.json"
 
 
 def loss_sum(logits: torch.Tensor, labels: torch.Tensor, task: GlueTask) -> torch.Tensor:
@@ -67,25 +69,32 @@ def predict(accelerator, model, dataset, collator, batch_size: int) -> np.ndarra
     return outputs[:, 0] if unwrapped.config.problem_type == "regression" else outputs
 
 
-def evaluate(accelerator, model, task: GlueTask, splits: dict, collator, batch_size: int) -> tuple[dict, dict]:
+def evaluate(accelerator, model, task: GlueTask, splits: dict, collator, batch_size: int) -> tuple[dict, dict, dict]:
     """Metrics on every dev split (MNLI: matched and mismatched).
 
     Returns:
-        ``(results, record)``: the task's metrics (``compute_metrics`` keys) and the
-        ``eval_``-prefixed record for metrics.jsonl, with the mean dev loss.
+        ``(results, record, predictions)``: the task's metrics (``compute_metrics`` keys), the
+        ``eval_``-prefixed record for metrics.jsonl with the mean dev loss, and per dev split
+        its examples' ``idx``, ``label`` and ``prediction`` (class id, or STS-B's score) and,
+        for classification, ``logits`` (what :data:`DEV_PREDICTIONS` holds, for checking the
+        metrics or an error analysis).
     """
     started = time.perf_counter()
-    results, total_loss, count = {}, 0.0, 0
+    results, total_loss, count, predictions = {}, 0.0, 0, {}
     for split in task.dev_splits:
         outputs = predict(accelerator, model, splits[split], collator, batch_size)
         references = np.asarray(splits[f"raw/{split}"]["label"])
         results.update(compute_metrics(task, outputs, references, split=split))
+        predictions[split] = {"idx": list(splits[f"raw/{split}"]["idx"]), "label": references.tolist(),
+                              "prediction": outputs.tolist() if task.is_regression else outputs.argmax(-1).tolist()}
+        if not task.is_regression:
+            predictions[split]["logits"] = outputs.tolist()
         total_loss += float(loss_sum(torch.as_tensor(outputs if not task.is_regression else outputs[:, None]),
                                     torch.as_tensor(references), task))
         count += len(references)
     record = {f"eval_{key}": value for key, value in results.items()}
     record.update(eval_loss=total_loss / count, eval_runtime_s=round(time.perf_counter() - started, 3))
-    return results, record
+    return results, record, predictions
 
 
 def predict_test(accelerator, recipe: FinetuneRecipe, task: GlueTask, splits: dict, collator, out: Path) -> Path:

@@ -57,7 +57,7 @@ from ..training.reporting import Reporter
 from .batching import BatchPlan, collate_batch, load_splits
 from .classifier import build_classifier
 from .data import glue_task_dir, label_mapping, load_glue_split, split_fingerprint
-from .evaluation import TEST_PREDICTIONS, evaluate, has_test_predictions, loss_sum, predict_export, predict_test
+from .evaluation import DEV_PREDICTIONS, TEST_PREDICTIONS, evaluate, has_test_predictions, loss_sum, predict_export, predict_test
 from .recipe import FinetuneRecipe
 from .reuse import RESULTS, finished_results
 from .tasks import GlueTask, get_task
@@ -227,6 +227,7 @@ class FinetuneJob:
         self.plan, self.total_steps = plan, total_steps
         self.device = run.accelerator.device
         self.results: dict = {}
+        self.predictions: dict = {}  # the last evaluation's, per dev split (glue.evaluation.evaluate)
         self.on_log = None  # callable(step, examples, seconds) or None
         if run.state.extra.get("stopped_early"):  # resumed after early stopping: nothing left to train
             self.total_steps = run.state.step
@@ -264,8 +265,8 @@ class FinetuneJob:
 
     def evaluate(self) -> dict:
         run = self.run
-        self.results, record = evaluate(run.accelerator, run.model, self.task, self.splits, self.collator,
-                                        run.recipe.train.per_device_eval_batch_size)
+        self.results, record, self.predictions = evaluate(run.accelerator, run.model, self.task, self.splits,
+                                                          self.collator, run.recipe.train.per_device_eval_batch_size)
         return {"epoch": round(run.state.step / self.plan.steps_per_epoch, 4), **record}
 
     def after_evaluation(self, record: dict, step: int) -> None:
@@ -288,7 +289,8 @@ class FinetuneJob:
         if run.accelerator.is_main_process:
             export_finetuned(run.accelerator.unwrap_model(run.model), self.tokenizer, run.recipe, self.task,
                              run.out / "best", self.results, step, full_state,
-                             precision_by_step(state.extra, run.accelerator.mixed_precision, step))
+                             precision_by_step(state.extra, run.accelerator.mixed_precision, step),
+                             {DEV_PREDICTIONS: self.predictions})
         run.accelerator.wait_for_everyone()
 
     def data_state(self) -> None:
