@@ -272,9 +272,9 @@ def test_early_stopping_stops_at_the_patience_and_keeps_the_best(checkpoint, tmp
     real = finetune_module.evaluate
 
     def scripted(*args, **kwargs):
-        results, record = real(*args, **kwargs)
+        results, record, predictions = real(*args, **kwargs)
         results["accuracy"] = record["eval_accuracy"] = next(scores)
-        return results, record
+        return results, record, predictions
 
     monkeypatch.setattr(finetune_module, "evaluate", scripted)
     out = tmp_path / "run"
