@@ -178,6 +178,9 @@ def test_overwrite_replaces_a_sweeps_own_results_only(grid_sweep, checkpoint, tm
     inside = copy / "rte" / "lr0.001" / "seed-1" / "best"  # a model it would delete: refused, nothing deleted
     assert glue(inside, copy, "rte", "sweep.grid.learning_rate=[1.0e-4]", "seeds=[3]", "overwrite=true") == 2
     assert (copy / "submission" / "submission.zip").is_file() and inside.is_dir()
+    # a task's own check (positions) fails: refused before anything is deleted (found by a helper)
+    assert glue(checkpoint, copy, "rte", "data.max_seq_length=4096", "overwrite=true") == 2
+    assert (copy / "submission" / "submission.zip").is_file() and (copy / "rte" / "lr1e-05").is_dir()
     assert glue(checkpoint, copy, "rte", "sweep.grid.learning_rate=[1.0e-4]", "seeds=[3]", "overwrite=true") == 0
     assert sorted(p.name for p in (copy / "rte").iterdir() if p.is_dir()) == ["lr0.0001"]
     assert not (copy / "submission").exists()
@@ -239,6 +242,12 @@ def test_init_from_task_runs_the_source_first_and_loads_its_encoder(checkpoint, 
     summary = json.loads((out / "glue_results.json").read_text())
     assert list(summary["tasks"]) == ["mrpc", "rte"] and summary["tasks"]["mrpc"]["init_from"] == "rte"
     assert "from rte" in (out / "glue_results.md").read_text()
+    # moved, the sweep resumes: mrpc's recipe names the old <sweep>/encoders/rte (found by a helper)
+    moved = tmp_path / "moved"
+    shutil.move(out, moved)
+    caplog.clear()
+    assert glue(checkpoint, moved, "mrpc,rte", "resume_from=latest", recipe=base) == 0
+    assert "the run is complete (same recipe)" in caplog.text and "training examples" not in caplog.text
 
 
 def test_init_from_task_refuses_a_mismatched_architecture_or_a_missing_source(checkpoint, tmp_path, capsys):

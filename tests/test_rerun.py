@@ -224,7 +224,7 @@ def test_a_resume_that_changes_the_data_stream_is_refused_before_anything_is_wri
         assert err.startswith(start), (change, err)
     assert "resumed from" not in caplog.text
     assert snapshot(run) == before  # recipe.yaml included
-    assert main([*args, "data.packing=false"]) == 0  # the same instances, collated another way
+    assert main([*args, "data.packing=false", "data.max_eval_samples=8"]) == 0  # the same instances; evaluation may change
 
 
 def test_a_resume_trains_with_the_recipes_optimizer_settings(finished, tmp_path, tokenizer_dir, caplog):
@@ -251,6 +251,9 @@ def test_a_resume_trains_with_the_recipes_optimizer_settings(finished, tmp_path,
                  "resume_from=latest", "train.max_steps=8", "train.weight_decay=0.5", "train.adam_epsilon=0.001",
                  "train.adam_beta2=0.98"]) == 0
     assert "optimizer settings apply" not in caplog.text  # the same settings: nothing to say
+    from bert_recipes.training.checkpoint import _same_setting
+
+    assert _same_setting([0.9, 0.999], (0.9, 0.999))  # FSDP's loaded state holds betas as a list
 
 
 def test_a_finetune_resume_on_other_data_or_processes_is_refused(checkpoint, tmp_path, capsys, caplog):
@@ -278,6 +281,8 @@ def test_a_finetune_resume_on_other_data_or_processes_is_refused(checkpoint, tmp
     (saved / "random_states_1.pkl").unlink()
     err = one_error(capsys, [*common, f"data.glue_dir={sample}", "resume_from=latest", "model.hidden_dropout_prob=0.3"])
     assert "set model.hidden_dropout_prob=null to resume it" in err  # an override that parses (it said =None)
+    err = one_error(capsys, [*common, f"data.glue_dir={sample}", "resume_from=latest", "data.max_eval_samples=8"])
+    assert err.startswith("error: data.max_eval_samples: 8 differs from the value 4")  # the best so far was chosen on 4
     assert snapshot(run) == before
     copy = tmp_path / "copy"  # the same data in another folder resumes
     shutil.copytree(sample, copy)

@@ -96,7 +96,7 @@ def check_saved_state(state: dict, cfg, fingerprint: Optional[str], key: str = "
         saved = "true (rows packed by the stream)" if rows else "false or batch (instances)"
         raise DataError(f"data.packing: the saved data state was written with data.packing {saved}, this run has "
                         f"{str(cfg.packing).lower()}; resume with data.packing="
-                        f"{'true' if rows else 'batch'} (its stream keeps rows being packed)")
+                        + ("true (its stream keeps rows being packed)" if rows else "batch or false"))
 
 
 class PretrainingStream(torch.utils.data.IterableDataset):

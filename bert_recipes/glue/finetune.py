@@ -128,16 +128,7 @@ def preflight(recipe: FinetuneRecipe) -> Checked:
     if recipe.init_from_task:
         raise UserError(f"init_from_task ({recipe.init_from_task}) is read by `bert-recipes glue`, which runs the source "
                         "task first and drops its head; `bert-recipes finetune` runs one task: remove the key")
-    for key, source in recipe.reads().items():
-        local_or_hub(source, key)
-    config = load_config(recipe.model.name_or_path, recipe.model.trust_remote_code)
-    label_mapping(task, config)  # refuses conflicting label sets
-    if recipe.data.max_seq_length > config.max_position_embeddings:
-        raise UserError(f"data.max_seq_length ({recipe.data.max_seq_length}) exceeds the checkpoint's "
-                        f"max_position_embeddings ({config.max_position_embeddings})")
-    if recipe.data.glue_dir is not None:
-        glue_task_dir(recipe.data.glue_dir, task)
-    train = load_glue_split(task, "train", recipe.data.glue_dir, keep=True)  # found, readable, labelled (build reuses it)
+    train = check_inputs(recipe, task, keep=True)  # build reuses the train split
     state = launch_state()
     plan = resolve(recipe, state.num_processes, log=False)  # logged by build: errors come alone
     check_launch(recipe, plan.accumulation)
@@ -151,6 +142,26 @@ def preflight(recipe: FinetuneRecipe) -> Checked:
         check_data_layout(resume, state.num_processes)
         check_train_split(resume, fingerprint, recipe)
     return Checked(plan, task, resume, doomed, point, fingerprint)
+
+
+def check_inputs(recipe: FinetuneRecipe, task: GlueTask, keep: bool = False):
+    """The checks of what a run reads: its model and tokenizer found, the checkpoint's labels
+    and positions fit the task and ``data.max_seq_length``, the GLUE folder and train split
+    readable and labelled. Returns the train split (``keep``: held for the run's own load).
+
+    Raises:
+        UserError / DataError: one line naming the key.
+    """
+    for key, source in recipe.reads().items():
+        local_or_hub(source, key)
+    config = load_config(recipe.model.name_or_path, recipe.model.trust_remote_code)
+    label_mapping(task, config)  # refuses conflicting label sets
+    if recipe.data.max_seq_length > config.max_position_embeddings:
+        raise UserError(f"data.max_seq_length ({recipe.data.max_seq_length}) exceeds the checkpoint's "
+                        f"max_position_embeddings ({config.max_position_embeddings})")
+    if recipe.data.glue_dir is not None:
+        glue_task_dir(recipe.data.glue_dir, task)
+    return load_glue_split(task, "train", recipe.data.glue_dir, keep=keep)
 
 
 def check_train_split(path: Path, fingerprint: dict, recipe: FinetuneRecipe) -> None:

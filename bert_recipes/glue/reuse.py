@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..recipe_files import as_override, flatten, read_yaml
-from ..training.resume import SCHEDULE_KEYS
+from ..training.resume import SCHEDULE_KEYS, same_value
 from .evaluation import TEST_PREDICTIONS
 from .recipe import FinetuneRecipe
 
@@ -61,8 +61,8 @@ def finished_results(recipe: FinetuneRecipe, out: Path) -> dict | None:
     if not (out / "recipe.yaml").is_file():
         return results
     saved, now = flatten(read_yaml(out / "recipe.yaml") or {}), flatten(recipe.model_dump(mode="json"))
-    changed = [key for key in dict.fromkeys([*saved, *now])
-               if key not in BOOKKEEPING and not key.startswith("sweep.") and saved.get(key) != now.get(key)]
+    changed = [key for key in dict.fromkeys([*saved, *now]) if key not in BOOKKEEPING and not key.startswith("sweep.")
+               and not same_value(key, saved.get(key), now.get(key))]
     goes_on = {f"train.{key}" for key in SCHEDULE_KEYS} | {"seeds"}
     other = [key for key in changed if key not in goes_on]
     if other:

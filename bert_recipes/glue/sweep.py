@@ -45,7 +45,7 @@ from ..training.outdir import RUN_FILES
 from ..training.reporting import progress
 from .data import glue_task_dir
 from .evaluation import predict_export
-from .finetune import RESULTS, finetune_seeds
+from .finetune import RESULTS, check_inputs, finetune_seeds
 from .grid import GRID_PNG, SweepClock, cell_name, cell_summary, check_fixed, choose, plot_grid
 from .recipe import FinetuneRecipe, FinetuneTrainConfig, SweepConfig
 from .report import (entry_names, majority_class, plot_results, results_markdown, subsampled, summarise,
@@ -150,7 +150,9 @@ def run_glue(base: str | os.PathLike, tasks: list[str], overrides: list[str] | N
     from accelerate import PartialState
 
     main = PartialState().is_main_process
-    if root_raw.get("overwrite"):
+    if root_raw.get("overwrite"):  # what each task reads must pass first: a refused sweep deletes nothing
+        for name, recipe in recipes.items():
+            check_inputs(recipe.model_copy(update={"init_from_task": None}), get_task(name))
         doomed = sweep_doomed(root, [*recipes.values(), *([wnli_recipe] if wnli_recipe else [])])
         if main:
             for path in doomed:

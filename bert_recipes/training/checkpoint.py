@@ -216,6 +216,12 @@ def _settings(group: dict) -> dict:
     return {key: value for key, value in group.items() if key not in ("params", "lr", "initial_lr")}
 
 
+def _same_setting(saved, wanted) -> bool:
+    """An optimizer setting unchanged: ``[0.9, 0.999]`` (as FSDP's loaded state holds betas) is ``(0.9, 0.999)``."""
+    as_tuple = lambda value: tuple(value) if isinstance(value, list) else value  # noqa: E731
+    return as_tuple(saved) == as_tuple(wanted)
+
+
 def load_checkpoint(accelerator, path: Path, scheduler, optimizer=None) -> tuple[TrainerState, dict | None]:
     """Restore model, optimizer, ``scheduler``, scaler and RNGs; return the trainer state and
     this rank's data-stream state (None when the checkpoint has none). The preflight has
@@ -233,7 +239,8 @@ def load_checkpoint(accelerator, path: Path, scheduler, optimizer=None) -> tuple
     scheduler.load_state_dict(state.extra["scheduler"])
     changed = {}
     for group, wanted in zip(optimizer.param_groups if optimizer is not None else (), recipe_groups):
-        changed.update({key: (group[key], value) for key, value in wanted.items() if group.get(key) != value})
+        changed.update({key: (group[key], value) for key, value in wanted.items()
+                        if not _same_setting(group.get(key), value)})
         group.update(wanted)
     if changed:
         logger.info("resume from step %d: the recipe's optimizer settings apply: %s", state.step,

@@ -45,6 +45,8 @@ IDENTITY_KEYS = frozenset({
     "data.group_by_length", "data.interleave_documents", "data.shuffle_buffer_size", "data.random_next_buffer_size",
     "data.packing_window", "data.dataset_name", "data.dataset_config_name", "data.dataset_split",
 })
+#: Fine-tuning only: the dev examples the best model so far was chosen on (pretraining picks no best).
+FINETUNE_IDENTITY_KEYS = frozenset({"data.max_eval_samples"})
 
 
 @dataclass(frozen=True)
@@ -79,9 +81,23 @@ def _checkpoint_train(path: Path) -> dict:
     return train if isinstance(train, dict) else {}
 
 
+def same_value(key: str, saved, now) -> bool:
+    """Whether a recipe key's value in a saved run (``saved``) and now (``now``) are the same:
+    equal, or, for ``model.name_or_path``, the encoder a GLUE sweep exported for
+    ``init_from_task`` (``<sweep>/encoders/<task>``) in a sweep that has moved or whose folder is
+    given another way (relative, absolute)."""
+    if saved == now:
+        return True
+    if key != "model.name_or_path" or not (isinstance(saved, str) and isinstance(now, str)):
+        return False
+    tail = Path(saved).parts[-2:]
+    return len(tail) == 2 and tail[0] == "encoders" and tail == Path(now).parts[-2:]
+
+
 def check_identity(recipe, path: Path) -> None:
     """Refuse a resume whose recipe changes what the checkpoint at ``path`` is
-    (:data:`IDENTITY_PREFIXES`, :data:`IDENTITY_KEYS`), compared with its ``recipe.yaml``.
+    (:data:`IDENTITY_PREFIXES`, :data:`IDENTITY_KEYS`; fine-tuning: :data:`FINETUNE_IDENTITY_KEYS`,
+    the best model so far was chosen on those dev examples), compared with its ``recipe.yaml``.
 
     Raises:
         UserError: one line naming the first such key, its value in the checkpoint and how to go on.
@@ -89,8 +105,10 @@ def check_identity(recipe, path: Path) -> None:
     from ..recipe_files import as_override, flatten
 
     saved, now = flatten(_checkpoint_recipe(path)), flatten(recipe.model_dump(mode="json"))
+    keys = IDENTITY_KEYS | (FINETUNE_IDENTITY_KEYS if "task" in now else frozenset())
     for key in saved:
-        if (key in IDENTITY_KEYS or key.startswith(IDENTITY_PREFIXES)) and key in now and now[key] != saved[key]:
+        if (key in keys or key.startswith(IDENTITY_PREFIXES)) and key in now \
+                and not same_value(key, saved[key], now[key]):
             raise UserError(f"{key}: {now[key]} differs from the value {saved[key]} of checkpoint {path}; a resume "
                             f"continues that run's model, tokenizer and data: set {key}={as_override(saved[key])} to "
                             "resume it, or output_dir=DIR for a new run (model.name_or_path=<its export> starts from "
