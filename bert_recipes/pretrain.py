@@ -104,7 +104,7 @@ def preflight(recipe: PretrainRecipe) -> Checked:
     eval_files = expand_files(recipe.data.eval_files, "data.eval_files")
     if train_files:
         check_has_text(train_files, "data.train_files")
-    fingerprint = check_corpus(recipe.data, train_files, "data.train_files")  # builds the (cached) index: before any deletion
+    fingerprints = check_corpus(recipe.data, train_files, "data.train_files")  # builds the (cached) index: before any deletion
     if eval_files:
         check_corpus(recipe.data, eval_files, "data.eval_files")
     state = launch_state()
@@ -119,7 +119,7 @@ def preflight(recipe: PretrainRecipe) -> Checked:
     if resume is not None:  # the processes and DataLoader workers the data state was saved with
         def check_saved(saved: dict) -> None:  # rank 0's loader state: its workers, then its streams
             check_saved_workers(saved, recipe.data.dataloader_num_workers)
-            check_saved_data(saved, recipe.data, fingerprint)
+            check_saved_data(saved, recipe.data, fingerprints)
 
         check_data_layout(resume, state.num_processes, check_saved)
     complete = point is not None and point.step == recipe.train.max_steps and (final / "config.json").is_file()

@@ -371,6 +371,38 @@ def test_resume_refuses_a_changed_corpus_and_another_worker_count(tmp_path, voca
         other.load_state_dict(state)
 
 
+def test_resume_accepts_the_same_corpus_copied_elsewhere(tmp_path, vocab_tokenizer):  # noqa: F811
+    """The corpus's identity is its layout (sizes, documents, units), not its paths or times: a
+    run resumes on its data copied elsewhere (a cluster job staging it to local disk), where it
+    was refused (found by a helper); a state saved with the older path-and-time fingerprint
+    still resumes on the same files."""
+    import shutil
+    from pathlib import Path
+
+    from bert_recipes.data.index import build_index
+    from bert_recipes.data.stream import check_saved_state
+
+    (tmp_path / "here").mkdir()
+    files, _ = corpus(tmp_path / "here")
+    loader = build_pretraining_dataloader(cfg(files), vocab_tokenizer, files, batch_size=2, seed=0)
+    iterator = iter(loader)
+    next(iterator)
+    state = state_roundtrip(loader.state_dict())
+    expected = next(iterator)
+    (tmp_path / "staged").mkdir()
+    copies = [str(shutil.copy(path, tmp_path / "staged" / Path(path).name)) for path in files]  # new paths, times
+    moved = build_pretraining_dataloader(cfg(copies), vocab_tokenizer, copies, batch_size=2, seed=0)
+    moved.load_state_dict(state)
+    got = next(iter(moved))
+    assert all(torch.equal(got[key], expected[key]) for key in expected)
+    index = build_index(files, cfg(files))
+    saved = state["dataset_state"]  # the stream's own state (no DataLoader workers)
+    assert saved["corpus"] == index.fingerprint and "epoch" in saved
+    check_saved_state({**saved, "corpus": index.path_fingerprint}, cfg(files), (index.fingerprint, index.path_fingerprint))
+    with pytest.raises(DataError, match="the corpus differs"):
+        check_saved_state({**saved, "corpus": "another"}, cfg(files), (index.fingerprint, index.path_fingerprint))
+
+
 def test_a_huge_google_format_line_is_cut_like_punkt_input(tmp_path, vocab_tokenizer):  # noqa: F811
     rng = random.Random(7)
     huge = " ".join(rng.choice(["dakoko", "darara", "dakomi"]) for _ in range(300_000)) + "."  # 2 MB, one line

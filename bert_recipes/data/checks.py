@@ -56,14 +56,14 @@ def check_document_count(index, cfg, key: str, where: str) -> None:
                         f"random-next B segments; {fix}, or set data.random_next_prob=0 (IsNext pairs only)")
 
 
-def check_corpus(cfg, files: list[str], key: str = "data.train_files") -> Optional[str]:
+def check_corpus(cfg, files: list[str], key: str = "data.train_files") -> Optional[tuple[str, str]]:
     """The checks a :class:`PretrainingStream` makes before reading, without a tokenizer (a
     preflight): files present and not all empty, the index buildable (it is cached for the
     run), more than one document for NSP.
 
     Returns:
-        The index's fingerprint (what a saved data state names), or None for a corpus read
-        as a stream.
+        The fingerprints a saved data state of this corpus may name (its layout's, and its
+        files' paths and times as earlier versions saved), or None for a corpus read as a stream.
 
     Raises:
         DataError: naming ``key``, the file and the fix.
@@ -73,7 +73,7 @@ def check_corpus(cfg, files: list[str], key: str = "data.train_files") -> Option
         return None
     index = build_index(files, cfg, show_progress=False)
     check_document_count(index, cfg, key, f"{len(files)} file(s)")
-    return index.fingerprint
+    return index.fingerprint, index.path_fingerprint
 
 
 __all__ = ["check_corpus", "check_document_count", "check_files", "use_index"]

@@ -35,6 +35,7 @@ import logging
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -235,7 +236,8 @@ class DocumentIndex:
     unit_start: np.ndarray
     unit_end: np.ndarray
     sentence_split: str
-    fingerprint: str = ""  # changes with any file's path, size, mtime or the split settings
+    fingerprint: str = ""  # the corpus's layout: see layout_fingerprint (not the files' paths or times)
+    path_fingerprint: str = ""  # changes with any file's path, size, mtime or the split settings (the cache's key)
 
     @property
     def num_documents(self) -> int:
@@ -296,8 +298,23 @@ def build_index(files: list[str], cfg, *, cache_dir: Optional[str | os.PathLike]
     if bar is not None:
         bar.close()
     index = _assemble(files, scans, cfg.sentence_split)
-    index.fingerprint = corpus_key
+    index.fingerprint = layout_fingerprint(index, [settings for _, settings, _ in jobs])
+    index.path_fingerprint = corpus_key
     return index
+
+
+def layout_fingerprint(index: DocumentIndex, settings: list) -> str:
+    """What a saved data position depends on: each file's size and split settings, its
+    documents, their units and each document's end byte. The same corpus copied or moved
+    elsewhere (a cluster job staging its data to local disk) has the same layout; its paths
+    and times are not part of it."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(json.dumps([INDEX_VERSION, [os.path.getsize(path) for path in index.files],
+                              [dataclasses.astuple(setting) for setting in settings]]).encode())
+    last_units = index.doc_units[1:] - 1
+    for array in (index.doc_file, index.doc_units, index.unit_end[last_units] if len(last_units) else last_units):
+        digest.update(np.ascontiguousarray(array, dtype=np.int64).tobytes())
+    return digest.hexdigest()
 
 
 def _progress(total: int, show: Optional[bool]):

@@ -43,7 +43,7 @@ def check_saved_workers(state: dict, workers: int) -> None:
                         f"this run has {workers}; resume with data.dataloader_num_workers={saved}")
 
 
-def check_saved_data(state, cfg, fingerprint: Optional[str], key: str = "data.train_files") -> None:
+def check_saved_data(state, cfg, fingerprints: Optional[tuple[str, ...]], key: str = "data.train_files") -> None:
     """Check every stream state inside a saved loader ``state`` (the main process's and each
     DataLoader worker's) with :func:`~.stream.check_saved_state`: a resume's preflight, before
     anything is written (the loader itself checks them only once its iterator starts).
@@ -53,10 +53,10 @@ def check_saved_data(state, cfg, fingerprint: Optional[str], key: str = "data.tr
     """
     if isinstance(state, dict):
         if state.get("version") is not None and "access" in state:  # a PretrainingStream's state
-            check_saved_state(state, cfg, fingerprint, key)
+            check_saved_state(state, cfg, fingerprints, key)
             return
         for value in state.values():
-            check_saved_data(value, cfg, fingerprint, key)
+            check_saved_data(value, cfg, fingerprints, key)
 
 
 def ignore_stop_signals(_worker_id: int) -> None:

@@ -67,10 +67,11 @@ class _StreamState:
     packer: dict = field(default_factory=lambda: {"window": [], "ready": []})  # data.packing: see packing.pack_rows
 
 
-def check_saved_state(state: dict, cfg, fingerprint: Optional[str], key: str = "data.train_files") -> None:
+def check_saved_state(state: dict, cfg, fingerprints: Optional[tuple[str, ...]],
+                      key: str = "data.train_files") -> None:
     """Whether a saved stream ``state`` (:meth:`PretrainingStream.state_dict`) can resume a
-    stream of ``cfg`` over a corpus whose index has ``fingerprint`` (None: read as a stream,
-    not indexed). Used by :meth:`PretrainingStream.load_state_dict` and, before anything is
+    stream of ``cfg`` over a corpus whose index has one of ``fingerprints`` (its layout's, and
+    the path-and-time one earlier versions saved; None: read as a stream, not indexed). Used by :meth:`PretrainingStream.load_state_dict` and, before anything is
     written, by a resume's preflight (:func:`~.loader.check_saved_data`).
 
     Raises:
@@ -83,14 +84,14 @@ def check_saved_state(state: dict, cfg, fingerprint: Optional[str], key: str = "
                         "it was saved by another version of bert-recipes")
     if "epoch" not in state:
         return
-    access = "index" if fingerprint is not None else "stream"
+    access = "index" if fingerprints is not None else "stream"
     if state["access"] != access:  # first: the access mode changes the fingerprint too
         raise DataError(f"data.corpus_access: the saved data state was read with corpus_access {state['access']}, "
                         f"this run uses {access}; resume with the same data settings")
-    if state.get("corpus") not in (None, fingerprint):
+    if state.get("corpus") is not None and state["corpus"] not in (fingerprints or ()):
         raise DataError(f"{key}: the corpus differs from the one this data state was saved on (files, their "
-                        "contents or data.document_split/sentence_split changed); resume with the same data, or "
-                        "start a new run (overwrite=true or another output_dir)")
+                        "sizes or documents, or data.document_split/sentence_split changed); resume with the same "
+                        "data, or start a new run (overwrite=true or another output_dir)")
     rows = state.get("emits") == "rows"
     if rows != (cfg.packing is True):
         saved = "true (rows packed by the stream)" if rows else "false or batch (instances)"
@@ -182,7 +183,8 @@ class PretrainingStream(torch.utils.data.IterableDataset):
         return self.max_samples // workers + (1 if worker < self.max_samples % workers else 0)
 
     def _fingerprint(self) -> Optional[str]:
-        """The indexed corpus's identity (its files' cache keys), or None for a streamed source."""
+        """The indexed corpus's identity (its layout: :func:`~.index.layout_fingerprint`), or None
+        for a streamed source."""
         return self.corpus.index.fingerprint if self.corpus is not None else None
 
     def document_files(self) -> np.ndarray:
@@ -244,7 +246,8 @@ class PretrainingStream(torch.utils.data.IterableDataset):
         Raises:
             DataError: see :func:`check_saved_state`.
         """
-        check_saved_state(state, self.cfg, self._fingerprint(), self.key)
+        index = self.corpus.index if self.corpus is not None else None
+        check_saved_state(state, self.cfg, (index.fingerprint, index.path_fingerprint) if index else None, self.key)
         self._pending = state if "epoch" in state else None
         self._live = None
 
