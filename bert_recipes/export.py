@@ -143,12 +143,17 @@ def export_pretrained(model, tokenizer, recipe, directory: str | os.PathLike, re
                          {"step": steps, **results}, state_dict)
 
 
-def finetuning_card(recipe, task, results: dict, steps: int, precision: str | None = None) -> str:
+def finetuning_card(recipe, task, results: dict, steps: int, precision: str | None = None,
+                    subsampled: dict | None = None) -> str:
     """The model card of a GLUE fine-tuning export (``task`` is a :class:`GlueTask`);
-    ``precision`` as :func:`pretraining_card`'s."""
+    ``precision`` as :func:`pretraining_card`'s; ``subsampled``: the ``max_train_samples`` /
+    ``max_eval_samples`` that cut a split (default: the recipe's)."""
     base = recipe.model.name_or_path
     on_hub = not os.path.exists(os.path.expanduser(base))
-    sample = recipe.data.max_eval_samples  # dev metrics on the first N examples of each dev split
+    if subsampled is None:
+        subsampled = {key: getattr(recipe.data, key) for key in ("max_train_samples", "max_eval_samples")
+                      if getattr(recipe.data, key)}
+    sample = subsampled.get("max_eval_samples")  # dev metrics on the first N examples of each dev split
     metrics = [
         {"type": key, "value": round(float(value), 6), "name": f"{task.glue_folder} {key}"}
         for key, value in results.items()
@@ -179,9 +184,9 @@ def finetuning_card(recipe, task, results: dict, steps: int, precision: str | No
         ],
     }
     train = recipe.train
-    part = (f", at most the first {recipe.data.max_train_samples} training examples (data.max_train_samples)"
-            if recipe.data.max_train_samples else "")
-    dev = f"GLUE dev, at most the first {sample} examples (data.max_eval_samples)" if sample else "GLUE dev"
+    part = (f", the first {subsampled['max_train_samples']} training examples (data.max_train_samples)"
+            if subsampled.get("max_train_samples") else "")
+    dev = f"GLUE dev, the first {sample} examples (data.max_eval_samples)" if sample else "GLUE dev"
     labels = ", ".join(task.label_names) if task.label_names else "one similarity score in [0, 5] (regression)"
     example = ", ".join('"..."' for _ in task.text_columns)
     body = [
@@ -207,14 +212,15 @@ def finetuning_card(recipe, task, results: dict, steps: int, precision: str | No
 
 def export_finetuned(model, tokenizer, recipe, task, directory: str | os.PathLike, results: dict, steps: int,
                      state_dict: dict | None = None, precision: str | None = None,
-                     extra_json: dict | None = None) -> Path:
+                     extra_json: dict | None = None, subsampled: dict | None = None) -> Path:
     """Write the Hub-ready export of a fine-tuned ``BertForSequenceClassification``.
 
     The folder holds the weights, config (``id2label`` with the task's label names),
     tokenizer, ``recipe.yaml``, ``README.md`` (model card with the dev results),
     ``eval_results.json`` and ``extra_json`` (the run's ``dev_predictions.json``); it is
     written next to ``directory`` and renamed into place. ``state_dict`` and ``precision`` as
-    in :func:`export_pretrained`.
+    in :func:`export_pretrained`, ``subsampled`` as in :func:`finetuning_card`.
     """
-    return _write_export(model, tokenizer, recipe, directory, finetuning_card(recipe, task, results, steps, precision),
-                         {"task": task.name, "step": steps, **results}, state_dict, extra_json)
+    card = finetuning_card(recipe, task, results, steps, precision, subsampled)
+    return _write_export(model, tokenizer, recipe, directory, card, {"task": task.name, "step": steps, **results},
+                         state_dict, extra_json)

@@ -29,7 +29,9 @@ def load_splits(recipe: FinetuneRecipe, task: GlueTask, tokenizer) -> dict:
     """Featurised splits: ``train``, the dev splits, and with ``predict_test`` the test
     split(s), and the test set of every task predicted with this task's model (MNLI: AX,
     under its task name ``ax``, when available). Raw (untokenised) splits are kept under
-    ``raw/<split>`` for their ``idx`` and dev labels.
+    ``raw/<split>`` for their ``idx`` and dev labels. ``subsampled``: the
+    ``data.max_train_samples`` / ``max_eval_samples`` that cut a split here (a value at least
+    the split's size cuts nothing and is left out).
 
     Raises:
         DataError: a split is missing or malformed, or the train split is empty.
@@ -43,12 +45,15 @@ def load_splits(recipe: FinetuneRecipe, task: GlueTask, tokenizer) -> dict:
             raw[other.name], sources[other.name] = load_glue_split(other, "test", data.glue_dir), other
         except DataError as exc:
             logger.warning("%s not predicted: %s", other.name.upper(), exc)
-    if data.max_train_samples:
-        raw["train"] = raw["train"].select(range(min(data.max_train_samples, len(raw["train"]))))
-    if data.max_eval_samples:
-        for split in task.dev_splits:
-            raw[split] = raw[split].select(range(min(data.max_eval_samples, len(raw[split]))))
-    splits = {}
+    subsampled = {}
+    if data.max_train_samples and data.max_train_samples < len(raw["train"]):
+        raw["train"] = raw["train"].select(range(data.max_train_samples))
+        subsampled["max_train_samples"] = data.max_train_samples
+    for split in task.dev_splits if data.max_eval_samples else ():
+        if data.max_eval_samples < len(raw[split]):
+            raw[split] = raw[split].select(range(data.max_eval_samples))
+            subsampled["max_eval_samples"] = data.max_eval_samples
+    splits: dict = {"subsampled": subsampled}
     for split, dataset in raw.items():
         splits[split] = tokenize_glue(dataset, sources[split], tokenizer, data.max_seq_length)
         splits[f"raw/{split}"] = dataset

@@ -63,8 +63,9 @@ def cmd_finetune(args) -> int:
     print(f"{result['task']} dev: {dev}")
     from .report import subsampled, subsampled_text
 
-    if subsampled(recipe.data):
-        print(subsampled_text(subsampled(recipe.data), scope="", mark=""))
+    cut = result.get("subsampled", subsampled(recipe.data))  # what cut a split (older results: the recipe's)
+    if cut:
+        print(subsampled_text(cut, scope="", mark=""))
     print(f"best model: {result['best']}")
     if result.get("test_predictions"):
         print(f"test predictions: {result['test_predictions']}")

@@ -301,7 +301,7 @@ class FinetuneJob:
             export_finetuned(run.accelerator.unwrap_model(run.model), self.tokenizer, run.recipe, self.task,
                              run.out / "best", self.results, step, full_state,
                              precision_by_step(state.extra, run.accelerator.mixed_precision, step),
-                             {DEV_PREDICTIONS: self.predictions})
+                             {DEV_PREDICTIONS: self.predictions}, self.splits["subsampled"])
         run.accelerator.wait_for_everyone()
 
     def data_state(self) -> None:
@@ -324,6 +324,7 @@ def export(run: Run, job: FinetuneJob, started: float) -> dict:
         "stopped_early": bool(state.extra.get("stopped_early")),
         "train_examples": int(state.extra.get("train_examples", 0)),
         "precision": run.accelerator.mixed_precision,  # what precision: auto resolved to here ("bf16", "no", ...)
+        "subsampled": job.splits["subsampled"],  # data.max_*_samples that cut a split (glue.batching.load_splits)
         "test_predictions": None,
     }
     if run.recipe.predict_test:
@@ -407,6 +408,7 @@ def aggregate_seeds(task: GlueTask, runs: dict[int, dict]) -> dict:
         "runs": {str(seed): r["dev"] for seed, r in runs.items()},
         "best_seed": best_seed,
         "best": runs[best_seed]["best"],
+        "subsampled": runs[best_seed].get("subsampled"),
         "test_predictions": runs[best_seed].get("test_predictions"),
     }
 
