@@ -481,6 +481,7 @@ def test_keep_final_checkpoint_false_deletes_a_finished_runs_checkpoints_only(ch
     assert main([*common, "resume_from=latest", "train.max_steps=4"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: resume_from: no complete checkpoint") and "\n" not in err, err
+    assert "train.keep_final_checkpoint: false keeps none, so it cannot be extended" in err
     assert (run / "results.json").read_text() == before
     kept = tmp_path / "kept"
     assert main([*base, *overrides(checkpoint, kept, **{"data.glue_dir": SAMPLE_GLUE, "train.max_steps": 2}), *args]) == 0

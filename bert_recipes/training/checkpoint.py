@@ -134,7 +134,6 @@ def find_resume_checkpoint(resume_from: str, root: Path) -> Path | None:
             if problem is None:
                 return candidate
             logger.warning("skipping checkpoint %s: %s; trying the previous one", candidate, problem)
-        logger.info("resume_from=latest: no complete checkpoint in %s yet; starting from step 0", root)
         return None
     path = Path(resume_from).expanduser()
     if not path.is_dir():

@@ -146,14 +146,20 @@ def check_resume(recipe, path: Path) -> ResumePoint:
 
 
 def refuse_retraining_export(export: Path) -> None:
-    """``resume_from`` found no checkpoint: a fresh start, unless that would retrain over an export.
+    """``resume_from`` found no checkpoint: a fresh start (logged), unless that would retrain
+    over an export.
 
     Raises:
-        UserError: ``export`` exists (only ``overwrite=true`` replaces it).
+        UserError: ``export`` exists (only ``overwrite=true`` replaces it); for a finished GLUE
+            run that kept no checkpoint (``train.keep_final_checkpoint: false``), saying so.
     """
+    checkpoints = export.parent / "checkpoints"
     if export.exists():
-        raise UserError(f"resume_from: no complete checkpoint in {export.parent / 'checkpoints'} to continue, and "
-                        f"{export} holds an export: set overwrite=true to retrain from step 0 and replace it")
+        why = (" (a finished run with train.keep_final_checkpoint: false keeps none, so it cannot be extended)"
+               if (export.parent / "results.json").is_file() else "")
+        raise UserError(f"resume_from: no complete checkpoint in {checkpoints} to continue{why}, and {export} holds "
+                        "an export: set overwrite=true to retrain from step 0 and replace it")
+    logger.info("resume_from=latest: no complete checkpoint in %s yet; starting from step 0", checkpoints)
 
 
 def reschedule(scheduler, learning_rate: float) -> None:
