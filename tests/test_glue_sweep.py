@@ -144,3 +144,19 @@ def test_task_list_errors(capsys, tmp_path, checkpoint):
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("error: ") and "\n" not in err and "no GLUE folder 'QNLI'" in err
     assert not (tmp_path / "o").exists()  # checked before any training
+
+
+def test_the_report_says_part_of_the_data_only_where_a_split_was_cut():
+    """A sweep's "Part of the data" comes from what cut each task's splits (results.json
+    "subsampled"), not from the recipe's sizes, which may exceed every split."""
+    from types import SimpleNamespace
+
+    from bert_recipes.glue.sweep import what_cut
+
+    data = SimpleNamespace(max_train_samples=100000, max_eval_samples=None)
+    results = {"rte": {"subsampled": {}}, "sst2": {"subsampled": {}}, "wnli": {"majority_class": "not_entailment"}}
+    assert what_cut(results, data) == {}
+    results["sst2"]["subsampled"] = {"max_train_samples": 500}  # one task's split was cut
+    assert what_cut(results, data) == {"max_train_samples": 500}
+    del results["rte"]["subsampled"]  # results written before runs recorded it: the recipe's sizes
+    assert what_cut(results, data) == {"max_train_samples": 100000}

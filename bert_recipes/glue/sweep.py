@@ -175,8 +175,8 @@ def run_glue(base: str | os.PathLike, tasks: list[str], overrides: list[str] | N
         results["wnli"] = majority_class(wnli_recipe, root / "wnli", predict_test and main)
     results = {name: results[name] for name in tasks if name in results}  # the leaderboard's order
     summary = summarise(results, settings.protocol, settings.wnli if "wnli" in tasks else None)
-    data = recipes[order[0]].data if order else None  # the first task's (sizes given on the command line apply to all)
-    summary.update(recipe=str(base), output_dir=str(root), estimate_s=clock.estimate_s, subsampled=subsampled(data))
+    summary.update(recipe=str(base), output_dir=str(root), estimate_s=clock.estimate_s,
+                   subsampled=what_cut(results, recipes[order[0]].data if order else None))
     if main:
         write_report(summary, results, root, predict_test)
     PartialState().wait_for_everyone()
@@ -230,6 +230,16 @@ def check_sweep(recipes: dict[str, FinetuneRecipe], settings: SweepConfig, root:
             check_architectures(name, source, recipes[name].model.name_or_path, source_model,
                                 recipes[name].model.trust_remote_code)
     return cells, order
+
+
+def what_cut(results: dict, data) -> dict:
+    """The ``max_train_samples`` / ``max_eval_samples`` that cut some task's split (each run's
+    ``results.json`` ``subsampled``); for results written before runs recorded it, the first
+    task's recipe ``data`` values (sizes given on the command line apply to every task)."""
+    cuts = [result.get("subsampled") for result in results.values() if "majority_class" not in result]
+    if any(cut is None for cut in cuts):
+        return subsampled(data)
+    return {key: value for cut in cuts for key, value in cut.items()}
 
 
 def write_report(summary: dict, results: dict, root: Path, predict_test: bool) -> None:
