@@ -29,11 +29,28 @@ from .recipe_files import (apply_overrides, dump_recipe, error_key, expand_files
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 
 
+def _is_number(annotation) -> bool:
+    """``int``, ``float`` or either of them ``| None``."""
+    import typing
+
+    args = [arg for arg in typing.get_args(annotation) if arg is not type(None)] or [annotation]
+    return all(arg in (int, float) for arg in args)
+
+
 class Strict(BaseModel):
-    """A recipe section: unknown keys are errors; immutable once validated (derived values
-    live in :class:`bert_recipes.training.plan.Resolved`, never in the recipe)."""
+    """A recipe section: unknown keys are errors; a number key refuses ``true`` / ``false``
+    (pydantic would read them as 1 / 0: ``model.hidden_dropout_prob=false`` was 0.0);
+    immutable once validated (derived values live in
+    :class:`bert_recipes.training.plan.Resolved`, never in the recipe)."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value, info):
+        if isinstance(value, bool) and _is_number(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"expected a number (got {str(value).lower()})")
+        return value
 
 
 def _as_list(value: Any) -> Any:

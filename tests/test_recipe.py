@@ -131,3 +131,20 @@ def test_an_empty_override_of_a_required_key_names_the_override():
     with pytest.raises(RecipeError) as info:
         load_recipe(REPO / "recipes/pretrain/tiny.yaml", ["train.max_steps="])
     assert str(info.value) == "override 'train.max_steps=': train.max_steps is required for pretraining (a positive integer)"
+
+
+@pytest.mark.parametrize("override, key", [("train.learning_rate=true", "train.learning_rate"),
+                                           ("data.max_train_samples=false", "data.max_train_samples")])
+def test_a_number_key_refuses_a_boolean(override, key, capsys):
+    """pydantic reads true/false as 1/0 for numbers (a helper's model.hidden_dropout_prob=false
+    became dropout 0.0): refused in one line naming the key; boolean and literal keys still
+    take booleans (data.packing=true)."""
+    from bert_recipes.cli import main
+
+    from .conftest import REPO
+
+    recipe = REPO / "recipes" / ("glue/sample.yaml" if "max_train" in key else "pretrain/tiny.yaml")
+    assert main(["show", str(recipe), override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"key '{key}': expected a number (got " in err and "\n" not in err, err
+    assert main(["show", str(REPO / "recipes" / "pretrain" / "tiny.yaml"), "data.packing=true", "data.whole_word_mask=true"]) == 0
