@@ -156,6 +156,17 @@ def test_a_moved_sweep_predicts_with_and_into_its_own_folders(grid_sweep, checkp
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before  # the original: untouched
 
 
+def test_only_a_sweeps_own_encoder_counts_as_the_same_model_when_moved(tmp_path):
+    from bert_recipes.training.resume import same_value
+
+    key, now = "model.name_or_path", str(tmp_path / "moved" / "encoders" / "rte")
+    cell = tmp_path / "moved" / "mrpc" / "lr2e-05" / "seed-1"
+    assert same_value(key, "/then/sweep/encoders/rte", now, cell)  # the sweep moved
+    assert not same_value(key, "/then/sweep/encoders/rte", now, tmp_path / "elsewhere" / "run")  # not its sweep's
+    assert not same_value(key, "/then/sweep/encoders/mnli", now, cell)  # another source task
+    assert not same_value("tokenizer_name_or_path", "/then/sweep/encoders/rte", now, cell)
+
+
 def test_init_from_task_finds_a_moved_sweeps_chosen_encoder(tmp_path):
     from bert_recipes.glue.sweep import finished_best
 
@@ -180,6 +191,7 @@ def test_overwrite_replaces_a_sweeps_own_results_only(grid_sweep, checkpoint, tm
     assert (copy / "submission" / "submission.zip").is_file() and inside.is_dir()
     # a task's own check (positions) fails: refused before anything is deleted (found by a helper)
     assert glue(checkpoint, copy, "rte", "data.max_seq_length=4096", "overwrite=true") == 2
+    assert glue(checkpoint, copy, "rte", *GRID, "train.global_batch_size=3", "overwrite=true") == 2  # a batch plan
     assert (copy / "submission" / "submission.zip").is_file() and (copy / "rte" / "lr1e-05").is_dir()
     assert glue(checkpoint, copy, "rte", "sweep.grid.learning_rate=[1.0e-4]", "seeds=[3]", "overwrite=true") == 0
     assert sorted(p.name for p in (copy / "rte").iterdir() if p.is_dir()) == ["lr0.0001"]

@@ -90,8 +90,9 @@ def check_saved_state(state: dict, cfg, fingerprints: Optional[tuple[str, ...]],
                         f"this run uses {access}; resume with the same data settings")
     if state.get("corpus") is not None and state["corpus"] not in (fingerprints or ()):
         raise DataError(f"{key}: the corpus differs from the one this data state was saved on (files, their "
-                        "sizes or documents, or data.document_split/sentence_split changed); resume with the same "
-                        "data, or start a new run (overwrite=true or another output_dir)")
+                        "sizes or documents, or data.document_split/sentence_split changed; a state saved before "
+                        "bert-recipes named corpora by layout also names the files' paths and times); resume with "
+                        "the same data, or start a new run (overwrite=true or another output_dir)")
     rows = state.get("emits") == "rows"
     if rows != (cfg.packing is True):
         saved = "true (rows packed by the stream)" if rows else "false or batch (instances)"

@@ -188,8 +188,6 @@ def build(checked: Checked) -> tuple[Run, "FinetuneJob"]:
     tokenizer = recipe_tokenizer(recipe)
     model = build_classifier(recipe, task)
     splits = load_splits(recipe, task, tokenizer)
-    if accelerator.is_main_process:
-        save_recipe(recipe, out)
     train_cfg = recipe.train
     plan = BatchPlan([len(ids) for ids in splits["train"]["input_ids"]], train_cfg.per_device_train_batch_size,
                      checked.plan.accumulation, recipe.seed, recipe.data.group_by_length,
@@ -210,6 +208,8 @@ def build(checked: Checked) -> tuple[Run, "FinetuneJob"]:
             reschedule(scheduler, train_cfg.learning_rate)
             logger.warning("%s; lr %.3g -> %.3g", checked.point.note(), before, scheduler.get_last_lr()[0])
     state.extra.setdefault("train_split", checked.train_split)  # what a resume must train on (check_train_split)
+    if accelerator.is_main_process:  # after the checkpoint loaded: a failed resume leaves the run's recipe.yaml
+        save_recipe(recipe, out)
     logger.info("%s: %d training examples, %d steps per epoch, %d steps", task.name, len(splits["train"]),
                 plan.steps_per_epoch, total_steps)
     reporter = Reporter(accelerator, out, total_steps, initial_step=state.step, desc=f"finetune {task.name}")

@@ -62,7 +62,7 @@ def finished_results(recipe: FinetuneRecipe, out: Path) -> dict | None:
         return results
     saved, now = flatten(read_yaml(out / "recipe.yaml") or {}), flatten(recipe.model_dump(mode="json"))
     changed = [key for key in dict.fromkeys([*saved, *now]) if key not in BOOKKEEPING and not key.startswith("sweep.")
-               and not same_value(key, saved.get(key), now.get(key))]
+               and not same_value(key, saved.get(key), now.get(key), out)]
     goes_on = {f"train.{key}" for key in SCHEDULE_KEYS} | {"seeds"}
     other = [key for key in changed if key not in goes_on]
     if other:

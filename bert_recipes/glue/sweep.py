@@ -150,9 +150,10 @@ def run_glue(base: str | os.PathLike, tasks: list[str], overrides: list[str] | N
     from accelerate import PartialState
 
     main = PartialState().is_main_process
-    if root_raw.get("overwrite"):  # what each task reads must pass first: a refused sweep deletes nothing
-        for name, recipe in recipes.items():
-            check_inputs(recipe.model_copy(update={"init_from_task": None}), get_task(name))
+    if wnli_recipe is not None and settings.wnli == "majority":  # its data, before any training
+        check_inputs(wnli_recipe, get_task("wnli"))
+    if root_raw.get("overwrite"):  # every run's own checks pass first: a refused sweep deletes nothing
+        check_runs(recipes, cells)
         doomed = sweep_doomed(root, [*recipes.values(), *([wnli_recipe] if wnli_recipe else [])])
         if main:
             for path in doomed:
@@ -181,6 +182,26 @@ def run_glue(base: str | os.PathLike, tasks: list[str], overrides: list[str] | N
         write_report(summary, results, root, predict_test)
     PartialState().wait_for_everyone()
     return summary
+
+
+def check_runs(recipes: dict[str, FinetuneRecipe], cells: dict[str, list[dict]]) -> None:
+    """The checks each run of the sweep makes in its own preflight, short of its output
+    folder: what it reads (:func:`~.finetune.check_inputs`) and every cell's batch plan and
+    launch.
+
+    Raises:
+        UserError / DataError: the first run that would be refused.
+    """
+    from ..training.accelerator import check_launch, launch_state
+    from ..training.plan import resolve
+
+    processes = launch_state().num_processes
+    for name, recipe in recipes.items():
+        check_inputs(recipe.model_copy(update={"init_from_task": None}), get_task(name))
+        for cell in cells[name]:
+            train = FinetuneTrainConfig.model_validate({**recipe.train.model_dump(), **cell})
+            cell_recipe = recipe.model_copy(update={"train": train})
+            check_launch(cell_recipe, resolve(cell_recipe, processes, log=False).accumulation)
 
 
 def sweep_doomed(root: Path, recipes: list[FinetuneRecipe]) -> list[Path]:

@@ -81,17 +81,19 @@ def _checkpoint_train(path: Path) -> dict:
     return train if isinstance(train, dict) else {}
 
 
-def same_value(key: str, saved, now) -> bool:
-    """Whether a recipe key's value in a saved run (``saved``) and now (``now``) are the same:
-    equal, or, for ``model.name_or_path``, the encoder a GLUE sweep exported for
-    ``init_from_task`` (``<sweep>/encoders/<task>``) in a sweep that has moved or whose folder is
-    given another way (relative, absolute)."""
+def same_value(key: str, saved, now, where: Path) -> bool:
+    """Whether a recipe key's value in a saved run (``saved``) and now (``now``) are the same
+    for the run in folder ``where``: equal, or, for ``model.name_or_path``, the encoder a GLUE
+    sweep exported for ``init_from_task`` (``<sweep>/encoders/<task>``, ``where`` inside that
+    sweep) in a sweep that has moved or whose folder is given another way (relative,
+    absolute). Another model that merely ends in ``encoders/<task>`` is not the same."""
     if saved == now:
         return True
     if key != "model.name_or_path" or not (isinstance(saved, str) and isinstance(now, str)):
         return False
-    tail = Path(saved).parts[-2:]
-    return len(tail) == 2 and tail[0] == "encoders" and tail == Path(now).parts[-2:]
+    tail, here = Path(saved).parts[-2:], Path(now)
+    return (len(tail) == 2 and tail[0] == "encoders" and tail == here.parts[-2:]
+            and here.resolve().parent.parent in Path(where).resolve().parents)
 
 
 def check_identity(recipe, path: Path) -> None:
@@ -108,7 +110,7 @@ def check_identity(recipe, path: Path) -> None:
     keys = IDENTITY_KEYS | (FINETUNE_IDENTITY_KEYS if "task" in now else frozenset())
     for key in saved:
         if (key in keys or key.startswith(IDENTITY_PREFIXES)) and key in now \
-                and not same_value(key, saved[key], now[key]):
+                and not same_value(key, saved[key], now[key], path):
             raise UserError(f"{key}: {now[key]} differs from the value {saved[key]} of checkpoint {path}; a resume "
                             f"continues that run's model, tokenizer and data: set {key}={as_override(saved[key])} to "
                             "resume it, or output_dir=DIR for a new run (model.name_or_path=<its export> starts from "
@@ -155,8 +157,9 @@ def refuse_retraining_export(export: Path) -> None:
     """
     checkpoints = export.parent / "checkpoints"
     if export.exists():
+        kept = _checkpoint_train(export.parent).get("keep_final_checkpoint", True)  # the run's own recipe.yaml
         why = (" (a finished run with train.keep_final_checkpoint: false keeps none, so it cannot be extended)"
-               if (export.parent / "results.json").is_file() else "")
+               if kept is False and (export.parent / "results.json").is_file() else "")
         raise UserError(f"resume_from: no complete checkpoint in {checkpoints} to continue{why}, and {export} holds "
                         "an export: set overwrite=true to retrain from step 0 and replace it")
     logger.info("resume_from=latest: no complete checkpoint in %s yet; starting from step 0", checkpoints)
