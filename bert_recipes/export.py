@@ -147,12 +147,10 @@ def finetuning_card(recipe, task, results: dict, steps: int, precision: str | No
                     subsampled: dict | None = None) -> str:
     """The model card of a GLUE fine-tuning export (``task`` is a :class:`GlueTask`);
     ``precision`` as :func:`pretraining_card`'s; ``subsampled``: the ``max_train_samples`` /
-    ``max_eval_samples`` that cut a split (default: the recipe's)."""
+    ``max_eval_samples`` that cut a split (``glue.batching.load_splits``; None: none did)."""
     base = recipe.model.name_or_path
     on_hub = not os.path.exists(os.path.expanduser(base))
-    if subsampled is None:
-        subsampled = {key: getattr(recipe.data, key) for key in ("max_train_samples", "max_eval_samples")
-                      if getattr(recipe.data, key)}
+    subsampled = subsampled or {}
     sample = subsampled.get("max_eval_samples")  # dev metrics on the first N examples of each dev split
     metrics = [
         {"type": key, "value": round(float(value), 6), "name": f"{task.glue_folder} {key}"}

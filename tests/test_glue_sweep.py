@@ -151,7 +151,7 @@ def test_the_report_says_part_of_the_data_only_where_a_split_was_cut():
     "subsampled"), not from the recipe's sizes, which may exceed every split."""
     from types import SimpleNamespace
 
-    from bert_recipes.glue.sweep import what_cut
+    from bert_recipes.glue.report import what_cut
 
     data = SimpleNamespace(max_train_samples=100000, max_eval_samples=None)
     results = {"rte": {"subsampled": {}}, "sst2": {"subsampled": {}}, "wnli": {"majority_class": "not_entailment"}}

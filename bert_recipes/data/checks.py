@@ -73,7 +73,7 @@ def check_corpus(cfg, files: list[str], key: str = "data.train_files") -> Option
         return None
     index = build_index(files, cfg, show_progress=False)
     check_document_count(index, cfg, key, f"{len(files)} file(s)")
-    return index.fingerprint, index.path_fingerprint
+    return index.fingerprints
 
 
 __all__ = ["check_corpus", "check_document_count", "check_files", "use_index"]

@@ -240,6 +240,12 @@ class DocumentIndex:
     path_fingerprint: str = ""  # changes with any file's path, size, mtime or the split settings (the cache's key)
 
     @property
+    def fingerprints(self) -> tuple[str, str]:
+        """The fingerprints a saved data state of this corpus may name: its layout's, and the
+        path-and-time one earlier versions saved."""
+        return self.fingerprint, self.path_fingerprint
+
+    @property
     def num_documents(self) -> int:
         return len(self.doc_file)
 

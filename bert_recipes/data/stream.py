@@ -247,8 +247,8 @@ class PretrainingStream(torch.utils.data.IterableDataset):
         Raises:
             DataError: see :func:`check_saved_state`.
         """
-        index = self.corpus.index if self.corpus is not None else None
-        check_saved_state(state, self.cfg, (index.fingerprint, index.path_fingerprint) if index else None, self.key)
+        check_saved_state(state, self.cfg, self.corpus.index.fingerprints if self.corpus is not None else None,
+                          self.key)
         self._pending = state if "epoch" in state else None
         self._live = None
 

@@ -18,6 +18,7 @@ from ..atomic import replacing
 from ..errors import UserError
 from .finetune import comparable
 from .metrics import task_score
+from .recipe import FinetuneRecipe, FinetuneTrainConfig
 from .tasks import GlueTask
 
 logger = logging.getLogger("bert_recipes")
@@ -25,6 +26,12 @@ logger = logging.getLogger("bert_recipes")
 SHORT = {"learning_rate": "lr", "per_device_train_batch_size": "bs", "num_train_epochs": "ep", "max_steps": "steps",
          "warmup_ratio": "warmup", "weight_decay": "wd", "early_stopping_patience": "patience"}
 GRID_PNG = "glue_grid.png"
+
+
+def with_cell(recipe: FinetuneRecipe, cell: dict, **update) -> FinetuneRecipe:
+    """``recipe`` with a grid cell's ``train`` values (and ``update``'s top-level keys)."""
+    train = FinetuneTrainConfig.model_validate({**recipe.train.model_dump(), **cell})
+    return recipe.model_copy(update={"train": train, **update})
 
 
 def cell_name(cell: dict) -> str:
@@ -194,7 +201,7 @@ def plot_grid(tasks: dict[str, dict], path: Path) -> Path | None:
 BOOKKEEPING = ("logging_steps", "save_steps", "save_total_limit", "keep_final_checkpoint", "per_device_eval_batch_size")
 
 
-def check_fixed(recipes: dict[str, "FinetuneRecipe"], cells: dict[str, list[dict]]) -> None:
+def check_fixed(recipes: dict[str, FinetuneRecipe], cells: dict[str, list[dict]]) -> None:
     """The fixed protocol: one configuration, the same for every task (the :data:`BOOKKEEPING`
     keys aside, so the shipped per-task files, SST-2's logging cadence say, pass).
 
@@ -218,4 +225,4 @@ def check_fixed(recipes: dict[str, "FinetuneRecipe"], cells: dict[str, list[dict
 
 
 __all__ = ["BOOKKEEPING", "SweepClock", "cell_name", "cell_summary", "check_fixed", "choose", "format_duration",
-           "per_seed_scores", "plot_grid", "seed_stats"]
+           "per_seed_scores", "plot_grid", "seed_stats", "with_cell"]

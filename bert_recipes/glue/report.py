@@ -19,6 +19,9 @@ from .tasks import get_task
 
 logger = logging.getLogger("bert_recipes")
 
+#: A sweep's report files in its output folder (``bert-recipes glue``).
+RESULTS_JSON, RESULTS_MD, RESULTS_PNG = "glue_results.json", "glue_results.md", "glue_results.png"
+
 
 def majority_class(recipe: FinetuneRecipe, out: Path, predict_test: bool) -> dict:
     """WNLI answered with the training set's majority class (the BERT paper's choice): its
@@ -150,6 +153,16 @@ def subsampled(data) -> dict:
     return {key: getattr(data, key) for key in ("max_train_samples", "max_eval_samples") if getattr(data, key, None)}
 
 
+def what_cut(results: dict, data) -> dict:
+    """The ``max_train_samples`` / ``max_eval_samples`` that cut some task's split (each run's
+    ``results.json`` ``subsampled``); for results written before runs recorded it, the first
+    task's recipe ``data`` values (sizes given on the command line apply to every task)."""
+    cuts = [result.get("subsampled") for result in results.values() if "majority_class" not in result]
+    if any(cut is None for cut in cuts):
+        return subsampled(data)
+    return {key: value for cut in cuts for key, value in cut.items()}
+
+
 def subsampled_text(subsampled: dict, scope: str = " per task", mark: str = "**") -> str:
     """One sentence for a sweep (or, ``scope=""``, one run) on part of the data
     (``data.max_train_samples`` / ``data.max_eval_samples``): its scores are not GLUE's."""
@@ -247,5 +260,6 @@ def write_test_submission(results: dict[str, dict], out_dir: Path) -> Path:
     return write_submission(entries, out_dir)
 
 
-__all__ = ["entry_names", "majority_class", "plot_results", "results_markdown", "score_text", "summarise",
+__all__ = ["RESULTS_JSON", "RESULTS_MD", "RESULTS_PNG", "entry_names", "majority_class", "plot_results",
+           "results_markdown", "score_text", "subsampled", "subsampled_text", "summarise", "what_cut",
            "write_test_submission"]

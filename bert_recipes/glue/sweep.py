@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -41,15 +40,15 @@ from ..atomic import write_json, write_text
 from ..errors import UserError
 from ..recipe import save_recipe, validate
 from ..recipe_files import apply_overrides, deep_merge, load_raw, read_yaml
-from ..training.outdir import RUN_FILES
 from ..training.reporting import progress
 from .data import glue_task_dir
 from .evaluation import predict_export
 from .finetune import RESULTS, check_inputs, finetune_seeds
-from .grid import GRID_PNG, SweepClock, cell_name, cell_summary, check_fixed, choose, plot_grid
-from .recipe import FinetuneRecipe, FinetuneTrainConfig, SweepConfig
-from .report import (entry_names, majority_class, plot_results, results_markdown, subsampled, summarise,
-                     write_test_submission)
+from .overwrite import replace_earlier_sweep
+from .grid import GRID_PNG, SweepClock, cell_name, cell_summary, check_fixed, choose, plot_grid, with_cell
+from .recipe import FinetuneRecipe, SweepConfig
+from .report import (RESULTS_JSON, RESULTS_MD, RESULTS_PNG, entry_names, majority_class, plot_results,
+                     results_markdown, summarise, what_cut, write_test_submission)
 from .reuse import finished_results
 from .tasks import TASKS, get_task
 from .transfer import check_architectures, export_encoder
@@ -57,9 +56,6 @@ from .transfer import check_architectures, export_encoder
 logger = logging.getLogger("bert_recipes")
 
 TRAINABLE = tuple(name for name, task in TASKS.items() if task.dev_splits)
-RESULTS_JSON, RESULTS_MD, RESULTS_PNG = "glue_results.json", "glue_results.md", "glue_results.png"
-#: What a sweep writes into its root (besides the tasks' folders and the grid heatmap).
-SWEEP_FILES = (RESULTS_JSON, RESULTS_MD, RESULTS_PNG, "submission", "encoders")
 
 
 def parse_tasks(text: str | None) -> list[str]:
@@ -152,13 +148,8 @@ def run_glue(base: str | os.PathLike, tasks: list[str], overrides: list[str] | N
     main = PartialState().is_main_process
     if wnli_recipe is not None and settings.wnli == "majority":  # its data, before any training
         check_inputs(wnli_recipe, get_task("wnli"))
-    if root_raw.get("overwrite"):  # every run's own checks pass first: a refused sweep deletes nothing
-        check_runs(recipes, cells)
-        doomed = sweep_doomed(root, [*recipes.values(), *([wnli_recipe] if wnli_recipe else [])])
-        if main:
-            for path in doomed:
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
-        PartialState().wait_for_everyone()
+    if root_raw.get("overwrite"):
+        replace_earlier_sweep(root, recipes, cells, wnli_recipe)
     clock = SweepClock(*planned_work(recipes, cells), printer=print if main else (lambda *a, **k: None))
     results = {}
     with progress(total=len(order), desc="GLUE tasks", main=main) as bar:
@@ -184,54 +175,6 @@ def run_glue(base: str | os.PathLike, tasks: list[str], overrides: list[str] | N
     return summary
 
 
-def check_runs(recipes: dict[str, FinetuneRecipe], cells: dict[str, list[dict]]) -> None:
-    """The checks each run of the sweep makes in its own preflight, short of its output
-    folder: what it reads (:func:`~.finetune.check_inputs`) and every cell's batch plan and
-    launch.
-
-    Raises:
-        UserError / DataError: the first run that would be refused.
-    """
-    from ..training.accelerator import check_launch, launch_state
-    from ..training.plan import resolve
-
-    processes = launch_state().num_processes
-    for name, recipe in recipes.items():
-        check_inputs(recipe.model_copy(update={"init_from_task": None}), get_task(name))
-        for cell in cells[name]:
-            train = FinetuneTrainConfig.model_validate({**recipe.train.model_dump(), **cell})
-            cell_recipe = recipe.model_copy(update={"train": train})
-            check_launch(cell_recipe, resolve(cell_recipe, processes, log=False).accumulation)
-
-
-def sweep_doomed(root: Path, recipes: list[FinetuneRecipe]) -> list[Path]:
-    """What ``overwrite=true`` on a sweep deletes before its first run: the report, the
-    submission and the exported encoders in ``root``, and in each of these tasks' folders its
-    results and every run or cell folder (one holding a ``recipe.yaml`` or ``results.json``);
-    other files stay. An earlier sweep's stale cells and its ``submission.zip`` used to stay
-    next to the new results (found by a helper).
-
-    Raises:
-        UserError: a model or tokenizer a task reads lies inside what would be deleted.
-    """
-    doomed = [root / name for name in (*SWEEP_FILES, GRID_PNG)]
-    for recipe in recipes:
-        folder = Path(recipe.output_dir)
-        doomed += [folder / name for name in RUN_FILES]
-        if folder.is_dir():
-            doomed += [child for child in sorted(folder.iterdir())
-                       if child.is_dir() and ((child / "recipe.yaml").exists() or (child / RESULTS).exists())]
-    doomed = [path for path in dict.fromkeys(doomed) if path.exists()]
-    for recipe in recipes:
-        for key, source in recipe.reads().items():
-            read = Path(os.path.expanduser(source)).resolve()
-            for path in doomed:
-                if read == path.resolve() or path.resolve() in read.parents:
-                    raise UserError(f"output_dir: '{path}' contains {key} '{source}', which this sweep reads; "
-                                    "overwrite=true would delete it: choose another output_dir")
-    return doomed
-
-
 def check_sweep(recipes: dict[str, FinetuneRecipe], settings: SweepConfig, root: Path) -> tuple[dict, list[str]]:
     """Before any training: every task's GLUE folder, its grid (a fixed protocol has one
     configuration), the task order (sources first) and each source's architecture.
@@ -251,16 +194,6 @@ def check_sweep(recipes: dict[str, FinetuneRecipe], settings: SweepConfig, root:
             check_architectures(name, source, recipes[name].model.name_or_path, source_model,
                                 recipes[name].model.trust_remote_code)
     return cells, order
-
-
-def what_cut(results: dict, data) -> dict:
-    """The ``max_train_samples`` / ``max_eval_samples`` that cut some task's split (each run's
-    ``results.json`` ``subsampled``); for results written before runs recorded it, the first
-    task's recipe ``data`` values (sizes given on the command line apply to every task)."""
-    cuts = [result.get("subsampled") for result in results.values() if "majority_class" not in result]
-    if any(cut is None for cut in cuts):
-        return subsampled(data)
-    return {key: value for cut in cuts for key, value in cut.items()}
 
 
 def write_report(summary: dict, results: dict, root: Path, predict_test: bool) -> None:
@@ -415,8 +348,7 @@ def run_task(recipe: FinetuneRecipe, cells: list[dict], protocol: str, clock=Non
         runs = []
         for cell in cells:  # a finished cell is reused when its recipe is this one (else refused or continued)
             where = cell_dir(recipe, cell, cells)
-            train = FinetuneTrainConfig.model_validate({**recipe.train.model_dump(), **cell})
-            cell_recipe = recipe.model_copy(update={"train": train, "output_dir": str(where), "predict_test": False})
+            cell_recipe = with_cell(recipe, cell, output_dir=str(where), predict_test=False)
             finished = finished_results(cell_recipe, where)
             if finished is not None:
                 logger.info("%s %s: finished; skipped", task.name, where.name)
@@ -434,8 +366,7 @@ def run_task(recipe: FinetuneRecipe, cells: list[dict], protocol: str, clock=Non
         config = {key: train[key] for key in keys}
         if recipe.predict_test:
             best_run = Path(result["best"]).parent
-            chosen = recipe.model_copy(update={"train": FinetuneTrainConfig.model_validate(train),
-                                               "output_dir": str(best_run), "seeds": []})
+            chosen = with_cell(recipe, cells[index], output_dir=str(best_run), seeds=[])
             result["test_predictions"] = str(predict_export(chosen, best_run))
     result.update(grid=summaries, chosen_index=index, config=config, protocol=protocol, init_from=init_from,
                   runtime_s=runtime)

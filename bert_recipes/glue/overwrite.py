@@ -1,0 +1,86 @@
+"""``overwrite: true`` on a GLUE sweep: what an earlier sweep into the same folder wrote for
+the tasks being run (its cells, report, submission and exported encoders) is deleted before
+the first run, once every run's own checks have passed, so that stale cells and a stale
+``submission.zip`` never sit beside the new results. Other files stay.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from ..errors import UserError
+from ..training.outdir import RUN_FILES
+from .finetune import RESULTS, check_inputs
+from .grid import GRID_PNG, with_cell
+from .recipe import FinetuneRecipe
+from .report import RESULTS_JSON, RESULTS_MD, RESULTS_PNG
+from .tasks import get_task
+
+#: What a sweep writes into its root (besides the tasks' folders).
+SWEEP_FILES = (RESULTS_JSON, RESULTS_MD, RESULTS_PNG, GRID_PNG, "submission", "encoders")
+
+
+def replace_earlier_sweep(root: Path, recipes: dict[str, FinetuneRecipe], cells: dict[str, list[dict]],
+                          wnli_recipe: FinetuneRecipe | None) -> None:
+    """``overwrite=true``: once every run's own checks pass (:func:`check_runs`; a refused
+    sweep deletes nothing), delete what an earlier sweep wrote for these tasks (:func:`sweep_doomed`)."""
+    from accelerate import PartialState
+
+    check_runs(recipes, cells)
+    doomed = sweep_doomed(root, [*recipes.values(), *([wnli_recipe] if wnli_recipe else [])])
+    if PartialState().is_main_process:
+        for path in doomed:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    PartialState().wait_for_everyone()
+
+
+def check_runs(recipes: dict[str, FinetuneRecipe], cells: dict[str, list[dict]]) -> None:
+    """The checks each run of the sweep makes in its own preflight, short of its output
+    folder: what it reads (:func:`~.finetune.check_inputs`) and every cell's batch plan and
+    launch.
+
+    Raises:
+        UserError / DataError: the first run that would be refused.
+    """
+    from ..training.accelerator import check_launch, launch_state
+    from ..training.plan import resolve
+
+    processes = launch_state().num_processes
+    for name, recipe in recipes.items():
+        check_inputs(recipe.model_copy(update={"init_from_task": None}), get_task(name))
+        for cell in cells[name]:
+            cell_recipe = with_cell(recipe, cell)
+            check_launch(cell_recipe, resolve(cell_recipe, processes, log=False).accumulation)
+
+
+def sweep_doomed(root: Path, recipes: list[FinetuneRecipe]) -> list[Path]:
+    """What ``overwrite=true`` on a sweep deletes before its first run: the report, the
+    submission and the exported encoders in ``root``, and in each of these tasks' folders its
+    results and every run or cell folder (one holding a ``recipe.yaml`` or ``results.json``);
+    other files stay. An earlier sweep's stale cells and its ``submission.zip`` used to stay
+    next to the new results (found by a helper).
+
+    Raises:
+        UserError: a model or tokenizer a task reads lies inside what would be deleted.
+    """
+    doomed = [root / name for name in SWEEP_FILES]
+    for recipe in recipes:
+        folder = Path(recipe.output_dir)
+        doomed += [folder / name for name in RUN_FILES]
+        if folder.is_dir():
+            doomed += [child for child in sorted(folder.iterdir())
+                       if child.is_dir() and ((child / "recipe.yaml").exists() or (child / RESULTS).exists())]
+    doomed = [path for path in dict.fromkeys(doomed) if path.exists()]
+    for recipe in recipes:
+        for key, source in recipe.reads().items():
+            read = Path(os.path.expanduser(source)).resolve()
+            for path in doomed:
+                if read == path.resolve() or path.resolve() in read.parents:
+                    raise UserError(f"output_dir: '{path}' contains {key} '{source}', which this sweep reads; "
+                                    "overwrite=true would delete it: choose another output_dir")
+    return doomed
+
+
+__all__ = ["SWEEP_FILES", "check_runs", "replace_earlier_sweep", "sweep_doomed"]
