@@ -157,29 +157,14 @@ def finetuning_card(recipe, task, results: dict, steps: int, precision: str | No
         for key, value in results.items()
         if key in task.metrics and isinstance(value, (int, float))
     ]
+    splits = ", ".join(f"{split}[:{sample}]" if sample else split for split in task.dev_splits)
     metadata = {
         "library_name": "transformers",
         "pipeline_tag": "text-classification",
         "tags": ["bert", "text-classification", "glue", task.name, "bert-recipes"],
         "datasets": [task.hub_name],
         **({"base_model": base} if on_hub else {}),
-        "model-index": [
-            {
-                "name": f"{Path(base).name}-{task.name}",
-                "results": [
-                    {
-                        "task": {"type": "text-classification", "name": "Text Classification"},
-                        "dataset": {
-                            "name": f"GLUE {task.glue_folder}",
-                            "type": task.hub_name,
-                            "config": task.hub_config,
-                            "split": ", ".join(f"{split}[:{sample}]" if sample else split for split in task.dev_splits),
-                        },
-                        "metrics": metrics,
-                    }
-                ],
-            }
-        ],
+        "model-index": [_glue_result(f"{Path(base).name}-{task.name}", task, splits, metrics)],
     }
     train = recipe.train
     part = (f", the first {subsampled['max_train_samples']} training examples (data.max_train_samples)"
@@ -206,6 +191,19 @@ def finetuning_card(recipe, task, results: dict, steps: int, precision: str | No
         ]),
     ]
     return _model_card(metadata, f"BERT fine-tuned on GLUE {task.glue_folder}", body)
+
+
+def _glue_result(name: str, task, splits: str, metrics: list[dict]) -> dict:
+    """One model-index entry: ``metrics`` measured on ``splits`` of GLUE ``task``."""
+    return {
+        "name": name,
+        "results": [{
+            "task": {"type": "text-classification", "name": "Text Classification"},
+            "dataset": {"name": f"GLUE {task.glue_folder}", "type": task.hub_name, "config": task.hub_config,
+                        "split": splits},
+            "metrics": metrics,
+        }],
+    }
 
 
 def export_finetuned(model, tokenizer, recipe, task, directory: str | os.PathLike, results: dict, steps: int,

@@ -53,7 +53,7 @@ def cmd_finetune(args) -> int:
     quiet_libraries()
     from accelerate import PartialState
 
-    from .finetune import finetune_seeds
+    from .seeds import finetune_seeds
 
     result = finetune_seeds(recipe)  # a stopped run raises RunStopped (the CLI's exit code)
     if not PartialState().is_main_process:

@@ -13,8 +13,8 @@
 - :func:`export` predicts the test split(s) with that model (``predict_test``) and writes
   ``results.json``.
 
-``finetune_seeds(recipe)`` runs it once per seed of ``recipe.seeds`` and reports mean and
-standard deviation. Layout of a run directory::
+``finetune_seeds(recipe)`` (:mod:`.seeds`) runs it once per seed of ``recipe.seeds`` and
+reports mean and standard deviation. Layout of a run directory::
 
     output_dir/
       recipe.yaml, metrics.jsonl, checkpoints/     as for pretraining
@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +55,7 @@ from ..training.reporting import Reporter
 from .batching import BatchPlan, collate_batch, load_splits
 from .classifier import build_classifier
 from .data import glue_task_dir, label_mapping, load_glue_split, split_fingerprint
+from .metrics import comparable
 from .evaluation import DEV_PREDICTIONS, TEST_PREDICTIONS, evaluate, has_test_predictions, loss_sum, predict_export, predict_test
 from .recipe import FinetuneRecipe
 from .reuse import RESULTS, finished_results
@@ -364,62 +363,6 @@ def predict_if_missing(recipe: FinetuneRecipe, out: Path, results: dict) -> dict
     return results
 
 
-def finetune_seeds(recipe: FinetuneRecipe, on_log=None) -> dict:
-    """Run the recipe once per seed of ``recipe.seeds`` (one run with ``seed`` when empty).
-
-    Each seed runs into ``output_dir/seed-<s>``; ``output_dir/results.json`` gets the dev
-    metrics of every seed, their mean (``dev``) and sample standard deviation
-    (``dev_std``), and the best seed by the task's main metric, whose export (``best``)
-    and test predictions stand for the recipe.
-
-    Raises:
-        UserError: ``output_dir`` already holds results and neither resume nor overwrite is set.
-        RunStopped: a seed's run was stopped by a signal.
-    """
-    if not recipe.seeds:
-        return finetune(recipe, on_log)
-    out = Path(recipe.output_dir)
-    if (out / RESULTS).exists() and not (recipe.overwrite or recipe.resume_from):
-        raise UserError(f"output_dir: '{out}' already holds a run ({RESULTS}); "
-                        "set resume_from=latest to continue it, overwrite=true to replace it, or output_dir=DIR for a new run")
-    runs = {seed: finetune(recipe.model_copy(update={"seed": seed, "seeds": [], "output_dir": str(out / f"seed-{seed}")}),
-                           on_log)
-            for seed in recipe.seeds}
-    results = aggregate_seeds(get_task(recipe.task), runs)
-    results["runtime_s"] = round(sum(r.get("runtime_s") or 0.0 for r in runs.values()), 1)  # all seeds
-    results["train_examples"] = sum(int(r.get("train_examples") or 0) for r in runs.values())
-    results["examples_per_s"] = round(results["train_examples"] / max(results["runtime_s"], 1e-9), 2)
-    if launch_state().is_main_process:
-        save_recipe(recipe, out)
-        write_json(out / RESULTS, results)
-    return results
-
-
-def aggregate_seeds(task: GlueTask, runs: dict[int, dict]) -> dict:
-    """Mean and sample standard deviation (0 for one seed) of the seeds' dev metrics."""
-    keys = [key for key in task.metrics if all(key in r["dev"] for r in runs.values())]
-    values = {key: [float(r["dev"][key]) for r in runs.values()] for key in keys}
-    best_seed = max(runs, key=lambda s: comparable(runs[s]["dev"].get(task.main_metric)))
-    return {
-        "task": task.name,
-        "seeds": list(runs),
-        "dev": {key: statistics.fmean(v) for key, v in values.items()},
-        "dev_std": {key: statistics.stdev(v) if len(v) > 1 else 0.0 for key, v in values.items()},
-        "runs": {str(seed): r["dev"] for seed, r in runs.items()},
-        "best_seed": best_seed,
-        "best": runs[best_seed]["best"],
-        "subsampled": runs[best_seed].get("subsampled"),
-        "test_predictions": runs[best_seed].get("test_predictions"),
-    }
-
-
-def comparable(value) -> float:
-    """A main-metric value for ``>``: None and nan rank below everything."""
-    if value is None or not math.isfinite(float(value)):
-        return -math.inf
-    return float(value)
-
-
 def restore_best(state: TrainerState, best: Path, task: GlueTask) -> None:
     """After a resume, the export on disk is the best so far (it may be newer than the checkpoint)."""
     saved = best / "eval_results.json"
@@ -432,4 +375,4 @@ def restore_best(state: TrainerState, best: Path, task: GlueTask) -> None:
         state.extra.update(best_step=record["step"], best_results=results)
 
 
-__all__ = ["FinetuneJob", "aggregate_seeds", "finetune", "finetune_seeds", "preflight"]
+__all__ = ["FinetuneJob", "finetune", "preflight"]

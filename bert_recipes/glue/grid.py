@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..atomic import replacing
 from ..errors import UserError
-from .finetune import comparable
+from .metrics import comparable
 from .metrics import task_score
 from .recipe import FinetuneRecipe, FinetuneTrainConfig
 from .tasks import GlueTask

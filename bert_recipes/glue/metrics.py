@@ -216,6 +216,13 @@ def compute_metrics(
     return {key: accuracy(preds, refs)}
 
 
+def comparable(value) -> float:
+    """A main-metric value for ``>``: None and nan rank below everything."""
+    if value is None or not math.isfinite(float(value)):
+        return -math.inf
+    return float(value)
+
+
 def task_score(task: "str | GlueTask", metrics: Mapping[str, float]) -> list[float]:
     """The leaderboard entries of one task's results.
 

@@ -43,7 +43,8 @@ from ..recipe_files import apply_overrides, deep_merge, load_raw, read_yaml
 from ..training.reporting import progress
 from .data import glue_task_dir
 from .evaluation import predict_export
-from .finetune import RESULTS, check_inputs, finetune_seeds
+from .finetune import RESULTS, check_inputs
+from .seeds import finetune_seeds
 from .overwrite import replace_earlier_sweep
 from .grid import GRID_PNG, SweepClock, cell_name, cell_summary, check_fixed, choose, plot_grid, with_cell
 from .recipe import FinetuneRecipe, SweepConfig
