@@ -403,3 +403,23 @@ def test_shipped_sweep_recipes_validate():
     fixed = sweep_settings(load_raw(GLUE_RECIPES / "fixed.yaml"), "fixed.yaml")
     assert fixed.protocol == "fixed"
     assert isinstance(FinetuneRecipe.model_fields["sweep"].default.grid, dict)
+
+
+def test_overwrite_checks_do_not_hold_an_init_from_task_run_to_the_base_models_labels(checkpoint, tmp_path):
+    """A sweep's overwrite checks each task's inputs before deleting; a task that starts from
+    another task's encoder (its head dropped, generic labels) is not refused for the base
+    model's label names (an MNLI-trained base, RTE from MNLI: it used to be)."""
+    from bert_recipes.glue.overwrite import check_runs
+
+    base = tmp_path / "mnli-base"
+    shutil.copytree(checkpoint, base)
+    config = json.loads((base / "config.json").read_text())
+    config["id2label"] = {"0": "contradiction", "1": "entailment", "2": "neutral"}
+    config["label2id"] = {name: int(i) for i, name in config["id2label"].items()}
+    (base / "config.json").write_text(json.dumps(config))
+    recipe = FinetuneRecipe(task="rte", output_dir=str(tmp_path / "out"), data={"glue_dir": str(FIXTURES)},
+                            model={"name_or_path": str(base)})
+    cells = {"rte": [{}]}
+    with pytest.raises(UserError, match="label"):
+        check_runs({"rte": recipe}, cells)  # RTE on the base model itself: its labels conflict
+    check_runs({"rte": recipe.model_copy(update={"init_from_task": "mnli"})}, cells)

@@ -143,9 +143,10 @@ def preflight(recipe: FinetuneRecipe) -> Checked:
     return Checked(plan, task, resume, doomed, point, fingerprint)
 
 
-def check_inputs(recipe: FinetuneRecipe, task: GlueTask, keep: bool = False):
+def check_inputs(recipe: FinetuneRecipe, task: GlueTask, keep: bool = False, labels: bool = True):
     """The checks of what a run reads: its model and tokenizer found, the checkpoint's labels
-    and positions fit the task and ``data.max_seq_length``, the GLUE folder and train split
+    (``labels``; a sweep's ``init_from_task`` run starts from an encoder without them) and
+    positions fit the task and ``data.max_seq_length``, the GLUE folder and train split
     readable and labelled. Returns the train split (``keep``: held for the run's own load).
 
     Raises:
@@ -154,7 +155,8 @@ def check_inputs(recipe: FinetuneRecipe, task: GlueTask, keep: bool = False):
     for key, source in recipe.reads().items():
         local_or_hub(source, key)
     config = load_config(recipe.model.name_or_path, recipe.model.trust_remote_code)
-    label_mapping(task, config)  # refuses conflicting label sets
+    if labels:
+        label_mapping(task, config)  # refuses conflicting label sets
     if recipe.data.max_seq_length > config.max_position_embeddings:
         raise UserError(f"data.max_seq_length ({recipe.data.max_seq_length}) exceeds the checkpoint's "
                         f"max_position_embeddings ({config.max_position_embeddings})")

@@ -49,7 +49,8 @@ def check_runs(recipes: dict[str, FinetuneRecipe], cells: dict[str, list[dict]])
 
     processes = launch_state().num_processes
     for name, recipe in recipes.items():
-        check_inputs(recipe.model_copy(update={"init_from_task": None}), get_task(name))
+        # an init_from_task run starts from the source's encoder, its head dropped: the base's labels do not matter
+        check_inputs(recipe.model_copy(update={"init_from_task": None}), get_task(name), labels=not recipe.init_from_task)
         for cell in cells[name]:
             cell_recipe = with_cell(recipe, cell)
             check_launch(cell_recipe, resolve(cell_recipe, processes, log=False).accumulation)
