@@ -2,7 +2,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# A CPU build by default; for GPUs: make install TORCH="torch --index-url <your CUDA wheel index>"
+# The torch build your pip resolves for torch==2.13.0 (this project's CI: a local CPU wheel; plain PyPI on Linux:
+# a CUDA build). Choose one: make install TORCH="torch --index-url <CPU or CUDA wheel index>"
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed-stamp
 

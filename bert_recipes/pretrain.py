@@ -114,7 +114,9 @@ def preflight(recipe: PretrainRecipe) -> Checked:
     resume = find_resume_checkpoint(recipe.resume_from, Path(recipe.output_dir) / "checkpoints") if recipe.resume_from else None
     final = Path(recipe.output_dir) / "final"
     if recipe.resume_from and resume is None:
-        refuse_retraining_export(final)
+        refuse_retraining_export(final, recipe.overwrite)
+        if recipe.overwrite:  # nothing to continue: a fresh start replaces the earlier run's files
+            doomed = check_output_dir(recipe.model_copy(update={"resume_from": None}))
     point = check_resume(recipe, resume) if resume is not None else None
     if resume is not None:  # the processes and DataLoader workers the data state was saved with
         def check_saved(saved: dict) -> None:  # rank 0's loader state: its workers, then its streams

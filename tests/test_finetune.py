@@ -483,6 +483,15 @@ def test_keep_final_checkpoint_false_deletes_a_finished_runs_checkpoints_only(ch
     assert err.startswith("error: resume_from: no complete checkpoint") and "\n" not in err, err
     assert "train.keep_final_checkpoint: false keeps none, so it cannot be extended" in err
     assert (run / "results.json").read_text() == before
+    capsys.readouterr()  # another run's key with both keys set: the way out is not "set overwrite=true" again
+    assert main([*common, "resume_from=latest", "train.weight_decay=0.5", "overwrite=true"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "of the finished run in" in err and err.endswith("remove resume_from to retrain it (overwrite=true is set; "
+                                                           "resume_from reuses a finished run)"), err
+    # with overwrite=true as well (a job script's constant resume_from=latest) it retrains from step 0
+    assert main([*common, "resume_from=latest", "train.max_steps=4", "overwrite=true"]) == 0
+    assert json.loads((run / "results.json").read_text())["steps"] == 4
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4]
     kept = tmp_path / "kept"
     assert main([*base, *overrides(checkpoint, kept, **{"data.glue_dir": SAMPLE_GLUE, "train.max_steps": 2}), *args]) == 0
     assert [p.name for p in (kept / "checkpoints").iterdir()] == ["checkpoint-00000002"]  # the default keeps it

@@ -113,10 +113,18 @@ def test_resume_never_retrains_over_an_export(finished, tmp_path, tokenizer_dir,
     shutil.rmtree(run / "checkpoints")  # a run from before the end-of-run checkpoint
     before = snapshot(run)
     err = one_error(capsys, ["pretrain", str(TINY_RECIPE), *tiny_overrides(run, **{"tokenizer.name_or_path": tokenizer_dir}),
-                             "resume_from=latest", "train.max_steps=8"])
+                             "resume_from=latest", "train.max_steps=8", "overwrite=false"])  # tiny.yaml has true
     assert err == (f"error: resume_from: no complete checkpoint in {run / 'checkpoints'} to continue, and {run / 'final'} "
                    "holds an export: set overwrite=true to retrain from step 0 and replace it")
     assert snapshot(run) == before
+    # ... and overwrite=true, as it says, retrains over it even with resume_from=latest (a job script's
+    # constant key; the refusal used to repeat itself, found by a helper)
+    (run / "notes.txt").write_text("mine")
+    assert main(["pretrain", str(TINY_RECIPE), *tiny_overrides(run, **{"tokenizer.name_or_path": tokenizer_dir}),
+                 "resume_from=latest", "train.max_steps=8", "overwrite=true"]) == 0
+    assert steps(run) == list(range(1, 9))  # from step 0: the old run's metrics were replaced, not appended to
+    assert json.loads((run / "final" / "eval_results.json").read_text())["step"] == 8
+    assert (run / "notes.txt").read_text() == "mine"
 
 
 # --------------------------------------------------------------------------- 4. schedule keys on resume

@@ -134,7 +134,9 @@ def preflight(recipe: FinetuneRecipe) -> Checked:
     doomed = check_output_dir(recipe, FINETUNE_ARTEFACTS)
     resume = find_resume_checkpoint(recipe.resume_from, Path(recipe.output_dir) / "checkpoints") if recipe.resume_from else None
     if recipe.resume_from and resume is None:
-        refuse_retraining_export(Path(recipe.output_dir) / "best")
+        refuse_retraining_export(Path(recipe.output_dir) / "best", recipe.overwrite)
+        if recipe.overwrite:  # nothing to continue: a fresh start replaces the earlier run's files
+            doomed = check_output_dir(recipe.model_copy(update={"resume_from": None}), FINETUNE_ARTEFACTS)
     point = check_resume(recipe, resume) if resume is not None else None
     fingerprint = split_fingerprint(train, task)
     if resume is not None:  # the processes, and the training examples, the checkpoint's batch plan was made for

@@ -67,7 +67,9 @@ def finished_results(recipe: FinetuneRecipe, out: Path) -> dict | None:
     other = [key for key in changed if key not in goes_on]
     if other:
         key = other[0]
+        retrain = ("remove resume_from to retrain it (overwrite=true is set; resume_from reuses a finished run)"
+                   if recipe.overwrite else "or overwrite=true to retrain it")
         raise UserError(f"{key}: {now.get(key)} differs from {saved.get(key)} of the finished run in '{out}', whose "
                         f"results would be reused as this recipe's: set {key}={as_override(saved.get(key))} to reuse them, "
-                        "output_dir=DIR for a new run, or overwrite=true to retrain it")
+                        f"output_dir=DIR for a new run, {retrain}")
     return None if changed else results

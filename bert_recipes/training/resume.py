@@ -147,22 +147,24 @@ def check_resume(recipe, path: Path) -> ResumePoint:
     return ResumePoint(path, step, changed)
 
 
-def refuse_retraining_export(export: Path) -> None:
+def refuse_retraining_export(export: Path, overwrite: bool = False) -> None:
     """``resume_from`` found no checkpoint: a fresh start (logged), unless that would retrain
-    over an export.
+    over an export without ``overwrite``.
 
     Raises:
-        UserError: ``export`` exists (only ``overwrite=true`` replaces it); for a finished GLUE
-            run that kept no checkpoint (``train.keep_final_checkpoint: false``), saying so.
+        UserError: ``export`` exists and ``overwrite`` is false (only ``overwrite=true``
+            replaces it); for a finished GLUE run that kept no checkpoint
+            (``train.keep_final_checkpoint: false``), saying so.
     """
     checkpoints = export.parent / "checkpoints"
-    if export.exists():
+    if export.exists() and not overwrite:
         kept = _checkpoint_train(export.parent).get("keep_final_checkpoint", True)  # the run's own recipe.yaml
         why = (" (a finished run with train.keep_final_checkpoint: false keeps none, so it cannot be extended)"
                if kept is False and (export.parent / "results.json").is_file() else "")
         raise UserError(f"resume_from: no complete checkpoint in {checkpoints} to continue{why}, and {export} holds "
                         "an export: set overwrite=true to retrain from step 0 and replace it")
-    logger.info("resume_from=latest: no complete checkpoint in %s yet; starting from step 0", checkpoints)
+    replacing = f" (overwrite=true: replacing {export})" if export.exists() else ""
+    logger.info("resume_from=latest: no complete checkpoint in %s yet; starting from step 0%s", checkpoints, replacing)
 
 
 def reschedule(scheduler, learning_rate: float) -> None:
