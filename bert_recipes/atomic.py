@@ -8,8 +8,10 @@ and renamed over it with ``os.replace``, which is atomic on POSIX and Windows.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,6 +43,49 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 def write_json(path: str | os.PathLike, data, indent: int = 1) -> Path:
     """Write ``data`` as JSON to ``path`` atomically; return the path."""
     return write_text(path, json.dumps(data, indent=indent))
+
+
+@contextlib.contextmanager
+def building(folder: Path, clean: bool = True) -> Iterator[Path]:
+    """The block writes the temporary folder ``folder`` (then :func:`swap_in`); when it fails,
+    ``folder`` is removed (``clean``: the process that owns it), so a failed checkpoint or
+    export leaves no half-written folder filling the disk. A failure with the disk full
+    becomes ``OSError(ENOSPC)`` naming the folder: safetensors and torch report it with
+    their own errors ("I/O error", "unexpected pos").
+    """
+    try:
+        yield folder
+    except Exception as exc:
+        full = not isinstance(exc, OSError) and ("No space left" in str(exc) or _nearly_full(folder.parent))
+        if clean:
+            shutil.rmtree(folder, ignore_errors=True)
+        if full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder.parent)) from exc
+        raise
+
+
+def _nearly_full(path: Path, margin: int = 16 << 20) -> bool:
+    try:
+        return shutil.disk_usage(path).free < margin
+    except OSError:
+        return False
+
+
+def swap_in(tmp: Path, target: Path) -> Path:
+    """Rename the finished folder ``tmp`` to ``target``, replacing what is there: the old
+    folder is renamed aside (``.<name>.old``) and deleted after, so at every moment the old
+    or the new one is whole under some name (it was deleted first, then the new one renamed:
+    a kill in between left neither; found by a helper). A symbolic link at ``target`` is
+    replaced, not followed."""
+    old = target.with_name(f".{target.name}.old")
+    if target.is_symlink():
+        target.unlink()
+    elif target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+    return target
 
 
 def make_readable(directory: str | os.PathLike) -> None:

@@ -7,6 +7,7 @@ A user mistake exits with code 2 and one line ``error: <file/key>: <what was exp
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import re
@@ -101,10 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     tsub = p.add_subparsers(dest="tokenizer_command", metavar="ACTION")
     t = tsub.add_parser("train", help="train a WordPiece tokenizer and save it")
     t.add_argument("files", nargs="+", help="text files or globs")
-    t.add_argument("--out", required=True, help="output folder")
+    t.add_argument("--out", required=True, help="output folder (new, or one holding only an earlier tokenizer: see --overwrite)")
+    t.add_argument("--overwrite", action="store_true", help="replace the tokenizer files of an existing --out folder")
     t.add_argument("--vocab-size", type=int, default=30522)
     t.add_argument("--min-frequency", type=int, default=2)
     t.add_argument("--cased", action="store_true", help="keep case and accents")
+    t.add_argument("--text-column", default="text", help="the text field of JSON Lines / parquet files (default text)")
     t.add_argument("--model-max-length", type=int, default=512,
                    help="the length truncation=True cuts at: the model's max_position_embeddings (default 512)")
 
@@ -174,6 +177,7 @@ def cmd_inspect(args) -> int:
         raise UserError(f"--batches: expected a positive integer, got {args.batches}")
     if args.world_size < 1 or not 0 <= args.rank < args.world_size:
         raise UserError(f"--rank/--world-size: expected 0 <= rank < world size, got rank {args.rank} of {args.world_size}")
+    check_inspect_out(Path(args.out))
     recipe = load_recipe(args.recipe, args.overrides)
     quiet_libraries()
     count = write_batches(recipe, args.batches, args.out, rank=args.rank, world_size=args.world_size, text=args.text)
@@ -215,19 +219,56 @@ def _about(path: Path, limit: int = 150) -> str:
 
 def cmd_tokenizer(args) -> int:
     from .recipe import expand_files
-    from .tokenizer import save_tokenizer, train_wordpiece
+    from .tokenizer import SPECIAL_TOKENS, save_tokenizer, train_wordpiece
 
     if args.tokenizer_command != "train":
         raise UserError("tokenizer: expected an action, e.g. 'bert-recipes tokenizer train FILES --out DIR'")
     files = expand_files(args.files, "files")
     if args.model_max_length < 1:
         raise UserError(f"--model-max-length: expected a positive integer, got {args.model_max_length}")
+    if args.vocab_size <= len(SPECIAL_TOKENS):
+        raise UserError(f"--vocab-size: expected more than the {len(SPECIAL_TOKENS)} special tokens, got {args.vocab_size}")
+    check_tokenizer_out(Path(args.out), args.overwrite)
     tokenizer = train_wordpiece(files, vocab_size=args.vocab_size, min_frequency=args.min_frequency,
                                 lowercase=not args.cased, show_progress=sys.stderr.isatty(),
-                                model_max_length=args.model_max_length, key="files")
+                                model_max_length=args.model_max_length, key="files", text_column=args.text_column)
     out = save_tokenizer(tokenizer, args.out, model_max_length=args.model_max_length)
     print(f"tokenizer with {len(tokenizer)} tokens saved to {out}")
     return 0
+
+
+def check_inspect_out(out: Path) -> None:
+    """``inspect --out``: a new file, an empty one, or an earlier ``inspect`` output (its first
+    line a JSON example with ``batch``, or ``IsNext |`` / ``RandomNext |``): it replaced any
+    file, model weights included (found by a helper).
+
+    Raises:
+        UserError: ``--out`` is a folder or another file.
+    """
+    if out.is_dir():
+        raise UserError(f"--out: '{out}' is a folder; expected a file name, e.g. {out / 'batches.jsonl'}")
+    if out.is_file() and out.stat().st_size:
+        with open(out, "rb") as handle:
+            first = handle.readline(4096)
+        if not first.startswith((b'{"batch": ', b"IsNext | ", b"RandomNext | ")):
+            raise UserError(f"--out: '{out}' exists and is not an earlier inspect output; choose another file name")
+
+
+def check_tokenizer_out(out: Path, overwrite: bool) -> None:
+    """``tokenizer train --out``: a new folder, or (``--overwrite``) one holding a tokenizer
+    only; never a model folder, whose tokenizer must match its embeddings.
+
+    Raises:
+        UserError: ``--out`` is a file, holds a model, or holds files without ``--overwrite``.
+    """
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out: '{out}' exists and is not a folder")
+    if (out / "config.json").exists():
+        raise UserError(f"--out: '{out}' holds a model (config.json), whose embeddings are sized to its own "
+                        "tokenizer: choose another folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"--out: '{out}' is not empty; add --overwrite to replace its tokenizer files, or choose "
+                        "another folder")
 
 
 COMMANDS = {
@@ -263,6 +304,38 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        message = environment_error(exc)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as exc:  # torch: "DefaultCPUAllocator: can't allocate memory: ..."
+        if not isinstance(exc, MemoryError) and "can't allocate memory" not in str(exc):
+            raise
+        print(f"error: out of host memory ({_one_line(exc)[:200]}); check the model size "
+              "(model.config), per_device_train_batch_size and max_seq_length", file=sys.stderr)
+        return 2
+
+
+# what the machine, not the program, refused: a full or read-only disk, no permission, a file where a folder is expected
+_ENVIRONMENT = {errno.ENOSPC: "free some space; a run resumes from its last complete checkpoint with resume_from=latest",
+                errno.EDQUOT: "free some space; a run resumes from its last complete checkpoint with resume_from=latest",
+                errno.EROFS: "choose a writable output_dir", errno.EACCES: "check the permissions, or choose another path",
+                errno.EPERM: "check the permissions, or choose another path",
+                errno.ENOTDIR: "a file stands where a folder is expected", errno.EISDIR: "expected a file, not a folder"}
+
+
+def environment_error(exc: OSError) -> str | None:
+    """One line for an ``OSError`` the machine raised (disk full, read-only, permission, a
+    file where a folder is expected): its path, the system's words and what to do; None for
+    another error (a traceback: a bug). Anything written before stays: checkpoints and exports
+    are renamed into place only when complete (:mod:`bert_recipes.atomic`)."""
+    hint = _ENVIRONMENT.get(exc.errno)
+    if hint is None:
+        return None
+    where = f"{exc.filename}: " if exc.filename else ""
+    return f"{where}{exc.strerror or os.strerror(exc.errno)} ({hint})"
 
 
 def _one_line(exc: Exception) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from .atomic import make_readable, write_json, write_text
+from .atomic import building, make_readable, swap_in, write_json, write_text
 from .recipe_files import save_recipe
 
 
@@ -107,28 +107,26 @@ def _write_export(model, tokenizer, recipe, directory: str | os.PathLike, card: 
     directory = Path(directory)
     tmp = directory.with_name(f".{directory.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.config.architectures = [type(model).__name__]
-    if state_dict is not None:
-        # a state dict gathered from shards has separate copies of tied weights (the MLM
-        # decoder is the word embedding): leave them out, as save_pretrained does for a model
-        tied = getattr(model, "all_tied_weights_keys", None) or {}
-        state_dict = {key: value for key, value in state_dict.items() if key not in tied}
-    model.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
-    # a trained WordPiece tokenizer has no length limit; truncation=True must stop at the model's
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit and (tokenizer.model_max_length is None or tokenizer.model_max_length > limit):
-        tokenizer.model_max_length = limit
-    tokenizer.save_pretrained(str(tmp))
-    save_recipe(recipe, tmp)
-    write_text(tmp / "README.md", card)
-    write_json(tmp / "eval_results.json", eval_results)
-    for name, content in (extra_json or {}).items():
-        write_json(tmp / name, content)
-    make_readable(tmp)
-    if directory.exists():
-        shutil.rmtree(directory)
-    os.replace(tmp, directory)
-    return directory
+    with building(tmp):
+        model.config.architectures = [type(model).__name__]
+        if state_dict is not None:
+            # a state dict gathered from shards has separate copies of tied weights (the MLM
+            # decoder is the word embedding): leave them out, as save_pretrained does for a model
+            tied = getattr(model, "all_tied_weights_keys", None) or {}
+            state_dict = {key: value for key, value in state_dict.items() if key not in tied}
+        model.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
+        # a trained WordPiece tokenizer has no length limit; truncation=True must stop at the model's
+        limit = getattr(model.config, "max_position_embeddings", None)
+        if limit and (tokenizer.model_max_length is None or tokenizer.model_max_length > limit):
+            tokenizer.model_max_length = limit
+        tokenizer.save_pretrained(str(tmp))
+        save_recipe(recipe, tmp)
+        write_text(tmp / "README.md", card)
+        write_json(tmp / "eval_results.json", eval_results)
+        for name, content in (extra_json or {}).items():
+            write_json(tmp / name, content)
+        make_readable(tmp)
+    return swap_in(tmp, directory)
 
 
 def export_pretrained(model, tokenizer, recipe, directory: str | os.PathLike, results: dict, steps: int,

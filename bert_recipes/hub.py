@@ -84,11 +84,41 @@ def check_local_folder(path: str, key: str, needs: str = "model") -> None:
     """
     wanted = ("config.json",) if needs == "model" else _TOKENIZER_FILES
     if any(os.path.isfile(os.path.join(path, name)) for name in wanted):
+        if needs == "model":
+            check_weight_files(path, key)
         return
     held = sorted(os.listdir(path))
     what = "is empty" if not held else f"has no {' or '.join(wanted)} (it holds {', '.join(held[:6])}{' ...' if len(held) > 6 else ''})"
     raise UserError(f"{key}: local folder '{path}' {what}; expected a {needs} folder saved with save_pretrained, "
                     "e.g. runs/tiny/final from `make pretrain`, or a Hub id such as google-bert/bert-base-uncased")
+
+
+def check_weight_files(path: str, key: str) -> None:
+    """The weight files of a local model folder open: each ``*.safetensors`` file's header
+    (which names every tensor's byte range, so a truncated or overwritten file fails here)
+    and each ``*.bin`` zip archive's directory; a cheap look, no tensor is read.
+
+    Raises:
+        UserError: one line naming the key and the damaged file.
+    """
+    import zipfile
+
+    for name in sorted(os.listdir(path)):
+        file = os.path.join(path, name)
+        try:
+            if name.endswith(".safetensors"):
+                from safetensors import safe_open
+
+                with safe_open(file, "pt") as weights:
+                    weights.keys()
+            elif name.endswith(".bin") and zipfile.is_zipfile(file):
+                zipfile.ZipFile(file).close()
+            elif name.endswith(".bin") and os.path.getsize(file) == 0:
+                raise ValueError("empty file")
+        except Exception as exc:  # SafetensorError, BadZipFile, OSError
+            reason = " ".join(str(exc).split())
+            raise UserError(f"{key}: cannot read the weights '{file}' ({reason}): the file is damaged or incomplete; "
+                            "save or download the model again") from None
 
 
 def local_or_hub(name_or_path: str, key: str) -> tuple[str, bool]:
@@ -134,7 +164,9 @@ def load_local_or_hub(loader, name_or_path: str, key: str, *, what: str = "", **
         ensure_hub_reachable()
     try:
         return loader(path, local_files_only=local, **kwargs)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # OSError, ValueError; a local folder's damaged files raise others (tokenizers, safetensors)
+        if not (local or isinstance(exc, (OSError, ValueError))):
+            raise
         if local:
             where = "local folder"
         elif _offline():

@@ -8,7 +8,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .data.loader import build_pretraining_dataloader
+from .data.loader import build_pretraining_dataloader, stop_workers
 from .recipe import PretrainRecipe, expand_files
 from .tokenizer import recipe_tokenizer
 
@@ -71,18 +71,24 @@ def write_batches(recipe: PretrainRecipe, num_batches: int, out: str | os.PathLi
     partial file behind.
     """
     train_files = expand_files(recipe.data.train_files, "data.train_files")
-    tokenizer = recipe_tokenizer(recipe, train_files, saved=Path(recipe.output_dir) / "tokenizer")
+    # the tokenizer and DataLoader workers `pretrain` would use: the run's saved tokenizer only when
+    # resuming, and each worker reads its own documents (both differed: found by a helper)
+    saved = Path(recipe.output_dir) / "tokenizer" if recipe.resume_from else None
+    tokenizer = recipe_tokenizer(recipe, train_files, saved=saved)
     loader = build_pretraining_dataloader(
         recipe.data, tokenizer, train_files, batch_size=recipe.train.per_device_train_batch_size,
-        seed=recipe.seed, num_workers=0, rank=rank, world_size=world_size,
+        seed=recipe.seed, rank=rank, world_size=world_size,
     )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     count = 0
     with tempfile.NamedTemporaryFile("w", dir=out.parent, prefix=f".{out.name}.", delete=False, encoding="utf-8") as tmp:
-        for index, batch in enumerate(loader):
-            if index == num_batches:
-                break
+        batches = iter(loader)
+        try:
+            taken = [batch for _, batch in zip(range(num_batches), batches)]
+        finally:
+            stop_workers(batches)  # workers ignore SIGTERM: not left to the interpreter's exit
+        for index, batch in enumerate(taken):
             for example in batch_examples(batch):
                 if text:
                     line = readable_example(tokenizer, example["input_ids"], example["token_type_ids"],

@@ -14,12 +14,16 @@ one large batch would compute.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .attention import runtime_attention
 from .dropout import use_bits_dropout
+
+logger = logging.getLogger("bert_recipes")
 
 
 def bert_config(recipe, vocab_size: int):
@@ -69,13 +73,19 @@ def build_pretraining_model(recipe, tokenizer):
     from transformers import BertForPreTraining
 
     if recipe.model.name_or_path:
+        arch = recipe.model.config  # the checkpoint's, dropout the recipe's (pretrain.with_checkpoint_architecture)
         model = load_pretrained(
             BertForPreTraining,
             recipe.model.name_or_path,
             trust_remote_code=recipe.model.trust_remote_code,
             attn_implementation=runtime_attention(recipe.model.attn_implementation),
+            hidden_dropout_prob=arch.hidden_dropout_prob,
+            attention_probs_dropout_prob=arch.attention_probs_dropout_prob,
         )
         if len(tokenizer) > model.config.vocab_size:
+            logger.warning("the tokenizer has %d tokens, the checkpoint's embeddings %d: resized, the new rows start "
+                           "random (a tokenizer other than the checkpoint's own maps its ids to other words)",
+                           len(tokenizer), model.config.vocab_size)
             model.resize_token_embeddings(len(tokenizer))
     else:
         model = BertForPreTraining(bert_config(recipe, len(tokenizer)))

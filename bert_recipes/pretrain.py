@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from .training.accelerator import check_launch, launch_state, start_run
 from .training.checkpoint import TrainerState, check_data_layout, find_resume_checkpoint, load_checkpoint
 from .training.loop import Run, train
 from .training.optim import build_optimizer, build_scheduler
-from .training.outdir import check_output_dir
+from .training.outdir import check_output_dir, release_output_dir
 from .training.plan import Resolved, resolve
 from .training.precision import precision_by_step
 from .training.resume import ResumePoint, check_resume, refuse_retraining_export, reschedule
@@ -72,12 +73,15 @@ def pretrain(recipe: PretrainRecipe) -> Path:
         logger.info("%s: the run is complete (step %d = train.max_steps); nothing to do: raise train.max_steps "
                     "to continue it", recipe.output_dir, checked.point.step)
         return final
-    run, job = build(checked)
     try:
-        train(job, run)
-    finally:  # stopped, failed or done: the DataLoader workers go now, not at interpreter exit
-        stop_workers(job.batches)
-    return export(run, job)
+        run, job = build(checked)
+        try:
+            train(job, run)
+        finally:  # stopped, failed or done: the DataLoader workers go now, not at interpreter exit
+            stop_workers(job.batches)
+        return export(run, job)
+    finally:
+        release_output_dir(recipe.output_dir)
 
 
 def preflight(recipe: PretrainRecipe) -> Checked:
@@ -93,10 +97,14 @@ def preflight(recipe: PretrainRecipe) -> Checked:
         path, local = local_or_hub(source, key)
         if local:
             check_local_folder(path, key, "tokenizer" if key.startswith("tokenizer") else "model")
+    if recipe.tokenizer_source() is not None:
+        recipe_tokenizer(recipe)  # loads: a folder without a vocabulary fails here, not after overwrite deleted
     if recipe.data.dataset_name and not recipe.data.dataset_name.startswith((".", "/", "~")):
         ensure_hub_reachable()  # unreachable: offline at once (cache only), not minutes of retries
     if recipe.model.name_or_path:
-        positions = load_config(recipe.model.name_or_path, recipe.model.trust_remote_code).max_position_embeddings
+        config = load_config(recipe.model.name_or_path, recipe.model.trust_remote_code)
+        recipe = with_checkpoint_architecture(recipe, config)
+        positions = config.max_position_embeddings
         if recipe.data.max_seq_length > positions:
             raise UserError(f"data.max_seq_length ({recipe.data.max_seq_length}) exceeds the checkpoint's "
                             f"max_position_embeddings ({positions})")
@@ -124,8 +132,44 @@ def preflight(recipe: PretrainRecipe) -> Checked:
             check_saved_data(saved, recipe.data, fingerprints)
 
         check_data_layout(resume, state.num_processes, check_saved)
-    complete = point is not None and point.step == recipe.train.max_steps and (final / "config.json").is_file()
+    complete = point is not None and point.step == recipe.train.max_steps and export_step(final) == point.step
     return Checked(plan, train_files, eval_files, resume, doomed, point, complete)
+
+
+def export_step(final: Path) -> int | None:
+    """The step the export in ``final`` was written at (its ``eval_results.json``), None when
+    there is none: a run whose last export failed (disk full) keeps the older one, which must
+    not count as the finished run's."""
+    try:
+        return int(json.loads((final / "eval_results.json").read_text())["step"]) if (final / "config.json").is_file() else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob")
+
+
+def with_checkpoint_architecture(recipe: PretrainRecipe, config) -> PretrainRecipe:
+    """With ``model.name_or_path`` the checkpoint's architecture trains, so ``model.config``
+    takes its values (and ``recipe.yaml`` records them), but for the dropout keys the recipe
+    sets, which apply to the checkpoint (Cramming-style continued pretraining without dropout).
+    A key the recipe sets to another value is named in one warning: such keys were ignored
+    while the run's recipe.yaml recorded them (found by a helper)."""
+    arch = recipe.model.config
+    values, ignored = {}, []
+    for key in type(arch).model_fields:
+        theirs = getattr(config, key, None)
+        if theirs is None or (key in DROPOUT_KEYS and key in arch.model_fields_set):
+            continue
+        if theirs != getattr(arch, key) and key in arch.model_fields_set:
+            ignored.append(f"{key} {getattr(arch, key)} -> {theirs}")
+        values[key] = theirs
+    if ignored:
+        logger.warning("model.config: the checkpoint's architecture trains (model.name_or_path '%s'), not the "
+                       "recipe's: %s; only the dropout keys apply to a checkpoint", recipe.model.name_or_path,
+                       ", ".join(ignored))
+    model = recipe.model.model_copy(update={"config": arch.model_copy(update=values)})
+    return recipe.model_copy(update={"model": model})
 
 
 def check_has_text(files: list[str], key: str) -> None:
@@ -166,7 +210,8 @@ def build(checked: Checked) -> tuple[Run, PretrainJob]:
         state, data_state = load_checkpoint(accelerator, checked.resume, scheduler, optimizer)
         if data_state is not None:
             loader.load_state_dict(data_state)
-        logger.info("resumed from %s at step %d", checked.resume, state.step)
+        if accelerator.is_main_process:  # once, not once per rank
+            logger.info("resumed from %s at step %d", checked.resume, state.step)
         if checked.point.changed:
             before = scheduler.get_last_lr()[0]
             reschedule(scheduler, recipe.train.learning_rate)

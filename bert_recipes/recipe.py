@@ -39,11 +39,12 @@ def _is_number(annotation) -> bool:
 
 class Strict(BaseModel):
     """A recipe section: unknown keys are errors; a number key refuses ``true`` / ``false``
-    (pydantic would read them as 1 / 0: ``model.hidden_dropout_prob=false`` was 0.0);
+    (pydantic would read them as 1 / 0: ``model.hidden_dropout_prob=false`` was 0.0) and
+    infinities and nan (``train.learning_rate=.inf`` trained to NaN weights);
     immutable once validated (derived values live in
     :class:`bert_recipes.training.plan.Resolved`, never in the recipe)."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=(), frozen=True)
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), frozen=True, allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod
@@ -233,7 +234,7 @@ class RunConfig(Strict):
 
     output_dir: str = "runs/run"
     overwrite: bool = False
-    seed: int = 42
+    seed: int = Field(42, ge=0, lt=2**32)  # what the RNGs take (accelerate's set_seed)
     precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     keep_host_memory: bool = True  # on a CPU device, glibc keeps freed memory for the next step (training/host_memory.py)
     resume_from: Optional[str] = None

@@ -26,7 +26,23 @@ _BOOL = "tag:yaml.org,2002:bool"
 
 
 class RecipeLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` with YAML 1.2 booleans: ``true``/``false`` only (not ``no``/``on``...)."""
+    """``yaml.SafeLoader`` with YAML 1.2 booleans: ``true``/``false`` only (not ``no``/``on``...),
+    and a key given twice in one mapping is an error (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: its keys may be overridden here
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line)
+            except TypeError:  # an unhashable key: SafeLoader's own error
+                break
+            if first != key_node.start_mark.line:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key '{key}' (first at line {first + 1})",
+                                                        key_node.start_mark)
+        return super().construct_mapping(node, deep)
 
 
 RecipeLoader.yaml_implicit_resolvers = {
@@ -231,10 +247,15 @@ def save_recipe(recipe: BaseModel, directory: str | os.PathLike, name: str = "re
     return write_text(directory / name, dump_recipe(recipe))
 
 
-def expand_files(patterns: list[str], key: str) -> list[str]:
-    """Expand globs into a sorted, de-duplicated file list.
+_BINARY_OK = (".parquet", ".gz", ".bz2", ".xz", ".zst", ".lz4")  # binary by design: read by their own readers
 
-    Raises :class:`RecipeError` when a pattern matches nothing or names a missing file.
+
+def expand_files(patterns: list[str], key: str) -> list[str]:
+    """Expand globs into a sorted, de-duplicated file list of corpus files.
+
+    Raises :class:`RecipeError` when a pattern matches nothing, names a missing file or a
+    folder, or a file other than parquet or compressed text has NUL bytes in its first 8 KB
+    (an image, an Arrow file, UTF-16 text: read as UTF-8 they were trained on as garbage).
     """
     files: list[str] = []
     for pattern in patterns:
@@ -246,12 +267,21 @@ def expand_files(patterns: list[str], key: str) -> list[str]:
             files.extend(matches)
         elif os.path.isfile(pattern):
             files.append(pattern)
+        elif os.path.isdir(pattern) and os.path.isfile(os.path.join(pattern, "dataset_info.json")):
+            raise RecipeError(f"{key}: '{pattern}' is a datasets save_to_disk folder; export it as files "
+                              "(dataset.to_parquet('corpus.parquet') or to_json('corpus.jsonl')) and list those")
         elif os.path.isdir(pattern):
             raise RecipeError(f"{key}: '{pattern}' is a directory; expected files or a glob like '{pattern}/*.txt'")
         else:
             raise RecipeError(f"{key}: file '{pattern}' not found")
     seen = set()
     unique = [f for f in files if not (f in seen or seen.add(f))]
+    for path in unique:
+        if not path.lower().endswith(_BINARY_OK):
+            with open(path, "rb") as handle:
+                if b"\0" in handle.read(8192):
+                    raise RecipeError(f"{key}: '{path}' is not UTF-8 text (NUL bytes: a binary file, or UTF-16 "
+                                      "text?); expected text, JSON Lines or parquet files")
     return unique
 
 

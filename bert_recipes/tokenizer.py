@@ -27,8 +27,18 @@ DEFAULT_MAX_LENGTH = 512  # BERT's positions; a trained tokenizer otherwise has 
 MODEL_INPUT_NAMES = ["input_ids", "token_type_ids", "attention_mask"]
 
 
-def _iter_lines(files: Iterable[str]) -> Iterator[str]:
+def _iter_lines(files: Iterable[str], text_column: str = "text") -> Iterator[str]:
+    """The text of ``files`` as the data reader sees it: plain text line by line (invalid
+    UTF-8 replaced); JSON Lines / parquet records' ``text_column`` and compressed text through
+    :func:`~bert_recipes.data.corpus.iter_records` (they were read as raw bytes: found by a helper)."""
+    from types import SimpleNamespace
+
+    from .data.corpus import _COMPRESSION_SUFFIXES, file_kind, iter_records
+
     for path in files:
+        if file_kind(path) != "text" or path.lower().endswith(_COMPRESSION_SUFFIXES):
+            yield from iter_records(path, SimpleNamespace(text_column=text_column))
+            continue
         with open(path, encoding="utf-8", errors="replace") as handle:
             for line in handle:
                 line = line.strip()
@@ -45,11 +55,13 @@ def train_wordpiece(
     show_progress: bool = False,
     model_max_length: int = DEFAULT_MAX_LENGTH,
     key: str = "tokenizer.train_files",
+    text_column: str = "text",
 ):
-    """Train a BERT WordPiece tokenizer on text files.
+    """Train a BERT WordPiece tokenizer on corpus files.
 
     Args:
-        files: plain-text files (read line by line; invalid UTF-8 bytes are replaced).
+        files: plain-text files (read line by line; invalid UTF-8 bytes are replaced), JSON
+            Lines or parquet files (their ``text_column``), compressed text (``.gz``, ...).
         vocab_size: target vocabulary size, special tokens included.
         min_frequency: minimum count of a pair to be merged.
         lowercase: lower-case and strip accents (an "uncased" BERT).
@@ -78,7 +90,7 @@ def train_wordpiece(
         continuing_subword_prefix="##",
         show_progress=show_progress,
     )
-    backend.train_from_iterator(_iter_lines(files), trainer=trainer)
+    backend.train_from_iterator(_iter_lines(files, text_column), trainer=trainer)
     vocab = backend.get_vocab()
     if len(vocab) <= len(SPECIAL_TOKENS):
         shown = f"'{files[0]}'" + (f" and {len(files) - 1} more" if len(files) > 1 else "") if files else "no files"
@@ -97,6 +109,9 @@ def _checked(tokenizer, source: str):
     ]
     if missing:
         raise UserError(f"{source}: not a BERT tokenizer (missing {', '.join(missing)})")
+    if len(tokenizer) <= len(set(tokenizer.all_special_ids)):
+        raise UserError(f"{source}: the tokenizer has only its {len(tokenizer)} special tokens, no vocabulary "
+                        "(is vocab.txt or tokenizer.json missing?)")
     if "token_type_ids" not in tokenizer.model_input_names:
         tokenizer.model_input_names = list(MODEL_INPUT_NAMES)
     return tokenizer
@@ -145,7 +160,8 @@ def recipe_tokenizer(recipe, train_files: list[str] = (), *, saved: Path | None 
     logger.info("training a WordPiece vocabulary of %d on %d file(s)", spec.vocab_size, len(files))
     return train_wordpiece(files, vocab_size=spec.vocab_size, min_frequency=spec.min_frequency,
                            lowercase=spec.lowercase, show_progress=show_progress,
-                           model_max_length=recipe.model.config.max_position_embeddings, key=key)
+                           model_max_length=recipe.model.config.max_position_embeddings, key=key,
+                           text_column=recipe.data.text_column)
 
 
 def save_tokenizer(tokenizer, directory: str | os.PathLike, model_max_length: int = DEFAULT_MAX_LENGTH) -> Path:

@@ -56,7 +56,25 @@ def test_a_bad_jsonl_record_is_named_by_its_line(tmp_path, capsys):
     records.write_text("\n".join([*good[:3], "", '{"text": "unterminated', *good[3:]]) + "\n")  # line 5 is bad
     assert pretrain(tmp_path, [records], **{"data.document_split": "record"}) == 2
     assert error_line(capsys) == (f"error: data.text_column: line 5 of {records} is not a JSON object with "
-                                  "column 'text'")
+                                  "text (a string) in column 'text'")
+
+
+def test_a_text_column_that_is_not_text_is_refused(tmp_path, capsys):
+    """A list or a number in the text column was trained on as its repr ('[UNK] ' a b c . '')
+    or as "0", "1", ... (found by a helper)."""
+    import pandas as pd
+
+    records = tmp_path / "docs.jsonl"
+    good = [f'{{"text": "Record {i} has a sentence. It has a second one too."}}' for i in range(6)]
+    records.write_text("\n".join([*good[:2], '{"text": ["a list.", "of sentences."]}', *good[2:]]) + "\n")
+    assert pretrain(tmp_path, [records], **{"data.document_split": "record"}) == 2
+    assert error_line(capsys) == (f"error: data.text_column: line 3 of {records} is not a JSON object with "
+                                  "text (a string) in column 'text'")
+    table = tmp_path / "docs.parquet"
+    pd.DataFrame({"id": list(range(8)), "text": [f"Row {i} is here. And more." for i in range(8)]}).to_parquet(table)
+    assert pretrain(tmp_path, [table], **{"data.text_column": "id"}) == 2
+    assert error_line(capsys) == (f"error: data.text_column: column 'id' of {table} holds int64 values, expected "
+                                  "text (strings); point data.text_column at the text column")
 
 
 def test_non_utf8_bytes_and_a_megabyte_line_train(tmp_path):
@@ -127,3 +145,125 @@ def test_bad_data_is_refused_before_overwrite_deletes_the_old_run(tmp_path, caps
                                "error: data.index_cache_dir: cannot write")), err
         assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
         assert (run / "final" / "model.safetensors").read_bytes() == b"weights"
+
+
+def _finished(tmp_path, name="old") -> tuple:
+    """A folder that looks like a finished run, and a snapshot of it."""
+    run = tmp_path / name
+    (run / "best").mkdir(parents=True)
+    (run / "best" / "model.safetensors").write_bytes(b"weights")
+    (run / "results.json").write_text("{}")
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    return run, {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+
+
+def test_damaged_inputs_are_refused_before_overwrite_deletes_anything(tmp_path, capsys, checkpoint):
+    """overwrite=true deleted the old run, then the model's weights, its tokenizer or a GLUE
+    dev/test file failed to load (found by a helper): each is now a one-line error first."""
+    import shutil
+
+    from .test_finetune import FIXTURES
+
+    truncated = tmp_path / "truncated"
+    shutil.copytree(checkpoint, truncated)
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    no_vocab = tmp_path / "no-vocab"
+    shutil.copytree(checkpoint, no_vocab)
+    for name in ("vocab.txt", "tokenizer.json"):
+        (no_vocab / name).unlink(missing_ok=True)
+    no_dev = tmp_path / "glue"
+    shutil.copytree(FIXTURES / "RTE", no_dev / "RTE")
+    (no_dev / "RTE" / "dev.tsv").unlink()
+    no_test = tmp_path / "glue-no-test"
+    shutil.copytree(FIXTURES / "RTE", no_test / "RTE")
+    (no_test / "RTE" / "test.tsv").unlink()
+    run, before = _finished(tmp_path)
+    cases = [
+        ([f"model.name_or_path={truncated}"], f"error: model.name_or_path: cannot read the weights '{weights}' ("),
+        ([f"model.name_or_path={no_vocab}"], f"error: model.name_or_path '{no_vocab}': the tokenizer has only its "),
+        ([f"data.glue_dir={no_dev}"], f"error: {no_dev / 'RTE' / 'dev.tsv'}: GLUE rte validation file not found"),
+        ([f"data.glue_dir={no_test}", "predict_test=true"], f"error: {no_test / 'RTE' / 'test.tsv'}: GLUE rte test file"),
+    ]
+    for extra, start in cases:
+        args = [f"model.name_or_path={checkpoint}", f"data.glue_dir={FIXTURES}", *extra]
+        assert main(["finetune", str(REPO / "recipes" / "glue" / "rte.yaml"), f"output_dir={run}", "overwrite=true",
+                     *args]) == 2
+        err = error_line(capsys)
+        assert err.startswith(start), (err, start)
+        assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    # pretraining from the damaged checkpoint, or with a tokenizer folder without a vocabulary
+    for key, value, start in [("model.name_or_path", truncated, "error: model.name_or_path: cannot read the weights"),
+                              ("tokenizer.name_or_path", no_vocab, "error: tokenizer.name_or_path '")]:
+        overrides = {key: value, "train.max_steps": 2, "data.max_seq_length": 32}
+        assert main(["pretrain", str(TINY_RECIPE), *tiny_overrides(run, **overrides)]) == 2  # tiny.yaml: overwrite
+        err = error_line(capsys)
+        assert err.startswith(start), err
+        assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("command", ["pretrain", "finetune"])
+def test_the_model_it_reads_is_never_the_output_dir(tmp_path, capsys, checkpoint, command):
+    """output_dir=<the model folder> without overwrite wrote the run's recipe.yaml, tokenizer
+    and checkpoints into the export it read (found by a helper): refused, nothing written."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(checkpoint, model)
+    before = {p.relative_to(model): p.read_bytes() for p in model.rglob("*") if p.is_file()}
+    recipe = REPO / "recipes" / ("glue/sample.yaml" if command == "finetune" else "pretrain/tiny.yaml")
+    assert main([command, str(recipe), f"model.name_or_path={model}", f"output_dir={model}", "overwrite=false",
+                 "train.max_steps=2"]) == 2
+    assert error_line(capsys) == (f"error: output_dir: '{model}' is the model.name_or_path this run reads; its "
+                                  "recipe.yaml, tokenizer and checkpoints would be written into it: choose another "
+                                  "output_dir")
+    assert {p.relative_to(model): p.read_bytes() for p in model.rglob("*") if p.is_file()} == before
+
+
+def test_binary_files_and_save_to_disk_folders_are_refused(tmp_path, capsys):
+    """An image or an Arrow file in the glob, or UTF-16 text, was trained on as text (found
+    by a helper); a save_to_disk folder was only 'a directory'."""
+    png = tmp_path / "loss.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)))
+    utf16 = tmp_path / "book.txt"
+    utf16.write_text("A sentence in UTF-16. Another one.\n", encoding="utf-16")
+    for path in (png, utf16):
+        assert pretrain(tmp_path, [*SAMPLE_TRAIN, path]) == 2
+        assert error_line(capsys) == (f"error: data.train_files: '{path}' is not UTF-8 text (NUL bytes: a binary file, "
+                                      "or UTF-16 text?); expected text, JSON Lines or parquet files")
+    saved = tmp_path / "hfds"
+    saved.mkdir()
+    (saved / "dataset_info.json").write_text("{}")
+    assert main(["pretrain", str(TINY_RECIPE), *tiny_overrides(tmp_path / "run", **{"data.train_files": f"[{saved}]"})]) == 2
+    assert error_line(capsys).startswith(f"error: data.train_files: '{saved}' is a datasets save_to_disk folder; "
+                                         "export it as files (dataset.to_parquet(")
+
+
+def test_a_tokenizer_larger_than_the_models_embeddings_is_refused(tmp_path, capsys, checkpoint):
+    """finetune with another model's tokenizer ended in an IndexError traceback mid-run (found
+    by a helper): one line before anything is written."""
+    from bert_recipes.modeling import load_config
+
+    from transformers import AutoTokenizer
+
+    big = tmp_path / "big-tok"  # the checkpoint's tokenizer and 50 more words: ids past its embeddings
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    tokenizer.add_tokens([f"newword{i}" for i in range(50)])
+    tokenizer.save_pretrained(big)
+    size, vocab = len(AutoTokenizer.from_pretrained(big)), load_config(str(checkpoint)).vocab_size
+    assert size > vocab
+    out = tmp_path / "out"
+    assert main(["finetune", str(REPO / "recipes" / "glue" / "sample.yaml"), f"model.name_or_path={checkpoint}",
+                 f"tokenizer_name_or_path={big}", f"output_dir={out}"]) == 2
+    assert error_line(capsys) == (f"error: tokenizer_name_or_path: the tokenizer has {size} tokens but the model's "
+                                  f"embeddings {vocab} (model.name_or_path '{checkpoint}'): use the model's own tokenizer "
+                                  "(remove tokenizer_name_or_path) or the one it was trained with")
+    assert not out.exists()
+
+
+def test_a_model_too_large_for_memory_is_one_line(tmp_path, capsys):
+    """model.config.max_position_embeddings=1e12 ended in torch's allocator traceback (found by
+    a helper)."""
+    assert pretrain(tmp_path, SAMPLE_TRAIN, **{"model.config.max_position_embeddings": 10**12}) == 2
+    err = error_line(capsys)
+    assert err.startswith("error: out of host memory (") and "can't allocate memory" in err, err

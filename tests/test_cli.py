@@ -182,3 +182,102 @@ def test_recipe_descriptions_end_at_the_first_sentence_not_an_abbreviation(tmp_p
     recipe.write_text("# The selection of Devlin et al. 2019 (Sec. 4.1, e.g. lr 2e-5): batch 32. Second sentence.\n"
                       "# More.\ntask: rte\n")
     assert _about(recipe) == "The selection of Devlin et al. 2019 (Sec. 4.1, e.g. lr 2e-5): batch 32."
+
+
+def _one_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def test_a_vocabulary_is_trained_on_the_text_of_records_and_compressed_files(tmp_path):
+    """JSON Lines, parquet and gzipped text were read as raw bytes by the WordPiece trainer
+    (braces, keys, gzip bytes in the vocabulary; found by a helper): now as the data reader
+    reads them, so each gives the vocabulary of the plain text."""
+    import gzip
+
+    import pandas as pd
+    from transformers import AutoTokenizer
+
+    text = "\n".join(open(f, encoding="utf-8").read() for f in SAMPLE_TRAIN)
+    paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
+    (tmp_path / "c.txt").write_text("\n\n".join(paragraphs) + "\n", encoding="utf-8")
+    with open(tmp_path / "c.jsonl", "w", encoding="utf-8") as handle:
+        for i, paragraph in enumerate(paragraphs):
+            handle.write(json.dumps({"id": i, "body": paragraph}) + "\n")
+    pd.DataFrame({"body": paragraphs}).to_parquet(tmp_path / "c.parquet")
+    with gzip.open(tmp_path / "c.txt.gz", "wt", encoding="utf-8") as handle:
+        handle.write("\n\n".join(paragraphs) + "\n")
+    vocab = {}
+    for name in ("c.txt", "c.jsonl", "c.parquet", "c.txt.gz"):
+        out = tmp_path / f"tok-{name}"
+        assert main(["tokenizer", "train", str(tmp_path / name), "--out", str(out), "--vocab-size", "400",
+                     "--text-column", "body"]) == 0
+        vocab[name] = set(AutoTokenizer.from_pretrained(out).get_vocab())
+        assert not {"{", "}", "body", "id"} & vocab[name], name
+        assert all(token.isascii() for token in vocab[name]), name
+    assert all(len(vocab[name] & vocab["c.txt"]) > 0.9 * len(vocab["c.txt"]) for name in vocab)
+
+
+def test_tokenizer_train_and_inspect_never_replace_files_they_did_not_write(tmp_path, capsys, checkpoint):
+    """tokenizer train --out <a model folder> replaced its tokenizer; inspect --out <any file>
+    replaced it (model weights included); found by a helper."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(checkpoint, model)
+    before = {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()}
+    train = ["tokenizer", "train", *SAMPLE_TRAIN, "--vocab-size", "300"]
+    assert main([*train, "--out", str(model)]) == 2
+    assert "holds a model (config.json)" in _one_error(capsys)
+    assert main([*train, "--out", str(model), "--overwrite"]) == 2
+    assert "holds a model (config.json)" in _one_error(capsys)
+    assert main([*train, "--out", str(model / "model.safetensors")]) == 2
+    assert "exists and is not a folder" in _one_error(capsys)
+    assert main([*train, "--out", str(tmp_path / "tok"), "--vocab-size", "0"]) == 2
+    assert _one_error(capsys) == "error: --vocab-size: expected more than the 5 special tokens, got 0"
+    assert main([*train, "--out", str(tmp_path / "tok")]) == 0
+    assert main([*train, "--out", str(tmp_path / "tok")]) == 2
+    assert "is not empty; add --overwrite" in _one_error(capsys)
+    assert main([*train, "--out", str(tmp_path / "tok"), "--overwrite"]) == 0
+    inspect = ["inspect", str(TINY_RECIPE), "train.per_device_train_batch_size=2", f"output_dir={tmp_path}/run",
+               f"tokenizer.name_or_path={tmp_path / 'tok'}", "--batches", "1"]
+    assert main([*inspect, "--out", str(model / "model.safetensors")]) == 2
+    assert "exists and is not an earlier inspect output" in _one_error(capsys)
+    assert main([*inspect, "--out", str(model)]) == 2
+    assert "is a folder" in _one_error(capsys)
+    assert {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()} == before
+    for text in ([], ["--text"]):  # an earlier inspect output is replaced, as before
+        out = tmp_path / f"batches{len(text)}.txt"
+        assert main([*inspect, *text, "--out", str(out)]) == 0
+        assert main([*inspect, *text, "--out", str(out)]) == 0
+
+
+def test_inspect_shows_what_pretrain_would_train_on(tmp_path):
+    """inspect used the run folder's saved tokenizer over tokenizer.name_or_path and read
+    with no DataLoader workers (other shards than training's with 2 workers; found by a
+    helper): now the recipe's tokenizer, and its workers."""
+    from bert_recipes.data.loader import build_pretraining_dataloader, stop_workers
+    from bert_recipes.recipe import load_recipe
+    from bert_recipes.tokenizer import load_tokenizer
+
+    tok, stale = tmp_path / "tok", tmp_path / "run" / "tokenizer"
+    assert main(["tokenizer", "train", *SAMPLE_TRAIN, "--out", str(tok), "--vocab-size", "800"]) == 0
+    assert main(["tokenizer", "train", *SAMPLE_TRAIN, "--out", str(stale), "--vocab-size", "300"]) == 0
+    overrides = ["train.per_device_train_batch_size=4", f"output_dir={tmp_path / 'run'}", f"tokenizer.name_or_path={tok}",
+                 "data.dataloader_num_workers=2", "data.packing=false"]
+    out = tmp_path / "b.jsonl"
+    assert main(["inspect", str(TINY_RECIPE), *overrides, "--batches", "2", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    recipe = load_recipe(TINY_RECIPE, overrides)
+    loader = build_pretraining_dataloader(recipe.data, load_tokenizer(str(tok)), SAMPLE_TRAIN, batch_size=4,
+                                          seed=recipe.seed)
+    batches, expected = iter(loader), []
+    try:
+        for _, batch in zip(range(2), batches):
+            for ids, mask in zip(batch["input_ids"].tolist(), batch["attention_mask"].tolist()):
+                expected.append([t for t, m in zip(ids, mask) if m])
+    finally:
+        stop_workers(batches)
+    assert max(max(r["input_ids"]) for r in rows) >= 300  # the 800-token vocabulary, not the stale 300
+    assert [r["input_ids"][: sum(r["attention_mask"])] for r in rows] == expected  # 2 workers' batches

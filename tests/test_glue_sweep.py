@@ -133,7 +133,9 @@ def test_per_task_files_layer_on_the_base_recipe(tmp_path):
 
 
 def test_task_list_errors(capsys, tmp_path, checkpoint):
-    assert parse_tasks("") == list(ALL.split(","))
+    assert parse_tasks(None) == list(ALL.split(","))  # no --tasks: all nine
+    with pytest.raises(UserError, match="expected a comma-separated list"):
+        parse_tasks("")  # --tasks "$TASKS" with TASKS unset: not all nine (found by a helper)
     assert parse_tasks("RTE,SST-2,cola") == ["cola", "sst2", "rte"]
     for bad, message in (("rte,ax", "predicted with the mnli model"), ("rte,rte", "listed twice"),
                          ("colaa", "unknown GLUE task 'colaa'")):

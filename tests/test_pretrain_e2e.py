@@ -189,9 +189,13 @@ def test_overwrite_replaces_the_runs_own_files_plots_included_and_nothing_else(t
     (run / "plots").mkdir(exist_ok=True)
     (run / "plots" / "loss.png").write_bytes(b"old curve")
     (run / "notes.txt").write_text("mine")
+    elsewhere = tmp_path / "published"  # final/ as a link to a folder outside: the link goes, the folder stays
+    shutil.move(run / "final", elsewhere)
+    (run / "final").symlink_to(elsewhere, target_is_directory=True)
     assert main(["pretrain", str(TINY_RECIPE), *tiny_overrides(run), "overwrite=true"]) == 0
     assert not (run / "plots").exists() and (run / "notes.txt").read_text() == "mine"
-    assert (run / "final" / "model.safetensors").is_file()
+    assert (run / "final" / "model.safetensors").is_file() and not (run / "final").is_symlink()
+    assert (elsewhere / "model.safetensors").is_file()
 
 
 def test_refuses_to_overwrite_another_run(tiny_run, capsys):
@@ -239,3 +243,30 @@ def test_two_cpu_processes(tmp_path):
     assert sorted(records) == [1, 2, 3, 4, 5, 6]
     assert records[6]["sequences_per_s"] > 0
     assert (run / "final" / "model.safetensors").is_file()
+
+
+def test_continued_pretraining_records_the_checkpoints_architecture_and_applies_dropout(tmp_path, checkpoint, caplog):
+    """model.config keys were silently ignored with model.name_or_path while recipe.yaml
+    recorded them (a 2-layer export said 4 layers; found by a helper). Now the checkpoint's
+    architecture is recorded, a differing key the recipe sets is named in one warning, and
+    the dropout keys the recipe sets apply to the checkpoint."""
+    from transformers import BertForPreTraining
+
+    from bert_recipes.recipe import load_recipe
+
+    run = tmp_path / "run"
+    caplog.set_level("WARNING", logger="bert_recipes")
+    overrides = tiny_overrides(run, **{"model.name_or_path": checkpoint, "train.max_steps": 2,
+                                       "model.config.num_hidden_layers": 4, "model.config.hidden_dropout_prob": 0.0})
+    assert main(["pretrain", str(TINY_RECIPE), *overrides]) == 0
+    warned = [r.getMessage() for r in caplog.records if r.getMessage().startswith("model.config: the checkpoint's")]
+    assert len(warned) == 1 and "num_hidden_layers 4 -> 2" in warned[0] and "hidden_size 32 -> 32" not in warned[0]
+    recorded = load_recipe(run / "recipe.yaml").model.config
+    assert (recorded.num_hidden_layers, recorded.hidden_size, recorded.intermediate_size) == (2, 32, 64)
+    assert recorded.hidden_dropout_prob == 0.0 and recorded.attention_probs_dropout_prob == 0.1  # set / the checkpoint's
+    exported = BertForPreTraining.from_pretrained(run / "final").config
+    assert exported.num_hidden_layers == 2 and exported.hidden_dropout_prob == 0.0
+    assert exported.attention_probs_dropout_prob == 0.1
+    caplog.clear()
+    assert main(["pretrain", str(TINY_RECIPE), *overrides, "resume_from=latest", "train.max_steps=3"]) == 0  # resumes
+    assert json.loads((run / "final" / "eval_results.json").read_text())["step"] == 3

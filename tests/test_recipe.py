@@ -69,6 +69,12 @@ def test_base_inheritance_and_overrides(tmp_path):
         ("data: {train_files: [a]}\ntrain: {max_steps: 3}\n", ["train.max_steps"], "expected key.path=value"),
         ("data: [unclosed\n", [], "invalid YAML at line"),
         ("- a list\n", [], "expected a YAML mapping"),
+        # found by a helper: each passed validation, then crashed or trained to NaN
+        ("data: {train_files: [a]}\ntrain: {max_steps: 3}\n", ["seed=-1"], "key 'seed': Input should be greater than"),
+        ("data: {train_files: [a]}\ntrain: {max_steps: 3}\n", ["seed=4294967296"], "key 'seed': Input should be less"),
+        ("data: {train_files: [a]}\ntrain: {max_steps: 3}\n", ["train.learning_rate=.inf"], "should be a finite number"),
+        ("data: {train_files: [a]}\ntrain:\n  max_steps: 3\n  max_steps: 5\n", [],
+         "invalid YAML at line 4, column 3: duplicate key 'max_steps' (first at line 3)"),
     ],
 )
 def test_bad_recipes_give_one_line_errors(tmp_path, text, overrides, message):
@@ -148,3 +154,19 @@ def test_a_number_key_refuses_a_boolean(override, key, capsys):
     err = capsys.readouterr().err.strip()
     assert f"key '{key}': expected a number (got " in err and "\n" not in err, err
     assert main(["show", str(REPO / "recipes" / "pretrain" / "tiny.yaml"), "data.packing=true", "data.whole_word_mask=true"]) == 0
+
+
+def test_a_yaml_merge_key_may_be_overridden_but_a_key_not_given_twice(tmp_path):
+    from bert_recipes.recipe_files import parse_yaml
+
+    assert parse_yaml("a: &x {b: 1, c: 2}\nd:\n  <<: *x\n  b: 3\n") == {"a": {"b": 1, "c": 2}, "d": {"b": 3, "c": 2}}
+    with pytest.raises(Exception, match="duplicate key 'b'"):
+        parse_yaml("d:\n  b: 1\n  c: 2\n  b: 3\n")
+
+
+def test_glue_seeds_are_what_the_rngs_take():
+    from bert_recipes.glue.recipe import FinetuneRecipe
+
+    with pytest.raises(ValueError, match=r"seeds must be between 0 and 2\*\*32 - 1, got \[1, -1\]"):
+        FinetuneRecipe(task="rte", seeds=[1, -1], model={"name_or_path": "m"})
+    assert FinetuneRecipe(task="rte", seeds=[0, 2**32 - 1], model={"name_or_path": "m"}).seeds == [0, 2**32 - 1]

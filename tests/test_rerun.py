@@ -331,7 +331,7 @@ def test_a_run_that_failed_before_its_first_step_can_be_retried(tmp_path, tokeni
 
     monkeypatch.setattr(pretrain_module, "build_pretraining_dataloader", broken)
     assert one_error(capsys, args) == "error: data.train_files: something the user fixes"
-    assert sorted(p.name for p in run.iterdir()) == ["tokenizer"]  # what it left (recipe.yaml comes with the data)
+    assert sorted(p.name for p in run.iterdir()) == [".lock", "tokenizer"]  # what it left (recipe.yaml comes with the data)
     monkeypatch.undo()
     assert main(args) == 0  # the same command again
     assert steps(run) == [1, 2, 3, 4, 5, 6]
@@ -549,7 +549,7 @@ def test_saved_tokenizers_truncate(tmp_path, finished, capsys):
     assert main(["tokenizer", "train", *SAMPLE_TRAIN, "--out", str(out), "--vocab-size", "500"]) == 0
     assert AutoTokenizer.from_pretrained(out).model_max_length == 512
     assert main(["tokenizer", "train", *SAMPLE_TRAIN, "--out", str(out), "--vocab-size", "500",
-                 "--model-max-length", "128"]) == 0
+                 "--model-max-length", "128", "--overwrite"]) == 0
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert tokenizer.model_max_length == 128
     assert len(tokenizer("word " * 1000, truncation=True)["input_ids"]) == 128
@@ -633,3 +633,74 @@ def test_three_sigkills_piece_together_bit_for_bit(tmp_path, tokenizer_dir):
     for step in range(1, 15):
         for key in ("loss", "mlm_loss", "nsp_loss", "lr"):
             assert resumed[step][key] == expected[step][key], (kill_at, step, key)
+
+
+def test_a_full_disk_is_one_line_and_loses_nothing(finished, tmp_path, tokenizer_dir, capsys, monkeypatch):
+    """Disk full while writing the export ended in safetensors' or torch's traceback and left
+    the half-written folder filling the disk (found by a helper). Now one line naming the
+    folder and what to do, the earlier export and checkpoints intact, no temporary folder;
+    the same command then finishes."""
+    import shutil
+
+    from transformers import PreTrainedModel
+
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    before = {p.relative_to(run): p.read_bytes() for p in (run / "final").rglob("*") if p.is_file()}
+    real = PreTrainedModel.save_pretrained
+
+    def full(self, directory, *args, **kwargs):
+        real(self, directory, *args, **kwargs)  # most of it written, then the device is full
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 2304 vs 2240")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", full)
+    monkeypatch.setattr("bert_recipes.atomic._nearly_full", lambda path, margin=0: True)
+    args = ["pretrain", str(TINY_RECIPE), *tiny_overrides(run, **{"tokenizer.name_or_path": tokenizer_dir}),
+            "resume_from=latest", "train.max_steps=8"]
+    capsys.readouterr()
+    assert main(args) == 2
+    assert one_line_error(capsys) == (f"error: {run}: No space left on device (free some space; a run resumes from its "
+                                      "last complete checkpoint with resume_from=latest)")
+    assert {p.relative_to(run): p.read_bytes() for p in (run / "final").rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == [".lock"]  # no half-written folder
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-00000006", "checkpoint-00000008"]
+    monkeypatch.undo()
+    assert main(args) == 0
+    assert json.loads((run / "final" / "eval_results.json").read_text())["step"] == 8
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and "Traceback" not in err, err
+    return err
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused(finished, tmp_path, tokenizer_dir, capsys):
+    """The same job started twice: the second run deleted the first's checkpoints and both
+    wrote metrics.jsonl (found by a helper). The folder's lock refuses it in one line, before
+    anything is deleted; once the holder is gone (even killed) the folder is free again."""
+    import shutil
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from bert_recipes.training.outdir import lock_output_dir; "
+                               f"lock_output_dir(Path({str(run)!r})); print('locked', flush=True); time.sleep(120)"],
+                              stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        args = ["pretrain", str(TINY_RECIPE), *tiny_overrides(run, **{"tokenizer.name_or_path": tokenizer_dir}),
+                "overwrite=true"]
+        capsys.readouterr()
+        assert main(args) == 2
+        assert one_line_error(capsys) == (f"error: output_dir: '{run}' is in use by another run (process {holder.pid} "
+                                          f"holds {run / '.lock'}); wait for it to finish or choose another output_dir")
+        assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"} == before
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(args) == 0  # the lock died with its process
+    assert main(args) == 0  # and a run in this process gives its own back when it ends

@@ -150,8 +150,11 @@ def _iter_column(dataset, column: str, where: str) -> Iterator[str]:
         if column not in batch:
             raise DataError(f"data.text_column: column '{column}' not found in {where} (columns: {', '.join(batch)})")
         for text in batch[column]:
+            if text and not isinstance(text, str):  # a list, a number: its repr was trained on (found by a helper)
+                raise DataError(f"data.text_column: column '{column}' of {where} holds {type(text).__name__} values, "
+                                "expected text (strings); point data.text_column at the text column")
             if text:
-                yield str(text)
+                yield text
 
 
 def iter_records(path: str, cfg) -> Iterator[str]:

@@ -158,6 +158,7 @@ def scan_parquet(path: str, settings: ScanSettings) -> tuple[np.ndarray, np.ndar
     Raises:
         DataError: the file is not parquet or lacks ``text_column``.
     """
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
@@ -167,6 +168,10 @@ def scan_parquet(path: str, settings: ScanSettings) -> tuple[np.ndarray, np.ndar
     names = meta.schema_arrow.names
     if settings.text_column not in names:
         raise DataError(f"data.text_column: column '{settings.text_column}' not found in {path} (columns: {', '.join(names)})")
+    kind = meta.schema_arrow.field(settings.text_column).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):  # numbers were trained on as "0", "1", ...
+        raise DataError(f"data.text_column: column '{settings.text_column}' of {path} holds {kind} values, expected "
+                        "text (strings); point data.text_column at the text column")
     rows = np.arange(meta.metadata.num_rows, dtype=np.int64)
     return rows, rows + 1, np.arange(len(rows) + 1, dtype=np.int64)
 

@@ -132,13 +132,15 @@ class IndexedCorpus:
         """
         try:
             value = json.loads(raw)[self.text_column]
+            if not isinstance(value, (str, type(None))):  # a list or a number: its repr was trained on
+                raise TypeError
         except (ValueError, KeyError, TypeError):
             path = self.index.files[number]
             with open(path, "rb") as f:  # only on the error path: the line number of the record
                 line = f.read(start).count(b"\n") + 1
             raise DataError(f"data.text_column: line {line} of {path} is not a JSON object with "
-                            f"column '{self.text_column}'") from None
-        return "" if value is None else str(value)
+                            f"text (a string) in column '{self.text_column}'") from None
+        return value or ""
 
     def _row(self, number: int, row: int, purpose: str) -> str:
         import pyarrow.parquet as pq
@@ -160,7 +162,7 @@ class IndexedCorpus:
                 self._row_groups.popitem(last=False)
         self._row_groups[key] = column
         value = column[row - first]
-        return "" if value is None else str(value)
+        return value or ""  # a string column (checked by the index)
 
     def unit_texts(self, first: int, last: int, purpose: str = "own") -> list[str]:
         """Texts of the units ``[first, last)`` of one document (one read for text files)."""

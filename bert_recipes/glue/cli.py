@@ -39,7 +39,7 @@ def add_parser(sub) -> None:
 
 
 def _glue_options(parser, defaults=None) -> None:
-    defaults = defaults or argparse.Namespace(tasks="", predict_test=False)
+    defaults = defaults or argparse.Namespace(tasks=None, predict_test=False)
     parser.add_argument("--tasks", default=defaults.tasks, help="comma-separated GLUE tasks (default: all nine)")
     parser.add_argument("--predict-test", action="store_true", default=defaults.predict_test,
                         help="predict the test sets and write the leaderboard zip (AX with the MNLI model)")

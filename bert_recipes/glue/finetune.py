@@ -47,7 +47,7 @@ from ..training.accelerator import check_launch, launch_state, start_run
 from ..training.checkpoint import TRAINER_STATE, TrainerState, check_data_layout, find_resume_checkpoint, load_checkpoint
 from ..training.loop import Run, train
 from ..training.optim import build_optimizer, build_scheduler
-from ..training.outdir import check_output_dir
+from ..training.outdir import check_output_dir, release_output_dir
 from ..training.plan import Resolved, resolve
 from ..training.precision import precision_by_step
 from ..training.resume import ResumePoint, check_resume, refuse_retraining_export, reschedule
@@ -106,10 +106,13 @@ def finetune(recipe: FinetuneRecipe, on_log=None) -> dict:
         logger.info("%s: the run is complete (same recipe); reusing %s", out, out / RESULTS)
         return predict_if_missing(recipe, out, finished)
     checked = preflight(recipe)
-    run, job = build(checked)
-    job.on_log = on_log
-    train(job, run)
-    return export(run, job, started)
+    try:
+        run, job = build(checked)
+        job.on_log = on_log
+        train(job, run)
+        return export(run, job, started)
+    finally:
+        release_output_dir(recipe.output_dir)
 
 
 def preflight(recipe: FinetuneRecipe) -> Checked:
@@ -146,10 +149,11 @@ def preflight(recipe: FinetuneRecipe) -> Checked:
 
 
 def check_inputs(recipe: FinetuneRecipe, task: GlueTask, keep: bool = False, labels: bool = True):
-    """The checks of what a run reads: its model and tokenizer found, the checkpoint's labels
-    (``labels``; a sweep's ``init_from_task`` run starts from an encoder without them) and
-    positions fit the task and ``data.max_seq_length``, the GLUE folder and train split
-    readable and labelled. Returns the train split (``keep``: held for the run's own load).
+    """The checks of what a run reads: its model and tokenizer load (weight files' headers
+    included), the checkpoint's labels (``labels``; a sweep's ``init_from_task`` run starts
+    from an encoder without them) and positions fit the task and ``data.max_seq_length``, the
+    GLUE folder's train split is readable and labelled, its dev (and with ``predict_test``
+    test) files readable. Returns the train split (``keep``: held for the run's own load).
 
     Raises:
         UserError / DataError: one line naming the key.
@@ -162,9 +166,18 @@ def check_inputs(recipe: FinetuneRecipe, task: GlueTask, keep: bool = False, lab
     if recipe.data.max_seq_length > config.max_position_embeddings:
         raise UserError(f"data.max_seq_length ({recipe.data.max_seq_length}) exceeds the checkpoint's "
                         f"max_position_embeddings ({config.max_position_embeddings})")
-    if recipe.data.glue_dir is not None:
-        glue_task_dir(recipe.data.glue_dir, task)
-    return load_glue_split(task, "train", recipe.data.glue_dir, keep=keep)
+    tokenizer = recipe_tokenizer(recipe)  # loads: a folder without a vocabulary fails here, not after overwrite deleted
+    if len(tokenizer) > config.vocab_size:  # its ids would index past the embeddings (an IndexError mid-run)
+        raise UserError(f"tokenizer_name_or_path: the tokenizer has {len(tokenizer)} tokens but the model's embeddings "
+                        f"{config.vocab_size} (model.name_or_path '{recipe.model.name_or_path}'): use the model's own "
+                        "tokenizer (remove tokenizer_name_or_path) or the one it was trained with")
+    if recipe.data.glue_dir is None:
+        return load_glue_split(task, "train", None, keep=keep)
+    glue_task_dir(recipe.data.glue_dir, task)
+    train = load_glue_split(task, "train", recipe.data.glue_dir, keep=keep)
+    for split in [*task.dev_splits, *(task.test_splits if recipe.predict_test else ())]:  # every file the run reads
+        load_glue_split(task, split, recipe.data.glue_dir)
+    return train
 
 
 def check_train_split(path: Path, fingerprint: dict, recipe: FinetuneRecipe) -> None:
@@ -205,7 +218,8 @@ def build(checked: Checked) -> tuple[Run, "FinetuneJob"]:
     if checked.resume is not None:
         state, _ = load_checkpoint(accelerator, checked.resume, scheduler, optimizer)
         restore_best(state, out / "best", task)
-        logger.info("resumed from %s at step %d", checked.resume, state.step)
+        if accelerator.is_main_process:  # once, not once per rank
+            logger.info("resumed from %s at step %d", checked.resume, state.step)
         if checked.point.changed:
             before = scheduler.get_last_lr()[0]
             reschedule(scheduler, train_cfg.learning_rate)

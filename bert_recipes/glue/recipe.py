@@ -207,6 +207,8 @@ class FinetuneRecipe(RunConfig):
     def _distinct(cls, value: list[int]) -> list[int]:
         if len(set(value)) != len(value):
             raise ValueError(f"seeds must be distinct, got {value}")
+        if any(not 0 <= seed < 2**32 for seed in value):
+            raise ValueError(f"seeds must be between 0 and 2**32 - 1, got {value}")
         return value
 
     @model_validator(mode="after")

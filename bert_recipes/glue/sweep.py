@@ -60,12 +60,14 @@ TRAINABLE = tuple(name for name, task in TASKS.items() if task.dev_splits)
 
 
 def parse_tasks(text: str | None) -> list[str]:
-    """``"cola,SST-2,mnli"`` -> canonical names in the leaderboard's order (all 9 when empty).
+    """``"cola,SST-2,mnli"`` -> canonical names in the leaderboard's order (all 9 when None:
+    no ``--tasks``).
 
     Raises:
-        UserError: unknown or repeated task, or AX (it is predicted by the MNLI model).
+        UserError: unknown or repeated task, AX (it is predicted by the MNLI model), or an
+            empty list (``--tasks "$TASKS"`` with an unset variable started all nine).
     """
-    if not text:
+    if text is None:
         return list(TRAINABLE)
     names = []
     for item in (part.strip() for part in text.split(",")):

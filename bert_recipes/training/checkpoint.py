@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import make_readable, write_json
+from ..atomic import building, make_readable, swap_in, write_json
 from ..errors import UserError
 from ..recipe_files import save_recipe
 
@@ -170,20 +170,20 @@ def save_checkpoint(accelerator, model: torch.nn.Module, scheduler, root: Path, 
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    if data_state is not None:
-        torch.save(data_state, tmp / f"data_state_rank{accelerator.process_index}.pt")
-    accelerator.wait_for_everyone()
+    with building(tmp, clean=accelerator.is_main_process):  # a failed save (disk full) leaves no half folder
+        accelerator.save_state(str(tmp))
+        if data_state is not None:
+            torch.save(data_state, tmp / f"data_state_rank{accelerator.process_index}.pt")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            write_json(tmp / TRAINER_STATE, asdict(state))
+            save_recipe(recipe, tmp)
+            make_readable(tmp)
+            _fsync_tree(tmp)
+            _write_manifest(tmp)
+            _fsync_tree(tmp)
     if accelerator.is_main_process:
-        write_json(tmp / TRAINER_STATE, asdict(state))
-        save_recipe(recipe, tmp)
-        make_readable(tmp)
-        _fsync_tree(tmp)
-        _write_manifest(tmp)
-        _fsync_tree(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        swap_in(tmp, final)
         for old in list_checkpoints(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -241,7 +241,7 @@ def load_checkpoint(accelerator, path: Path, scheduler, optimizer=None) -> tuple
         changed.update({key: (group[key], value) for key, value in wanted.items()
                         if not _same_setting(group.get(key), value)})
         group.update(wanted)
-    if changed:
+    if changed and accelerator.is_main_process:
         logger.info("resume from step %d: the recipe's optimizer settings apply: %s", state.step,
                     ", ".join(f"{key} {old} -> {new}" for key, (old, new) in changed.items()))
     data_file = path / f"data_state_rank{accelerator.process_index}.pt"

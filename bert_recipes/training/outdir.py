@@ -30,11 +30,16 @@ def check_output_dir(recipe, artefacts: tuple[str, ...] = ()) -> list[str]:
 
     Raises:
         UserError: the directory holds another run and neither option is set, it is a
-            file, it contains what this run reads, or it holds a run of the other kind.
+            file, it is or (with ``overwrite``) contains what this run reads, or it holds a
+            run of the other kind.
     """
     out = Path(recipe.output_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir: '{out}' exists and is not a directory")
+    for key, source in recipe.reads().items():  # a run writes its recipe.yaml, tokenizer and export there
+        if out.is_dir() and Path(os.path.expanduser(source)).resolve() == out.resolve():
+            raise UserError(f"output_dir: '{out}' is the {key} this run reads; its recipe.yaml, tokenizer and "
+                            "checkpoints would be written into it: choose another output_dir")
     if recipe.resume_from:
         return []
     previous = [name for name in RUN_MARKERS if (out / name).exists()]
@@ -49,20 +54,79 @@ def check_output_dir(recipe, artefacts: tuple[str, ...] = ()) -> list[str]:
 
 
 def prepare_output_dir(recipe, accelerator, doomed: list[str]) -> Path:
-    """Delete ``doomed`` (from :func:`check_output_dir`) and create ``output_dir``; every rank
-    calls it, the main process writes."""
+    """Create ``output_dir``, lock it (:func:`lock_output_dir`) and delete ``doomed`` (from
+    :func:`check_output_dir`); every rank calls it, the main process writes.
+
+    Raises:
+        UserError: on every rank, another process holds the folder's lock.
+    """
+    from accelerate.utils import broadcast_object_list
+
     out = Path(recipe.output_dir)
     accelerator.wait_for_everyone()
+    refused = [None]
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            lock_output_dir(out)
+        except UserError as exc:
+            refused = [str(exc)]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(refused)  # every rank stops, none waits at the next barrier
+    if refused[0]:
+        raise UserError(refused[0])
     if accelerator.is_main_process:
         for name in doomed:
             target = out / name
-            if target.is_dir():
+            if target.is_dir() and not target.is_symlink():
                 shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
+            elif target.exists() or target.is_symlink():
+                target.unlink()  # a link is removed, never what it points to
         out.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     return out
+
+
+LOCK_FILE = ".lock"
+_HELD: dict[str, int] = {}  # output_dir -> this process's open lock file, until release_output_dir
+
+
+def lock_output_dir(out: Path) -> None:
+    """Hold an exclusive lock on ``out/.lock`` until the run ends (:func:`release_output_dir`)
+    or its process exits, so a second run launched into the same folder (a job started twice)
+    is refused before it deletes or writes anything; two runs wrote into one folder, the
+    second deleting the first's checkpoints (found by a helper). A POSIX record lock
+    (``lockf``): it belongs to the process, so forked DataLoader workers do not hold it on,
+    and it goes with the process even on SIGKILL. No lock where ``fcntl`` is missing (Windows).
+
+    Raises:
+        UserError: another process holds it.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        return
+    key = str(out.resolve())
+    if key in _HELD:
+        return
+    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise UserError(f"output_dir: '{out}' is in use by another run (process {holder or '?'} holds "
+                        f"{out / LOCK_FILE}); wait for it to finish or choose another output_dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _HELD[key] = fd
+
+
+def release_output_dir(out: str | os.PathLike) -> None:
+    """Give up this process's lock on ``out`` (a run's end: a sweep runs many in one process)."""
+    fd = _HELD.pop(str(Path(out).resolve()), None)
+    if fd is not None:
+        os.close(fd)
 
 
 def _run_kind(raw: dict) -> str:
