@@ -23,6 +23,7 @@ from .errors import UserError
 logger = logging.getLogger("bert_recipes")
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+_WARNED: set = set()  # (tokenizer, lowercase) pairs warned about in this process
 DEFAULT_MAX_LENGTH = 512  # BERT's positions; a trained tokenizer otherwise has no limit (1e30)
 MODEL_INPUT_NAMES = ["input_ids", "token_type_ids", "attention_mask"]
 
@@ -149,7 +150,16 @@ def recipe_tokenizer(recipe, train_files: list[str] = (), *, saved: Path | None 
     source = recipe.tokenizer_source()
     if source is not None:
         key, name = source
-        return load_tokenizer(name, key=key, trust_remote_code=recipe.model.trust_remote_code)
+        tokenizer = load_tokenizer(name, key=key, trust_remote_code=recipe.model.trust_remote_code)
+        spec = getattr(recipe, "tokenizer", None)  # pretraining's training settings, unused for a loaded one
+        lowercases = getattr(tokenizer, "do_lower_case", None)
+        if (spec is not None and "lowercase" in spec.model_fields_set and lowercases not in (None, spec.lowercase)
+                and (name, spec.lowercase) not in _WARNED):  # the preflight loads it too: one warning
+            _WARNED.add((name, spec.lowercase))
+            logger.warning("tokenizer.lowercase: %s is not applied: the tokenizer of %s '%s' %s (its own setting); "
+                           "train one (no %s) to choose", spec.lowercase, key, name,
+                           "lower-cases" if lowercases else "keeps case", key)
+        return tokenizer
     from .recipe_files import expand_files
 
     spec = recipe.tokenizer

@@ -281,3 +281,26 @@ def test_inspect_shows_what_pretrain_would_train_on(tmp_path):
         stop_workers(batches)
     assert max(max(r["input_ids"]) for r in rows) >= 300  # the 800-token vocabulary, not the stale 300
     assert [r["input_ids"][: sum(r["attention_mask"])] for r in rows] == expected  # 2 workers' batches
+
+
+def test_a_lowercase_setting_a_loaded_tokenizer_ignores_is_named(tmp_path, caplog):
+    """tokenizer.lowercase=false with tokenizer.name_or_path lower-cased silently (found by a
+    helper): one warning saying the loaded tokenizer keeps its own setting."""
+    tok = tmp_path / "tok"
+    assert main(["tokenizer", "train", *SAMPLE_TRAIN, "--out", str(tok), "--vocab-size", "300"]) == 0
+    caplog.set_level("WARNING", logger="bert_recipes")
+    base = ["inspect", str(TINY_RECIPE), f"tokenizer.name_or_path={tok}", f"output_dir={tmp_path / 'run'}",
+            "--batches", "1", "--out", str(tmp_path / "b.jsonl")]
+    assert main([*base, "tokenizer.lowercase=true"]) == 0
+    assert not [r for r in caplog.records if "tokenizer.lowercase" in r.getMessage()]
+    assert main([*base, "tokenizer.lowercase=false"]) == 0
+    warned = [r.getMessage() for r in caplog.records if "tokenizer.lowercase" in r.getMessage()]
+    assert warned == [f"tokenizer.lowercase: False is not applied: the tokenizer of tokenizer.name_or_path '{tok}' "
+                      "lower-cases (its own setting); train one (no tokenizer.name_or_path) to choose"]
+
+
+def test_glue_help_after_overrides(capsys):
+    """`bert-recipes glue RECIPE key=value --help` said 'unrecognized arguments: --help'."""
+    with pytest.raises(SystemExit) as done:
+        main(["glue", str(REPO / "recipes" / "glue" / "base.yaml"), "model.name_or_path=x", "--help"])
+    assert done.value.code == 0 and capsys.readouterr().out.startswith("usage: bert-recipes glue")

@@ -38,6 +38,9 @@ _OPEN_FILES = 64
 BYTES_PER_TOKEN = 5
 # sentences of a B segment are tokenized this many at a time, stopping once B is long enough
 TOKENIZE_AHEAD = 8
+# random-next documents drawn before giving up on a B: 10 gave up now and then on JSON Lines whose
+# records are a third null (found by a helper); drawing a document with text ends the loop at once
+RANDOM_B_DRAWS = 100
 
 
 def plain_backend(tokenizer):
@@ -216,7 +219,7 @@ class IndexedCorpus:
         """``(tokens, document)``: a random-next B segment of at least ``target_b_length``
         tokens (fewer at the document's end) from a random other document; None when the
         corpus has one document."""
-        for _ in range(10):  # a B whose text tokenizes to nothing is drawn again
+        for _ in range(RANDOM_B_DRAWS):  # a B whose text tokenizes to nothing (a null record) is drawn again
             doc = self.random_document(exclude, rng)
             if doc is None:
                 return None

@@ -346,8 +346,8 @@ class PretrainingStream(torch.utils.data.IterableDataset):
                                        f"the first {stats['with_text']} documents read")
         if self.builder.skipped_chunks and "skipped" not in self._warned:
             self._warned.add("skipped")
-            logger.warning("data: a one-sentence chunk had no other document to draw a random-next B segment from "
-                           "(data shard %d of %d) and was skipped; add documents", st.shard, st.num_shards)
+            logger.warning("data: a one-sentence chunk had no other document with text to draw a random-next B segment "
+                           "from (data shard %d of %d) and was skipped; add documents with text", st.shard, st.num_shards)
 
     def _end_pass(self, st: _StreamState) -> None:
         stats = st.stats

@@ -93,9 +93,11 @@ def cmd_glue(args) -> int:
 
     from accelerate import PartialState
 
-    from ..cli import quiet_libraries
+    from ..cli import build_parser, quiet_libraries
     from .sweep import RESULTS_JSON, RESULTS_MD, RESULTS_PNG, parse_tasks, run_glue
 
+    if any(arg in ("-h", "--help") for arg in args.overrides):  # after the overrides: the same help as before them
+        build_parser().parse_args(["glue", "--help"])  # prints it and exits
     rest = argparse.ArgumentParser(prog="bert-recipes glue", add_help=False)
     _glue_options(rest, args)
     rest.add_argument("overrides", nargs="*")
