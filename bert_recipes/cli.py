@@ -102,8 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     tsub = p.add_subparsers(dest="tokenizer_command", metavar="ACTION")
     t = tsub.add_parser("train", help="train a WordPiece tokenizer and save it")
     t.add_argument("files", nargs="+", help="text files or globs")
-    t.add_argument("--out", required=True, help="output folder (new, or one holding only an earlier tokenizer: see --overwrite)")
-    t.add_argument("--overwrite", action="store_true", help="replace the tokenizer files of an existing --out folder")
+    t.add_argument("--out", required=True, help="output folder: a new or empty one, or see --overwrite (never a model folder)")
+    t.add_argument("--overwrite", action="store_true", help="write into a non-empty --out folder, replacing its tokenizer files")
     t.add_argument("--vocab-size", type=int, default=30522)
     t.add_argument("--min-frequency", type=int, default=2)
     t.add_argument("--cased", action="store_true", help="keep case and accents")
@@ -229,9 +229,13 @@ def cmd_tokenizer(args) -> int:
     if args.vocab_size <= len(SPECIAL_TOKENS):
         raise UserError(f"--vocab-size: expected more than the {len(SPECIAL_TOKENS)} special tokens, got {args.vocab_size}")
     check_tokenizer_out(Path(args.out), args.overwrite)
-    tokenizer = train_wordpiece(files, vocab_size=args.vocab_size, min_frequency=args.min_frequency,
-                                lowercase=not args.cased, show_progress=sys.stderr.isatty(),
-                                model_max_length=args.model_max_length, key="files", text_column=args.text_column)
+    try:
+        tokenizer = train_wordpiece(files, vocab_size=args.vocab_size, min_frequency=args.min_frequency,
+                                    lowercase=not args.cased, show_progress=sys.stderr.isatty(),
+                                    model_max_length=args.model_max_length, key="files", text_column=args.text_column)
+    except UserError as exc:  # the data reader names recipe keys: this command's options instead
+        raise type(exc)(str(exc).replace("data.text_column:", "--text-column:").replace("data.train_files:", "files:")) \
+            from None
     out = save_tokenizer(tokenizer, args.out, model_max_length=args.model_max_length)
     print(f"tokenizer with {len(tokenizer)} tokens saved to {out}")
     return 0
@@ -310,11 +314,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {message}", file=sys.stderr)
         return 2
-    except (MemoryError, RuntimeError) as exc:  # torch: "DefaultCPUAllocator: can't allocate memory: ..."
-        if not isinstance(exc, MemoryError) and "can't allocate memory" not in str(exc):
+    except (MemoryError, RuntimeError) as exc:  # torch: "DefaultCPUAllocator: can't allocate memory", "CUDA out of memory"
+        where = ("host" if isinstance(exc, MemoryError) or "can't allocate memory" in str(exc) else
+                 "device" if "out of memory" in str(exc) else None)
+        if where is None:
             raise
-        print(f"error: out of host memory ({_one_line(exc)[:200]}); check the model size "
-              "(model.config), per_device_train_batch_size and max_seq_length", file=sys.stderr)
+        print(f"error: out of {where} memory ({_one_line(exc)[:200]}); check the model size (model.config), "
+              "per_device_train_batch_size and max_seq_length", file=sys.stderr)
         return 2
 
 

@@ -96,7 +96,8 @@ def check_local_folder(path: str, key: str, needs: str = "model") -> None:
 def check_weight_files(path: str, key: str) -> None:
     """The weight files of a local model folder open: each ``*.safetensors`` file's header
     (which names every tensor's byte range, so a truncated or overwritten file fails here)
-    and each ``*.bin`` zip archive's directory; a cheap look, no tensor is read.
+    and each ``*.bin`` zip archive's directory (``torch.save``'s format; a legacy pickle is not
+    checked); a cheap look, no tensor is read.
 
     Raises:
         UserError: one line naming the key and the damaged file.
@@ -111,10 +112,13 @@ def check_weight_files(path: str, key: str) -> None:
 
                 with safe_open(file, "pt") as weights:
                     weights.keys()
-            elif name.endswith(".bin") and zipfile.is_zipfile(file):
-                zipfile.ZipFile(file).close()
-            elif name.endswith(".bin") and os.path.getsize(file) == 0:
-                raise ValueError("empty file")
+            elif name.endswith(".bin"):  # torch.save's zip archive (a legacy pickle is not checked)
+                with open(file, "rb") as handle:
+                    head = handle.read(4)
+                if not head:
+                    raise ValueError("empty file")
+                if head.startswith(b"PK"):  # a zip whose directory at the end is gone: truncated
+                    zipfile.ZipFile(file).close()
         except Exception as exc:  # SafetensorError, BadZipFile, OSError
             reason = " ".join(str(exc).split())
             raise UserError(f"{key}: cannot read the weights '{file}' ({reason}): the file is damaged or incomplete; "

@@ -35,7 +35,7 @@ from .training.optim import build_optimizer, build_scheduler
 from .training.outdir import check_output_dir, release_output_dir
 from .training.plan import Resolved, resolve
 from .training.precision import precision_by_step
-from .training.resume import ResumePoint, check_resume, refuse_retraining_export, reschedule
+from .training.resume import ResumePoint, check_resume, nothing_to_resume, resumed
 from .training.reporting import Reporter, interactive
 from .training.throughput import peak_flops_per_second
 
@@ -122,9 +122,7 @@ def preflight(recipe: PretrainRecipe) -> Checked:
     resume = find_resume_checkpoint(recipe.resume_from, Path(recipe.output_dir) / "checkpoints") if recipe.resume_from else None
     final = Path(recipe.output_dir) / "final"
     if recipe.resume_from and resume is None:
-        refuse_retraining_export(final, recipe.overwrite)
-        if recipe.overwrite:  # nothing to continue: a fresh start replaces the earlier run's files
-            doomed = check_output_dir(recipe.model_copy(update={"resume_from": None}))
+        doomed = nothing_to_resume(recipe, final, doomed)
     point = check_resume(recipe, resume) if resume is not None else None
     if resume is not None:  # the processes and DataLoader workers the data state was saved with
         def check_saved(saved: dict) -> None:  # rank 0's loader state: its workers, then its streams
@@ -164,7 +162,7 @@ def with_checkpoint_architecture(recipe: PretrainRecipe, config) -> PretrainReci
         if theirs != getattr(arch, key) and key in arch.model_fields_set:
             ignored.append(f"{key} {getattr(arch, key)} -> {theirs}")
         values[key] = theirs
-    if ignored:
+    if ignored and launch_state().is_main_process:  # every rank runs the preflight: one warning
         logger.warning("model.config: the checkpoint's architecture trains (model.name_or_path '%s'), not the "
                        "recipe's: %s; only the dropout keys apply to a checkpoint", recipe.model.name_or_path,
                        ", ".join(ignored))
@@ -210,12 +208,7 @@ def build(checked: Checked) -> tuple[Run, PretrainJob]:
         state, data_state = load_checkpoint(accelerator, checked.resume, scheduler, optimizer)
         if data_state is not None:
             loader.load_state_dict(data_state)
-        if accelerator.is_main_process:  # once, not once per rank
-            logger.info("resumed from %s at step %d", checked.resume, state.step)
-        if checked.point.changed:
-            before = scheduler.get_last_lr()[0]
-            reschedule(scheduler, recipe.train.learning_rate)
-            logger.warning("%s; lr %.3g -> %.3g", checked.point.note(), before, scheduler.get_last_lr()[0])
+        resumed(accelerator, checked.point, scheduler, recipe.train.learning_rate)
     if accelerator.is_main_process:  # after the resume's own checks: a refused resume leaves the run's recipe.yaml
         save_recipe(recipe, out)
     has_eval = bool(checked.eval_files) or bool(recipe.data.dataset_name and recipe.data.eval_dataset_split)

@@ -29,20 +29,26 @@ class RecipeLoader(yaml.SafeLoader):
     """``yaml.SafeLoader`` with YAML 1.2 booleans: ``true``/``false`` only (not ``no``/``on``...),
     and a key given twice in one mapping is an error (PyYAML keeps the last one silently)."""
 
-    def construct_mapping(self, node, deep=False):
-        seen = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: its keys may be overridden here
-                continue
-            key = self.construct_object(key_node, deep=deep)
-            try:
-                first = seen.setdefault(key, key_node.start_mark.line)
-            except TypeError:  # an unhashable key: SafeLoader's own error
-                break
-            if first != key_node.start_mark.line:
-                raise yaml.constructor.ConstructorError(None, None, f"duplicate key '{key}' (first at line {first + 1})",
-                                                        key_node.start_mark)
-        return super().construct_mapping(node, deep)
+    def flatten_mapping(self, node):
+        """Refuse a key given twice among a mapping's own keys, before its ``<<: *anchor``
+        merges are inlined (their keys may be overridden). PyYAML flattens a node in place and
+        may reach it again through an alias, so each node is checked on its first visit only."""
+        checked = self.__dict__.setdefault("_checked", set())
+        if id(node) not in checked:
+            checked.add(id(node))
+            seen = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark)
+                except TypeError:  # an unhashable key: SafeLoader's own error
+                    break
+                if first is not key_node.start_mark:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key '{key}' (first at line {first.line + 1})", key_node.start_mark)
+        super().flatten_mapping(node)
 
 
 RecipeLoader.yaml_implicit_resolvers = {
@@ -247,7 +253,8 @@ def save_recipe(recipe: BaseModel, directory: str | os.PathLike, name: str = "re
     return write_text(directory / name, dump_recipe(recipe))
 
 
-_BINARY_OK = (".parquet", ".gz", ".bz2", ".xz", ".zst", ".lz4")  # binary by design: read by their own readers
+COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".lz4")  # compressed corpus files (data.corpus streams them)
+_BINARY_OK = (".parquet", *COMPRESSION_SUFFIXES)  # binary by design: read by their own readers
 
 
 def expand_files(patterns: list[str], key: str) -> list[str]:

@@ -32,13 +32,12 @@ def _iter_lines(files: Iterable[str], text_column: str = "text") -> Iterator[str
     """The text of ``files`` as the data reader sees it: plain text line by line (invalid
     UTF-8 replaced); JSON Lines / parquet records' ``text_column`` and compressed text through
     :func:`~bert_recipes.data.corpus.iter_records` (they were read as raw bytes: found by a helper)."""
-    from types import SimpleNamespace
-
-    from .data.corpus import _COMPRESSION_SUFFIXES, file_kind, iter_records
+    from .data.corpus import file_kind, iter_records
+    from .recipe_files import COMPRESSION_SUFFIXES
 
     for path in files:
-        if file_kind(path) != "text" or path.lower().endswith(_COMPRESSION_SUFFIXES):
-            yield from iter_records(path, SimpleNamespace(text_column=text_column))
+        if file_kind(path) != "text" or path.lower().endswith(COMPRESSION_SUFFIXES):
+            yield from iter_records(path, text_column)
             continue
         with open(path, encoding="utf-8", errors="replace") as handle:
             for line in handle:

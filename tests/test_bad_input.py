@@ -267,3 +267,36 @@ def test_a_model_too_large_for_memory_is_one_line(tmp_path, capsys):
     assert pretrain(tmp_path, SAMPLE_TRAIN, **{"model.config.max_position_embeddings": 10**12}) == 2
     err = error_line(capsys)
     assert err.startswith("error: out of host memory (") and "can't allocate memory" in err, err
+
+
+def test_a_device_out_of_memory_is_one_line(tmp_path, capsys, monkeypatch):
+    import torch
+
+    from bert_recipes import pretrain as pretrain_module
+
+    def full(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(pretrain_module, "train", full)
+    assert pretrain(tmp_path, SAMPLE_TRAIN) == 2
+    assert error_line(capsys).startswith("error: out of device memory (CUDA out of memory. Tried to allocate 2.00 GiB)")
+
+
+def test_a_truncated_pytorch_model_bin_is_refused_before_overwrite(tmp_path, capsys, checkpoint):
+    """check_weight_files let a truncated torch.save archive through (found by a helper)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    model = tmp_path / "bin-model"
+    shutil.copytree(checkpoint, model)
+    weights = model / "pytorch_model.bin"
+    torch.save(load_file(model / "model.safetensors"), weights)
+    (model / "model.safetensors").unlink()
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    run, before = _finished(tmp_path)
+    assert main(["finetune", str(REPO / "recipes" / "glue" / "sample.yaml"), f"model.name_or_path={model}",
+                 f"output_dir={run}", "overwrite=true"]) == 2
+    assert error_line(capsys).startswith(f"error: model.name_or_path: cannot read the weights '{weights}' (")
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before

@@ -239,3 +239,22 @@ def test_random_b_finds_the_documents_with_text_among_null_records(tmp_path, voc
     draws = np.random.default_rng(0)
     found = [corpus.random_b(0, 5, draws) for _ in range(200)]
     assert all(b is not None and 1 <= b[1] < 8 for b in found)  # another document with text, every time
+
+
+def test_parquet_text_columns_of_every_string_type_are_read(tmp_path):
+    """string_view and dictionary-encoded (a pandas category) text columns are text too (a
+    helper found them refused by the new type check)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    records = ["One sentence here. Another one.", "A second record. With two sentences."]
+    for name, column in [("plain", pa.array(records)), ("dict", pa.array(records).dictionary_encode()),
+                         ("view", pa.array(records, type=pa.string_view()))]:
+        path = str(tmp_path / f"{name}.parquet")
+        pq.write_table(pa.table({"text": column}), path)
+        index = build_index([path], cfg([path]), cache_dir=tmp_path / "cache")
+        assert [" ".join(sentences) for sentences in texts(index)] == records, name
+    path = str(tmp_path / "numbers.parquet")
+    pq.write_table(pa.table({"text": pa.array([1, 2])}), path)
+    with pytest.raises(DataError, match="holds int64 values, expected text"):
+        build_index([path], cfg([path]), cache_dir=tmp_path / "cache")

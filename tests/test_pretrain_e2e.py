@@ -270,3 +270,18 @@ def test_continued_pretraining_records_the_checkpoints_architecture_and_applies_
     caplog.clear()
     assert main(["pretrain", str(TINY_RECIPE), *overrides, "resume_from=latest", "train.max_steps=3"]) == 0  # resumes
     assert json.loads((run / "final" / "eval_results.json").read_text())["step"] == 3
+    # a checkpoint of an older version recorded the recipe's (ignored) architecture: it resumes too (found by a helper)
+    import yaml
+
+    saved = run / "checkpoints" / "checkpoint-00000003" / "recipe.yaml"
+    old = yaml.safe_load(saved.read_text())
+    old["model"]["config"]["num_hidden_layers"] = 4
+    saved.write_text(yaml.safe_dump(old))
+    from bert_recipes.training.checkpoint import _write_manifest
+
+    _write_manifest(saved.parent)  # still a complete checkpoint
+    caplog.clear()
+    caplog.set_level("INFO", logger="bert_recipes")
+    assert main(["pretrain", str(TINY_RECIPE), *overrides, "resume_from=latest", "train.max_steps=4"]) == 0
+    assert "resumed from" in caplog.text and "checkpoint-00000003 at step 3" in caplog.text
+    assert json.loads((run / "final" / "eval_results.json").read_text())["step"] == 4

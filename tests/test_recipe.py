@@ -160,8 +160,11 @@ def test_a_yaml_merge_key_may_be_overridden_but_a_key_not_given_twice(tmp_path):
     from bert_recipes.recipe_files import parse_yaml
 
     assert parse_yaml("a: &x {b: 1, c: 2}\nd:\n  <<: *x\n  b: 3\n") == {"a": {"b": 1, "c": 2}, "d": {"b": 3, "c": 2}}
-    with pytest.raises(Exception, match="duplicate key 'b'"):
-        parse_yaml("d:\n  b: 1\n  c: 2\n  b: 3\n")
+    nested = "defs:\n  base: &base {a: 1, b: 2}\n  mid: &mid\n    <<: *base\n    b: 3\ntop:\n  <<: *mid\n"
+    assert parse_yaml(nested)["defs"]["mid"] == {"a": 1, "b": 3}  # a merge inside a merged mapping (found by a helper)
+    for twice in ("d:\n  b: 1\n  c: 2\n  b: 3\n", "x: {a: 1, a: 2}\n", "l: [{a: 1, a: 2}]\n"):
+        with pytest.raises(Exception, match="duplicate key '[ab]'"):
+            parse_yaml(twice)
 
 
 def test_glue_seeds_are_what_the_rngs_take():

@@ -7,6 +7,7 @@ and checks the message, the exit code and that nothing already written changed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -680,18 +681,11 @@ def test_a_second_run_into_a_folder_in_use_is_refused(finished, tmp_path, tokeni
     wrote metrics.jsonl (found by a helper). The folder's lock refuses it in one line, before
     anything is deleted; once the holder is gone (even killed) the folder is free again."""
     import shutil
-    import subprocess
-    import sys
 
     run = tmp_path / "run"
     shutil.copytree(finished, run)
     before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
-                               "from bert_recipes.training.outdir import lock_output_dir; "
-                               f"lock_output_dir(Path({str(run)!r})); print('locked', flush=True); time.sleep(120)"],
-                              stdout=subprocess.PIPE, text=True, cwd=REPO)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with holding_lock(run) as holder:
         args = ["pretrain", str(TINY_RECIPE), *tiny_overrides(run, **{"tokenizer.name_or_path": tokenizer_dir}),
                 "overwrite=true"]
         capsys.readouterr()
@@ -699,8 +693,54 @@ def test_a_second_run_into_a_folder_in_use_is_refused(finished, tmp_path, tokeni
         assert one_line_error(capsys) == (f"error: output_dir: '{run}' is in use by another run (process {holder.pid} "
                                           f"holds {run / '.lock'}); wait for it to finish or choose another output_dir")
         assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"} == before
+    assert main(args) == 0  # the lock died with its process
+    assert main(args) == 0  # and a run in this process gives its own back when it ends
+
+
+def test_a_sweeps_overwrite_never_deletes_a_folder_in_use(tmp_path):
+    """overwrite=true on a GLUE sweep deleted the cells of a sweep still training there (found
+    by a helper): check_unlocked refuses while a process holds a cell's lock."""
+    from bert_recipes.errors import UserError
+    from bert_recipes.training.outdir import check_unlocked
+
+    cell = tmp_path / "sweep" / "rte" / "lr1e-05" / "seed-1"
+    cell.mkdir(parents=True)
+    check_unlocked([tmp_path / "sweep" / "rte"])  # nobody holds it
+    with holding_lock(cell) as holder:
+        with pytest.raises(UserError, match=f"'{cell}' is in use by another run \\(process {holder.pid}\\)"):
+            check_unlocked([tmp_path / "sweep" / "rte"])
+    check_unlocked([tmp_path / "sweep" / "rte"])
+
+
+def test_a_filesystem_without_locks_runs_unlocked_with_a_warning(tmp_path, monkeypatch, caplog):
+    """NFS without lockd answers ENOLCK: that is not 'in use by another run' (every run was
+    refused; found by a helper)."""
+    import errno
+    import fcntl
+
+    from bert_recipes.training import outdir
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "lockf", no_locks)
+    caplog.set_level("WARNING", logger="bert_recipes")
+    outdir.lock_output_dir(tmp_path)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"output_dir: {tmp_path} cannot be locked (No locks available): nothing stops a second run from writing there"]
+    assert str(tmp_path.resolve()) not in outdir._HELD
+
+
+@contextlib.contextmanager
+def holding_lock(folder: Path):
+    """Another process holding ``folder``'s run lock (``lock_output_dir``) until the block ends."""
+    holder = subprocess.Popen([sys.executable, "-c", "import time; from pathlib import Path; "
+                               "from bert_recipes.training.outdir import lock_output_dir; "
+                               f"lock_output_dir(Path({str(folder)!r})); print('locked', flush=True); time.sleep(120)"],
+                              stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        yield holder
     finally:
         holder.kill()
         holder.wait()
-    assert main(args) == 0  # the lock died with its process
-    assert main(args) == 0  # and a run in this process gives its own back when it ends

@@ -29,13 +29,13 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
 from ..errors import DataError
+from ..recipe_files import COMPRESSION_SUFFIXES
 
 # Punkt's regexes run under nltk's ReDoS timeout (5 s for a whole call); its cost grows with
 # the number of '.', '?' and '!' (about 50 us each), so very long paragraphs (e.g. a 1 MB
 # line) are cut into pieces of at most this many characters, at a space when there is one.
 PUNKT_MAX_CHARS = 100_000
 
-_COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".lz4")
 _JSON_SUFFIXES = (".json", ".jsonl", ".ndjson")
 
 _punkt = None
@@ -104,7 +104,7 @@ def split_sentences(text: str) -> list[str]:
 def file_kind(path: str) -> str:
     """``"json"``, ``"parquet"`` or ``"text"``, from the file name (compression suffix ignored)."""
     name = path.lower()
-    for suffix in _COMPRESSION_SUFFIXES:
+    for suffix in COMPRESSION_SUFFIXES:
         if name.endswith(suffix):
             name = name[: -len(suffix)]
     if name.endswith(_JSON_SUFFIXES):
@@ -157,15 +157,15 @@ def _iter_column(dataset, column: str, where: str) -> Iterator[str]:
                 yield text
 
 
-def iter_records(path: str, cfg) -> Iterator[str]:
+def iter_records(path: str, text_column: str) -> Iterator[str]:
     """Raw text records of one file via `datasets` streaming.
 
     Text files yield blank-line separated blocks (``sample_by="paragraph"``, invalid bytes
-    replaced); json/parquet files yield ``cfg.text_column`` of each record (empty and
+    replaced); json/parquet files yield ``text_column`` of each record (empty and
     ``None`` skipped). An empty (0-byte) file yields nothing.
 
     Raises:
-        DataError: the file cannot be parsed, or lacks ``cfg.text_column``.
+        DataError: the file cannot be parsed, or lacks ``text_column``.
     """
     kind = file_kind(path)
     if os.path.getsize(path) == 0:
@@ -176,7 +176,7 @@ def iter_records(path: str, cfg) -> Iterator[str]:
         column = "text"
     else:
         dataset = _load_streaming(kind, data_files=[path], split="train")
-        column = cfg.text_column
+        column = text_column
     try:
         yield from _iter_column(dataset, column, path)
     except DataError:
@@ -274,7 +274,7 @@ def _sources(files: list[str], cfg, order: Optional[list[int]], hub_split: Optio
         return [(0, lambda: iter_hub_records(cfg, hub_split or cfg.dataset_split), mode)]
     order = list(range(len(files))) if order is None else order
     return [
-        (n, (lambda p=files[n]: iter_records(p, cfg)), resolve_document_split(cfg.document_split, file_kind(files[n])))
+        (n, (lambda p=files[n]: iter_records(p, cfg.text_column)), resolve_document_split(cfg.document_split, file_kind(files[n])))
         for n in order
     ]
 

@@ -169,7 +169,9 @@ def scan_parquet(path: str, settings: ScanSettings) -> tuple[np.ndarray, np.ndar
     if settings.text_column not in names:
         raise DataError(f"data.text_column: column '{settings.text_column}' not found in {path} (columns: {', '.join(names)})")
     kind = meta.schema_arrow.field(settings.text_column).type
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):  # numbers were trained on as "0", "1", ...
+    values = kind.value_type if pa.types.is_dictionary(kind) else kind  # a pandas category column
+    if not (pa.types.is_string(values) or pa.types.is_large_string(values)
+            or getattr(pa.types, "is_string_view", lambda _: False)(values)):  # numbers were trained on as "0", "1", ...
         raise DataError(f"data.text_column: column '{settings.text_column}' of {path} holds {kind} values, expected "
                         "text (strings); point data.text_column at the text column")
     rows = np.arange(meta.metadata.num_rows, dtype=np.int64)

@@ -272,9 +272,8 @@ def load_glue_split(task: "str | GlueTask", split: str, glue_dir: "str | os.Path
     path = None if glue_dir is None else glue_task_dir(glue_dir, task) / task.split_files[split]
     stat = path.stat() if path is not None and path.is_file() else None
     key = (task.name, split, str(path), stat and (stat.st_mtime_ns, stat.st_size))
-    if _KEPT.get("key") == key:  # the split a preflight loaded: used once
-        _KEPT.pop("key")
-        return _KEPT.pop("dataset")
+    if key in _KEPT:  # a split the preflight loaded: used once
+        return _KEPT.pop(key)
     if path is None:
         dataset, source = load_glue_from_hub(task, split), f"{task.hub_name} (config '{task.hub_config}')"
     else:
@@ -283,11 +282,11 @@ def load_glue_split(task: "str | GlueTask", split: str, glue_dir: "str | os.Path
         raise DataError(f"{source}: every label of the {task.name} train split is hidden (-1); fine-tuning needs "
                         "labelled training data (the GLUE TSVs of data.glue_dir, or a dataset with labels)")
     if keep:
-        _KEPT.update(key=key, dataset=dataset)
+        _KEPT[key] = dataset
     return dataset
 
 
-_KEPT: dict = {}  # the split a preflight loaded (load_glue_split(keep=True)), until its run loads it
+_KEPT: dict = {}  # the splits a preflight loaded (load_glue_split(keep=True)), until its run loads them
 
 
 # --------------------------------------------------------------------------- features

@@ -50,7 +50,7 @@ from ..training.optim import build_optimizer, build_scheduler
 from ..training.outdir import check_output_dir, release_output_dir
 from ..training.plan import Resolved, resolve
 from ..training.precision import precision_by_step
-from ..training.resume import ResumePoint, check_resume, refuse_retraining_export, reschedule
+from ..training.resume import ResumePoint, check_resume, nothing_to_resume, resumed
 from ..training.reporting import Reporter
 from .batching import BatchPlan, collate_batch, load_splits
 from .classifier import build_classifier
@@ -137,9 +137,7 @@ def preflight(recipe: FinetuneRecipe) -> Checked:
     doomed = check_output_dir(recipe, FINETUNE_ARTEFACTS)
     resume = find_resume_checkpoint(recipe.resume_from, Path(recipe.output_dir) / "checkpoints") if recipe.resume_from else None
     if recipe.resume_from and resume is None:
-        refuse_retraining_export(Path(recipe.output_dir) / "best", recipe.overwrite)
-        if recipe.overwrite:  # nothing to continue: a fresh start replaces the earlier run's files
-            doomed = check_output_dir(recipe.model_copy(update={"resume_from": None}), FINETUNE_ARTEFACTS)
+        doomed = nothing_to_resume(recipe, Path(recipe.output_dir) / "best", doomed, FINETUNE_ARTEFACTS)
     point = check_resume(recipe, resume) if resume is not None else None
     fingerprint = split_fingerprint(train, task)
     if resume is not None:  # the processes, and the training examples, the checkpoint's batch plan was made for
@@ -176,7 +174,7 @@ def check_inputs(recipe: FinetuneRecipe, task: GlueTask, keep: bool = False, lab
     glue_task_dir(recipe.data.glue_dir, task)
     train = load_glue_split(task, "train", recipe.data.glue_dir, keep=keep)
     for split in [*task.dev_splits, *(task.test_splits if recipe.predict_test else ())]:  # every file the run reads
-        load_glue_split(task, split, recipe.data.glue_dir)
+        load_glue_split(task, split, recipe.data.glue_dir, keep=keep)
     return train
 
 
@@ -218,12 +216,7 @@ def build(checked: Checked) -> tuple[Run, "FinetuneJob"]:
     if checked.resume is not None:
         state, _ = load_checkpoint(accelerator, checked.resume, scheduler, optimizer)
         restore_best(state, out / "best", task)
-        if accelerator.is_main_process:  # once, not once per rank
-            logger.info("resumed from %s at step %d", checked.resume, state.step)
-        if checked.point.changed:
-            before = scheduler.get_last_lr()[0]
-            reschedule(scheduler, train_cfg.learning_rate)
-            logger.warning("%s; lr %.3g -> %.3g", checked.point.note(), before, scheduler.get_last_lr()[0])
+        resumed(accelerator, checked.point, scheduler, train_cfg.learning_rate)
     state.extra.setdefault("train_split", checked.train_split)  # what a resume must train on (check_train_split)
     if accelerator.is_main_process:  # after the checkpoint loaded: a failed resume leaves the run's recipe.yaml
         save_recipe(recipe, out)

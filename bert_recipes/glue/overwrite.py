@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import UserError
-from ..training.outdir import RUN_FILES
+from ..training.outdir import RUN_FILES, check_unlocked
 from .finetune import RESULTS, check_inputs
 from .grid import GRID_PNG, with_cell
 from .recipe import FinetuneRecipe
@@ -30,6 +30,7 @@ def replace_earlier_sweep(root: Path, recipes: dict[str, FinetuneRecipe], cells:
 
     check_runs(recipes, cells)
     doomed = sweep_doomed(root, [*recipes.values(), *([wnli_recipe] if wnli_recipe else [])])
+    check_unlocked(doomed)  # a sweep still running there: its runs hold their folders' locks
     if PartialState().is_main_process:
         for path in doomed:
             shutil.rmtree(path) if path.is_dir() else path.unlink()

@@ -7,11 +7,15 @@ run only once every check has passed.
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import shutil
 from pathlib import Path
 
 from ..errors import UserError
+
+logger = logging.getLogger("bert_recipes")
 
 # A folder holds a run once training has started: it has logged a step, saved a checkpoint
 # or exported. A run that failed before that (an empty corpus, a bad tokenizer) leaves only
@@ -112,7 +116,12 @@ def lock_output_dir(out: Path) -> None:
     fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EAGAIN):  # NFS without lockd, Lustre without flock: no locks there
+            os.close(fd)
+            logger.warning("output_dir: %s cannot be locked (%s): nothing stops a second run from writing there",
+                           out, exc.strerror)
+            return
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
         os.close(fd)
         raise UserError(f"output_dir: '{out}' is in use by another run (process {holder or '?'} holds "
@@ -120,6 +129,34 @@ def lock_output_dir(out: Path) -> None:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     _HELD[key] = fd
+
+
+def check_unlocked(paths: list[Path]) -> None:
+    """None of the run folders in or under ``paths`` is locked by a running process
+    (:func:`lock_output_dir`): a sweep's ``overwrite=true`` deleted the cells of a sweep still
+    training there (found by a helper). Each lock is tried and given back at once.
+
+    Raises:
+        UserError: one line naming the first folder in use.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        return
+    for path in paths:
+        locks = [path] if path.name == LOCK_FILE else path.rglob(LOCK_FILE) if path.is_dir() else []
+        for lock in locks:
+            fd = os.open(lock, os.O_RDWR)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.lockf(fd, fcntl.LOCK_UN)
+            except OSError as exc:
+                if exc.errno in (errno.EACCES, errno.EAGAIN):
+                    holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                    raise UserError(f"output_dir: '{lock.parent}' is in use by another run (process {holder or '?'}); "
+                                    "overwrite=true would delete it: wait for it to finish") from None
+            finally:
+                os.close(fd)
 
 
 def release_output_dir(out: str | os.PathLike) -> None:

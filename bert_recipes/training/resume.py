@@ -108,7 +108,10 @@ def check_identity(recipe, path: Path) -> None:
 
     saved, now = flatten(_checkpoint_recipe(path)), flatten(recipe.model_dump(mode="json"))
     keys = IDENTITY_KEYS | (FINETUNE_IDENTITY_KEYS if "task" in now else frozenset())
+    from_checkpoint = bool(recipe.model.name_or_path)
     for key in saved:
+        if from_checkpoint and key.startswith("model.config.") and not key.endswith("dropout_prob"):
+            continue  # the checkpoint's architecture (model.name_or_path is compared); older runs recorded the recipe's
         if (key in keys or key.startswith(IDENTITY_PREFIXES)) and key in now \
                 and not same_value(key, saved[key], now[key], path):
             raise UserError(f"{key}: {now[key]} differs from the value {saved[key]} of checkpoint {path}; a resume "
@@ -163,8 +166,34 @@ def refuse_retraining_export(export: Path, overwrite: bool = False) -> None:
                if kept is False and (export.parent / "results.json").is_file() else "")
         raise UserError(f"resume_from: no complete checkpoint in {checkpoints} to continue{why}, and {export} holds "
                         "an export: set overwrite=true to retrain from step 0 and replace it")
-    replacing = f" (overwrite=true: replacing {export})" if export.exists() else ""
-    logger.info("resume_from=latest: no complete checkpoint in %s yet; starting from step 0%s", checkpoints, replacing)
+    if export.exists():  # overwrite may come from the recipe file (tiny.yaml): say it loudly
+        logger.warning("resume_from=latest: no complete checkpoint in %s to continue, and overwrite=true: retraining "
+                       "from step 0, replacing %s", checkpoints, export)
+    else:
+        logger.info("resume_from=latest: no complete checkpoint in %s yet; starting from step 0", checkpoints)
+
+
+def nothing_to_resume(recipe, export: Path, doomed: list[str], artefacts: tuple[str, ...] = ()) -> list[str]:
+    """``resume_from`` found no checkpoint: a fresh start, refused over an export without
+    ``overwrite`` (:func:`refuse_retraining_export`); with ``overwrite`` the fresh start
+    replaces the earlier run's files. Returns what to delete (``doomed`` otherwise)."""
+    from .outdir import check_output_dir
+
+    refuse_retraining_export(export, recipe.overwrite)
+    return check_output_dir(recipe.model_copy(update={"resume_from": None}), artefacts) if recipe.overwrite else doomed
+
+
+def resumed(accelerator, point: ResumePoint, scheduler, learning_rate: float) -> None:
+    """After the checkpoint at ``point`` loaded: the new schedule from its step when
+    ``point.changed`` (:func:`reschedule`), and one log line each (main process only, not once
+    per rank)."""
+    before = scheduler.get_last_lr()[0]
+    if point.changed:
+        reschedule(scheduler, learning_rate)
+    if accelerator.is_main_process:
+        logger.info("resumed from %s at step %d", point.path, point.step)
+        if point.changed:
+            logger.warning("%s; lr %.3g -> %.3g", point.note(), before, scheduler.get_last_lr()[0])
 
 
 def reschedule(scheduler, learning_rate: float) -> None:
@@ -177,4 +206,5 @@ def reschedule(scheduler, learning_rate: float) -> None:
     scheduler._last_lr = [group["lr"] for group in groups]
 
 
-__all__ = ["SCHEDULE_KEYS", "ResumePoint", "check_resume", "refuse_retraining_export", "reschedule"]
+__all__ = ["SCHEDULE_KEYS", "ResumePoint", "check_resume", "nothing_to_resume", "refuse_retraining_export", "reschedule",
+           "resumed"]
