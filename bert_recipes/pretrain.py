@@ -88,7 +88,8 @@ def preflight(recipe: PretrainRecipe) -> Checked:
     """Every cheap check, before anything is written, deleted or trained.
 
     Raises:
-        UserError: a missing model/tokenizer folder or data file, ``data.max_seq_length``
+        UserError: a missing or damaged model/tokenizer folder (weight files' headers, a
+            tokenizer without a vocabulary), a missing or binary data file, ``data.max_seq_length``
             beyond the checkpoint's positions, DeepSpeed with accumulation, an indivisible
             ``global_batch_size``, an occupied ``output_dir``, an incomplete ``resume_from``,
             ``resume_from`` on an export without a checkpoint, a changed schedule on resume.
