@@ -234,7 +234,7 @@ def cmd_tokenizer(args) -> int:
                                     lowercase=not args.cased, show_progress=sys.stderr.isatty(),
                                     model_max_length=args.model_max_length, key="files", text_column=args.text_column)
     except UserError as exc:  # the data reader names recipe keys: this command's options instead
-        raise type(exc)(str(exc).replace("data.text_column:", "--text-column:").replace("data.train_files:", "files:")) \
+        raise type(exc)(str(exc).replace("data.text_column", "--text-column").replace("data.train_files:", "files:")) \
             from None
     out = save_tokenizer(tokenizer, args.out, model_max_length=args.model_max_length)
     print(f"tokenizer with {len(tokenizer)} tokens saved to {out}")
@@ -270,6 +270,9 @@ def check_tokenizer_out(out: Path, overwrite: bool) -> None:
     if (out / "config.json").exists():
         raise UserError(f"--out: '{out}' holds a model (config.json), whose embeddings are sized to its own "
                         "tokenizer: choose another folder")
+    if (out / "recipe.yaml").exists() or (out.parent / "recipe.yaml").exists():  # a run, or its tokenizer/
+        raise UserError(f"--out: '{out}' belongs to a run, whose checkpoints were trained with its own tokenizer "
+                        "(a resume would go on with other token ids): choose another folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UserError(f"--out: '{out}' is not empty; add --overwrite to replace its tokenizer files, or choose "
                         "another folder")

@@ -304,3 +304,21 @@ def test_glue_help_after_overrides(capsys):
     with pytest.raises(SystemExit) as done:
         main(["glue", str(REPO / "recipes" / "glue" / "base.yaml"), "model.name_or_path=x", "--help"])
     assert done.value.code == 0 and capsys.readouterr().out.startswith("usage: bert-recipes glue")
+
+
+def test_tokenizer_train_never_writes_into_a_run_and_reads_bad_records_in_one_line(tmp_path, capsys):
+    """A run's tokenizer/ replaced by `tokenizer train --overwrite` made a resume go on with
+    other token ids; a JSON Lines file whose column changes type before a bad line ended in
+    datasets' traceback (found by a helper)."""
+    run = tmp_path / "run"
+    (run / "tokenizer").mkdir(parents=True)
+    (run / "recipe.yaml").write_text("seed: 1\n")
+    train = ["tokenizer", "train", *SAMPLE_TRAIN, "--vocab-size", "300", "--overwrite"]
+    for out in (run, run / "tokenizer"):
+        assert main([*train, "--out", str(out)]) == 2
+        assert _one_error(capsys).startswith(f"error: --out: '{out}' belongs to a run, whose checkpoints were trained")
+    assert sorted(p.name for p in run.rglob("*")) == ["recipe.yaml", "tokenizer"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "hello world."}\n{"text": 5}\nnot json\n')
+    assert main(["tokenizer", "train", str(bad), "--out", str(tmp_path / "tok")]) == 2
+    assert _one_error(capsys).startswith(f"error: files: cannot read {bad} as json: ")

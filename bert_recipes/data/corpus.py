@@ -170,14 +170,14 @@ def iter_records(path: str, text_column: str) -> Iterator[str]:
     kind = file_kind(path)
     if os.path.getsize(path) == 0:
         return
-    if kind == "text":
-        dataset = _load_streaming("text", data_files=[path], split="train", sample_by="paragraph",
-                                  encoding_errors="replace")
-        column = "text"
-    else:
-        dataset = _load_streaming(kind, data_files=[path], split="train")
-        column = text_column
-    try:
+    try:  # datasets may parse the first rows already when loading (a type change, then a bad line)
+        if kind == "text":
+            dataset = _load_streaming("text", data_files=[path], split="train", sample_by="paragraph",
+                                      encoding_errors="replace")
+            column = "text"
+        else:
+            dataset = _load_streaming(kind, data_files=[path], split="train")
+            column = text_column
         yield from _iter_column(dataset, column, path)
     except DataError:
         raise
