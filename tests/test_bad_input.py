@@ -300,3 +300,16 @@ def test_a_truncated_pytorch_model_bin_is_refused_before_overwrite(tmp_path, cap
                  f"output_dir={run}", "overwrite=true"]) == 2
     assert error_line(capsys).startswith(f"error: model.name_or_path: cannot read the weights '{weights}' (")
     assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_a_compressed_corpus_says_once_that_it_is_streamed(tmp_path, caplog):
+    """The preflight and the stream both logged 'streaming front to back' (found by a helper)."""
+    import gzip
+
+    corpus = tmp_path / "corpus.txt.gz"
+    with gzip.open(corpus, "wt", encoding="utf-8") as handle:
+        handle.write("\n".join(open(path, encoding="utf-8").read() for path in SAMPLE_TRAIN))
+    caplog.set_level("INFO", logger="bert_recipes")
+    assert pretrain(tmp_path, [corpus]) == 0
+    said = [r.getMessage() for r in caplog.records if "streaming front to back" in r.getMessage()]
+    assert len(said) == 1 and str(corpus) in said[0], said

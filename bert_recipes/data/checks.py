@@ -35,8 +35,13 @@ def use_index(files: list[str], cfg) -> bool:
     if cfg.corpus_access == "index":
         raise DataError(f"data.corpus_access: index needs local uncompressed text, JSON Lines or parquet files, but "
                         f"{problems[0]}; decompress it / convert it to JSON Lines, or use corpus_access: stream")
-    logger.info("data: streaming front to back (random-next B from a buffer of recent documents): %s", problems[0])
+    if problems[0] not in _SAID:  # the preflight asks too: one line
+        _SAID.add(problems[0])
+        logger.info("data: streaming front to back (random-next B from a buffer of recent documents): %s", problems[0])
     return False
+
+
+_SAID: set = set()  # the reasons use_index logged in this process
 
 
 def check_document_count(index, cfg, key: str, where: str) -> None:
