@@ -115,20 +115,35 @@ def lock_output_dir(out: Path) -> None:
         return
     fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        if exc.errno not in (errno.EACCES, errno.EAGAIN):  # NFS without lockd, Lustre without flock: no locks there
-            os.close(fd)
-            logger.warning("output_dir: %s cannot be locked (%s): nothing stops a second run from writing there",
-                           out, exc.strerror)
-            return
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        holder = _lock_holder(fcntl, fd)
+    except OSError as exc:  # NFS without lockd, Lustre without flock: no locks there
         os.close(fd)
-        raise UserError(f"output_dir: '{out}' is in use by another run (process {holder or '?'} holds "
-                        f"{out / LOCK_FILE}); wait for it to finish or choose another output_dir") from None
+        logger.warning("output_dir: %s cannot be locked (%s): nothing stops a second run from writing there",
+                       out, exc.strerror)
+        return
+    if holder is not None:
+        os.close(fd)
+        raise UserError(f"output_dir: '{out}' is in use by another run (process {holder} holds "
+                        f"{out / LOCK_FILE}); wait for it to finish or choose another output_dir")
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     _HELD[key] = fd
+
+
+def _lock_holder(fcntl, fd: int) -> str | None:
+    """Take the lock on the open lock file ``fd``: None when taken, else the process id
+    written in it by the process holding it (``"?"`` when unreadable).
+
+    Raises:
+        OSError: the filesystem does not support locks (ENOLCK, ENOSYS, EOPNOTSUPP, ...).
+    """
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return None
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EAGAIN):
+            raise
+        return os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
 
 
 def check_unlocked(paths: list[Path]) -> None:
@@ -148,15 +163,16 @@ def check_unlocked(paths: list[Path]) -> None:
         for lock in locks:
             fd = os.open(lock, os.O_RDWR)
             try:
-                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                fcntl.lockf(fd, fcntl.LOCK_UN)
-            except OSError as exc:
-                if exc.errno in (errno.EACCES, errno.EAGAIN):
-                    holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
-                    raise UserError(f"output_dir: '{lock.parent}' is in use by another run (process {holder or '?'}); "
-                                    "overwrite=true would delete it: wait for it to finish") from None
+                holder = _lock_holder(fcntl, fd)
+                if holder is None:
+                    fcntl.lockf(fd, fcntl.LOCK_UN)
+            except OSError:  # no locks on this filesystem: none to respect
+                holder = None
             finally:
                 os.close(fd)
+            if holder is not None:
+                raise UserError(f"output_dir: '{lock.parent}' is in use by another run (process {holder}); "
+                                "overwrite=true would delete it: wait for it to finish")
 
 
 def release_output_dir(out: str | os.PathLike) -> None:
