@@ -81,6 +81,30 @@ def test_json_lines_and_parquet_records(tmp_path):
         build_index([str(parquet)], cfg([str(parquet)], text_column="body"), cache_dir=tmp_path / "c")
 
 
+def test_json_lines_records_without_the_column_are_null_text_as_datasets_reads_them(tmp_path):
+    """Records without the text column (the first one too) are empty documents, as `datasets`
+    reads them for the tokenizer's trainer and compressed files; they were refused by the
+    index when first and failed the run mid-way when later (the trainer skipped them)."""
+    from bert_recipes.data.corpus import iter_records
+    from bert_recipes.tokenizer import _iter_lines
+
+    jsonl = tmp_path / "r.jsonl"
+    rows = [{"id": 0}, {"text": "Rec one. Has two."}, {"id": 2, "title": "t"}, {"text": "Rec two."}, {"id": 4}]
+    jsonl.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    index = build_index([str(jsonl)], cfg([str(jsonl)]), cache_dir=tmp_path / "c")
+    assert [doc for doc in texts(index) if doc] == [["Rec one.", "Has two."], ["Rec two."]]
+    assert list(iter_records(str(jsonl), "text")) == list(_iter_lines([str(jsonl)])) == ["Rec one. Has two.", "Rec two."]
+    # the column must be somewhere in the first 64 records (a typo'd data.text_column)
+    late = tmp_path / "late.jsonl"
+    late.write_text("".join(json.dumps({"id": i}) + "\n" for i in range(64)) + json.dumps({"text": "x"}) + "\n")
+    with pytest.raises(DataError, match=r"^data.text_column: column 'text' not found in .*late.jsonl \(columns: id\)$"):
+        build_index([str(late)], cfg([str(late)]), cache_dir=tmp_path / "c")
+    listing = tmp_path / "list.jsonl"
+    listing.write_text('["a", "b"]\n')
+    with pytest.raises(DataError, match=r"^data.train_files: .*list.jsonl holds a JSON list, expected one JSON object"):
+        build_index([str(listing)], cfg([str(listing)]), cache_dir=tmp_path / "c")
+
+
 def test_sources_without_random_access_are_named(tmp_path):
     array = tmp_path / "a.json"
     array.write_text('[{"text": "x"}]')

@@ -146,8 +146,10 @@ RECORD_BATCH = 64
 
 
 def _iter_column(dataset, column: str, where: str) -> Iterator[str]:
-    for batch in dataset.iter(batch_size=RECORD_BATCH):
-        if column not in batch:
+    for number, batch in enumerate(dataset.iter(batch_size=RECORD_BATCH)):
+        if column not in batch:  # records without it are null text (as in index.scan_jsonl)
+            if number:
+                continue
             raise DataError(f"data.text_column: column '{column}' not found in {where} (columns: {', '.join(batch)})")
         for text in batch[column]:
             if text and not isinstance(text, str):  # a list, a number: its repr was trained on (found by a helper)

@@ -126,30 +126,45 @@ def scan_text(path: str, settings: ScanSettings) -> tuple[np.ndarray, np.ndarray
 def scan_jsonl(path: str, settings: ScanSettings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One unit and one document per non-blank line of a JSON Lines file.
 
+    A record without ``text_column`` counts as one whose text is null (an empty document,
+    as `datasets` reads it); the column must be in one of the first :data:`CHECKED_RECORDS`.
+
     Raises:
-        DataError: the first record is not a JSON object with ``text_column``.
+        DataError: one of the first records is not a JSON object, or none of them has
+            ``text_column``.
     """
-    starts, ends, pos = [], [], 0
+    starts, ends, pos, first = [], [], 0, []
     with open(path, "rb") as f:
         for line in f:
             if line.strip():
-                if not starts:
-                    _check_first_record(path, line, settings.text_column)
+                if len(first) < CHECKED_RECORDS:
+                    first.append(line)
                 starts.append(pos)
                 ends.append(pos + len(line))
             pos += len(line)
+    if first:
+        _check_first_records(path, first, settings.text_column)
     units = len(starts)
     return np.asarray(starts, np.int64), np.asarray(ends, np.int64), np.arange(units + 1, dtype=np.int64)
 
 
-def _check_first_record(path: str, line: bytes, column: str) -> None:
-    try:
-        record = json.loads(line)
-    except ValueError as exc:
-        raise DataError(f"data.train_files: cannot read {path} as JSON Lines: {exc}") from None
-    if not isinstance(record, dict) or column not in record:
-        names = ", ".join(record) if isinstance(record, dict) else type(record).__name__
-        raise DataError(f"data.text_column: column '{column}' not found in {path} (columns: {names})")
+CHECKED_RECORDS = 64  # as many as one batch of the `datasets` reader (corpus.RECORD_BATCH)
+
+
+def _check_first_records(path: str, lines: list[bytes], column: str) -> None:
+    names: dict = {}
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError as exc:
+            raise DataError(f"data.train_files: cannot read {path} as JSON Lines: {exc}") from None
+        if not isinstance(record, dict):
+            raise DataError(f"data.train_files: {path} holds a JSON {type(record).__name__}, expected one JSON "
+                            "object (a record) per line")
+        if column in record:
+            return
+        names.update(dict.fromkeys(record))
+    raise DataError(f"data.text_column: column '{column}' not found in {path} (columns: {', '.join(names)})")
 
 
 def scan_parquet(path: str, settings: ScanSettings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -131,13 +131,13 @@ class IndexedCorpus:
         """The text column of the JSON Lines record at byte ``start`` of file ``number``.
 
         Raises:
-            DataError: the record is not a JSON object with the column (naming its line).
+            DataError: the record is not a JSON object, or its column holds no text (naming its line).
         """
-        try:
-            value = json.loads(raw)[self.text_column]
+        try:  # a record without the column is null text, as `datasets` reads it (the tokenizer's trainer)
+            value = json.loads(raw).get(self.text_column)
             if not isinstance(value, (str, type(None))):  # a list or a number: its repr was trained on
                 raise TypeError
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, AttributeError, TypeError):
             path = self.index.files[number]
             with open(path, "rb") as f:  # only on the error path: the line number of the record
                 line = f.read(start).count(b"\n") + 1
