@@ -17,7 +17,7 @@ from pathlib import Path
 from . import __version__
 from .cli_help import keys_help, recipe_args
 from .errors import UserError
-from .training.signals import RunStopped, stopped_exit_code
+from .training.signals import RunStopped, stop_with_launcher, stopped_exit_code
 
 REPO_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -28,10 +28,12 @@ def _setup_environment() -> None:
     ``OMP_WAIT_POLICY=PASSIVE``: idle OpenMP threads sleep instead of spinning. On a machine
     whose cores are shared (CI, a laptop busy with other work) spinning threads wait on a
     descheduled peer and a step can take 10x longer (measured: tiny recipe, 40 steps, 86 s
-    spinning vs 11 s passive on 2 loaded cores).
+    spinning vs 11 s passive on 2 loaded cores). A rank started by a launcher stops with it
+    (:func:`~bert_recipes.training.signals.stop_with_launcher`).
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    stop_with_launcher()
 
 
 def _setup_logging() -> None:

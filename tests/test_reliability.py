@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -114,9 +115,11 @@ def test_two_processes_resume_exactly(tmp_path, sample_tokenizer):
     reference = tmp_path / "reference"
     extra = {"train.max_steps": 10, "train.save_steps": 5, "train.save_total_limit": 5,
              "tokenizer.name_or_path": str(tokenizer), "train.eval_steps": 0}
-    done = subprocess.run([*launch, *tiny_overrides(reference, **extra)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([*launch, *tiny_overrides(reference, **extra), "resume_from=latest"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "parameters identical on all 2 ranks" in done.stderr
+    assert done.stderr.count("yet; starting from step 0") == 1  # said once, not per rank
     expected = records(reference)
 
     crashed = tmp_path / "crashed"  # what a crash right after step 5's checkpoint leaves behind
@@ -131,3 +134,38 @@ def test_two_processes_resume_exactly(tmp_path, sample_tokenizer):
     for step in range(6, 11):
         for key in ("loss", "mlm_loss", "nsp_loss", "lr"):
             assert resumed[step][key] == expected[step][key], (step, key)
+
+
+CHILD = """
+import signal, sys, time
+from bert_recipes.training.signals import stop_with_launcher
+signal.signal(signal.SIGTERM, lambda *_: (open(sys.argv[1], "w").write("SIGTERM"), sys.exit(0)))
+print(stop_with_launcher(), flush=True)
+time.sleep(60)
+"""
+LAUNCHER = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', sys.argv[1], sys.argv[2]]); time.sleep(60)"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl(PR_SET_PDEATHSIG) is Linux's")
+def test_a_rank_whose_launcher_is_killed_gets_sigterm(tmp_path):
+    """torchrun starts each rank in a session of its own: after a `kill -9` of `accelerate
+    launch` the ranks trained on as orphans holding the run's lock (found by a helper). A rank
+    now asks for SIGTERM (its checkpoint-and-stop signal) when its launcher dies; outside a
+    launcher it asks nothing."""
+    from bert_recipes.training.signals import stop_with_launcher
+
+    assert "TORCHELASTIC_RUN_ID" in os.environ or stop_with_launcher() is False
+    flag = tmp_path / "flag"
+    env = {**os.environ, "TORCHELASTIC_RUN_ID": "test", "PYTHONPATH": str(REPO)}
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, CHILD, str(flag)], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert launcher.stdout.readline().strip() == "True"  # the rank has made its request
+        launcher.kill()
+        launcher.wait(timeout=10)
+        for _ in range(100):
+            if flag.exists() and flag.read_text():
+                break
+            time.sleep(0.1)
+        assert flag.read_text() == "SIGTERM"
+    finally:
+        launcher.kill()

@@ -166,6 +166,10 @@ def refuse_retraining_export(export: Path, overwrite: bool = False) -> None:
                if kept is False and (export.parent / "results.json").is_file() else "")
         raise UserError(f"resume_from: no complete checkpoint in {checkpoints} to continue{why}, and {export} holds "
                         "an export: set overwrite=true to retrain from step 0 and replace it")
+    from .accelerator import launch_state
+
+    if not launch_state().is_main_process:  # said once, not per rank
+        return
     if export.exists():  # overwrite may come from the recipe file (tiny.yaml): say it loudly
         logger.warning("resume_from=latest: no complete checkpoint in %s to continue, and overwrite=true: retraining "
                        "from step 0, replacing %s", checkpoints, export)

@@ -57,6 +57,35 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def stop_with_launcher() -> bool:
+    """Under ``torchrun`` / ``accelerate launch`` (``TORCHELASTIC_RUN_ID`` set) on Linux, ask
+    the kernel for a SIGTERM when the launcher dies, so that a rank whose launcher was killed
+    (``kill -9``, the out-of-memory killer) saves a checkpoint and stops instead of training
+    on as an orphan holding ``output_dir/.lock`` (torchrun starts each rank in a session of
+    its own, so nothing else reaches it). A launcher already gone before this call also
+    stops the rank. Returns whether the request was made (False elsewhere, or without libc).
+    """
+    import os
+    import sys
+
+    if not sys.platform.startswith("linux") or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    if os.getppid() == 1:  # the launcher died between starting this rank and the request
+        os.kill(os.getpid(), signal.SIGTERM)
+    return True
+
+
 def stopped_exit_code() -> int:
     """The exit code of a run stopped by a signal after saving its checkpoint: 128 + the
     signal number, as a shell reports a process ended by it (SIGINT 130, SIGTERM 143), so
