@@ -6,12 +6,11 @@ the first run, once every run's own checks have passed, so that stale cells and 
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 from ..errors import UserError
-from ..training.outdir import RUN_FILES, check_unlocked
+from ..training.outdir import RUN_FILES, check_unlocked, read_inside
 from .finetune import RESULTS, check_inputs
 from .grid import GRID_PNG, with_cell
 from .recipe import FinetuneRecipe
@@ -76,12 +75,11 @@ def sweep_doomed(root: Path, recipes: list[FinetuneRecipe]) -> list[Path]:
                        if child.is_dir() and ((child / "recipe.yaml").exists() or (child / RESULTS).exists())]
     doomed = [path for path in dict.fromkeys(doomed) if path.exists()]
     for recipe in recipes:
-        for key, source in recipe.reads().items():
-            read = Path(os.path.expanduser(source)).resolve()
-            for path in doomed:
-                if read == path.resolve() or path.resolve() in read.parents:
-                    raise UserError(f"output_dir: '{path}' contains {key} '{source}', which this sweep reads; "
-                                    "overwrite=true would delete it: choose another output_dir")
+        for path in doomed:
+            read = read_inside(recipe, path)
+            if read:
+                raise UserError(f"output_dir: '{path}' contains {read[0]} '{read[1]}', which this sweep reads; "
+                                "overwrite=true would delete it: choose another output_dir")
     return doomed
 
 

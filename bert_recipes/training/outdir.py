@@ -189,6 +189,18 @@ def _run_kind(raw: dict) -> str:
     return "fine-tuning" if is_finetuning_recipe(raw) else "pretraining"
 
 
+def read_inside(recipe, folder: Path) -> tuple[str, str] | None:
+    """The first ``(key, path)`` of ``recipe.reads()`` that is ``folder`` or lies inside it
+    (what deleting ``folder`` would take from the run); None when there is none. A Hub id
+    (no such local path) lies nowhere."""
+    root = folder.resolve()
+    for key, source in recipe.reads().items():
+        path = Path(os.path.expanduser(source)).resolve()
+        if path.exists() and (path == root or root in path.parents):
+            return key, source
+    return None
+
+
 def _check_overwrite_is_safe(recipe, out: Path) -> None:
     """``overwrite: true`` never deletes what the run reads, nor a run of the other kind.
 
@@ -198,13 +210,10 @@ def _check_overwrite_is_safe(recipe, out: Path) -> None:
     """
     import yaml
 
-    root = out.resolve()
-    for key, source in recipe.reads().items():
-        if os.path.isdir(os.path.expanduser(source)):
-            path = Path(os.path.expanduser(source)).resolve()
-            if path == root or root in path.parents:
-                raise UserError(f"output_dir: '{out}' contains {key} '{source}', which this run reads; "
-                                "overwrite=true would delete it: choose another output_dir")
+    read = read_inside(recipe, out)
+    if read:
+        raise UserError(f"output_dir: '{out}' contains {read[0]} '{read[1]}', which this run reads; "
+                        "overwrite=true would delete it: choose another output_dir")
     try:
         previous = yaml.safe_load((out / "recipe.yaml").read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError):
