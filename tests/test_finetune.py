@@ -347,6 +347,39 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues_exactly(checkpoint, tmp
     assert again["dev"] == pytest.approx(first["dev"]) and again["best_step"] == first["best_step"]
 
 
+def test_a_signal_during_the_last_checkpoint_waits_for_it_and_the_run_resumes(checkpoint, tmp_path, monkeypatch, request):
+    """A SIGTERM while the end-of-run checkpoint was being written killed the save half-way:
+    best/ existed, no complete checkpoint, and resume_from=latest was refused (found by a
+    helper). The save now finishes first, the run stops (143) with its checkpoint, and the
+    resume writes the results."""
+    from bert_recipes.training import loop as loop_module
+
+    real = loop_module.save_checkpoint
+
+    def signalled(accelerator, model, scheduler, folder, state, *args, **kwargs):
+        if state.step == 6:  # the end-of-run save (no save step falls on step 6)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(accelerator, model, scheduler, folder, state, *args, **kwargs)
+
+    def unhandled(*_):  # outside the run's handler the signal killed the process (here: fails the test)
+        raise AssertionError("SIGTERM reached the process outside the run's handler")
+
+    monkeypatch.setattr(loop_module, "save_checkpoint", signalled)
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    request.addfinalizer(lambda: signal.signal(signal.SIGTERM, previous))
+    run = tmp_path / "run"
+    argv = ["finetune", str(GLUE_RECIPES / "sst2.yaml"), *overrides(checkpoint, run, **{"data.glue_dir": SAMPLE_GLUE}),
+            "train.max_steps=6", "data.max_train_samples=48", "train.per_device_train_batch_size=8",
+            "train.eval_steps=4", "data.max_eval_samples=16"]
+    assert main(argv) == 128 + signal.SIGTERM
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["checkpoint-00000006"]
+    assert (run / "checkpoints" / "checkpoint-00000006" / "trainer_state.json").is_file()
+    assert (run / "best").is_dir() and not (run / "results.json").exists()
+    monkeypatch.undo()
+    assert main([*argv, "resume_from=latest"]) == 0
+    assert json.loads((run / "results.json").read_text())["steps"] == 6
+
+
 # --------------------------------------------------------------------------- batching
 
 

@@ -164,7 +164,8 @@ def train(job: Job, run: Run, checkpoint_at_end: bool = True) -> None:
     Logs every ``train.logging_steps`` (and the last step), evaluates where the job says,
     saves a checkpoint every ``train.save_steps``, on SIGTERM/SIGINT and at the last step
     (so a finished run can always be extended with ``resume_from=latest``; the benchmarks,
-    which call it chunk by chunk, pass ``checkpoint_at_end=False``). Only those steps read
+    which call it chunk by chunk, pass ``checkpoint_at_end=False``); a signal during that
+    last save waits for it, then stops the run. Only those steps read
     device values on the host (:class:`StepHealth`, :class:`StepSums`).
 
     Raises:
@@ -207,13 +208,21 @@ def train(job: Job, run: Run, checkpoint_at_end: bool = True) -> None:
                                        run.recipe, job.data_state(), config.save_total_limit)
                 saved_at = state.step
                 if stopping:
-                    stopped = RunStopped(stop.requested or "a signal", state.step, path)
-                    run.reporter.close(), run.reporter.write(str(stopped)), accelerator.end_training()
-                    raise stopped
-    if checkpoint_at_end and saved_at != state.step:  # the end of a run is always resumable
-        save_checkpoint(accelerator, run.model, run.scheduler, run.out / "checkpoints", state, run.recipe,
-                        job.data_state(), config.save_total_limit)
+                    _stop(run, stop, path)
+        if checkpoint_at_end and saved_at != state.step:  # the end of a run is always resumable; a signal waits for it
+            path = save_checkpoint(accelerator, run.model, run.scheduler, run.out / "checkpoints", state, run.recipe,
+                                   job.data_state(), config.save_total_limit)
+            if any_rank_stopping(accelerator, stop.requested is not None):  # it killed this save half-written (found by a helper)
+                _stop(run, stop, path)
     verify_replicas_in_sync(accelerator, run.model)
+
+
+def _stop(run: Run, stop: StopRequest, checkpoint: Path) -> None:
+    """End a run that a signal stopped, its checkpoint saved: close the reporter, say where
+    the checkpoint is, and raise :class:`RunStopped`."""
+    stopped = RunStopped(stop.requested or "a signal", run.state.step, checkpoint)
+    run.reporter.close(), run.reporter.write(str(stopped)), run.accelerator.end_training()
+    raise stopped
 
 
 def forward_backward(accelerator, model, job: Job, window: list[dict]):
