@@ -55,13 +55,20 @@ def load_config(name_or_path: str, trust_remote_code: bool = False, key: str = "
     """A checkpoint's config (``AutoConfig``) from a local folder or a Hub id: cheap, for preflights.
 
     Raises:
-        UserError: one line when the config cannot be loaded.
+        UserError: one line when the config cannot be loaded, or when it is not a BERT's
+            (``model_type`` other than ``bert``: ``BertFor*.from_pretrained`` would build a
+            BERT of default size with every encoder weight fresh, and train it without error).
     """
     from transformers import AutoConfig
 
+    from .errors import UserError
     from .hub import load_local_or_hub
 
-    return load_local_or_hub(AutoConfig.from_pretrained, name_or_path, key, trust_remote_code=trust_remote_code)
+    config = load_local_or_hub(AutoConfig.from_pretrained, name_or_path, key, trust_remote_code=trust_remote_code)
+    if config.model_type != "bert":  # found by a helper: DistilBERT, RoBERTa, GPT-2 trained as random BERTs
+        raise UserError(f"{key}: '{name_or_path}' is a '{config.model_type}' model (model_type in its config.json), "
+                        "not BERT; this project trains BERT checkpoints (model_type 'bert')")
+    return config
 
 
 def build_pretraining_model(recipe, tokenizer):

@@ -446,6 +446,25 @@ def test_bad_recipes_are_one_line_errors(checkpoint, tmp_path, capsys):
     assert not (tmp_path / "o" / "best").exists()
 
 
+def test_a_checkpoint_that_is_not_bert_is_refused(checkpoint, tmp_path, capsys):
+    """A DistilBERT, RoBERTa or GPT-2 folder was built as a BERT of default size with every
+    encoder weight fresh, trained, and exported as 'fine-tuned' (found by a helper)."""
+    from transformers import DistilBertConfig, DistilBertForMaskedLM
+
+    distil = tmp_path / "distil"
+    DistilBertForMaskedLM(DistilBertConfig(vocab_size=100, dim=32, hidden_dim=64, n_layers=1, n_heads=2)).save_pretrained(distil)
+    shutil.copytree(checkpoint, tmp_path / "tok", ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
+    capsys.readouterr()  # transformers' "Writing model shards"
+    err = run_error(capsys, ["finetune", str(GLUE_RECIPES / "rte.yaml"), *overrides(distil, tmp_path / "o"),
+                             f"tokenizer_name_or_path={tmp_path / 'tok'}"])
+    assert err == (f"error: model.name_or_path: '{distil}' is a 'distilbert' model (model_type in its config.json), "
+                   "not BERT; this project trains BERT checkpoints (model_type 'bert')")
+    assert not (tmp_path / "o").exists()
+    assert main(["pretrain", str(REPO / "recipes" / "pretrain" / "tiny.yaml"), f"model.name_or_path={distil}",
+                 f"tokenizer.name_or_path={tmp_path / 'tok'}", f"output_dir={tmp_path / 'p'}"]) == 2
+    assert "is a 'distilbert' model" in capsys.readouterr().err
+
+
 def test_sample_recipe_and_show_use_the_finetune_schema(capsys):
     recipe = load_finetune_recipe(GLUE_RECIPES / "sample.yaml")
     assert isinstance(recipe, FinetuneRecipe) and recipe.model.name_or_path == "runs/tiny/final"
