@@ -169,12 +169,13 @@ def error_location(err: ValidationError) -> str:
 
 def error_key(err: ValidationError) -> str:
     """:func:`error_location`, or for a whole-recipe check the dotted key its message starts
-    with (``train.max_steps is required ...``), so that an override that set it is named."""
+    with (``train.max_steps is required ...``, ``init_from_task: ...``), so that an override
+    that set it is named."""
     loc = error_location(err)
     if loc:
         return loc
-    found = re.match(r"(?:Value error, )?([a-z_]+(?:\.[a-z_]+)+)\b", err.errors()[0]["msg"])
-    return found.group(1) if found else ""
+    found = re.match(r"(?:Value error, )?(?:([a-z_]+(?:\.[a-z_]+)+)\b|([a-z_]+):)", err.errors()[0]["msg"])
+    return (found.group(1) or found.group(2)) if found else ""
 
 
 def override_for(loc: str, overrides: list[str]) -> str | None:

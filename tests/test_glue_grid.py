@@ -71,6 +71,20 @@ def test_grid_keys_and_values_are_checked_in_one_line(checkpoint, tmp_path, caps
         code = glue(checkpoint, tmp_path / "o", "rte", bad)
         err = capsys.readouterr().err.strip()
         assert code == 2 and "\n" not in err and message in err, err
+    # the error names the override, not the recipe file, says sweep.grid once and suggests the key (found by a helper)
+    assert glue(checkpoint, tmp_path / "o", "rte", "sweep.grid.learnin_rate=[1.0e-3]") == 2
+    assert capsys.readouterr().err.strip() == ("error: override 'sweep.grid.learnin_rate=[1.0e-3]': sweep.grid: "
+                                               "'learnin_rate' is not a train key (did you mean 'learning_rate'?)")
+    assert glue(checkpoint, tmp_path / "o", "rte", "sweep.grid.learning_rate=1e-4") == 2
+    assert capsys.readouterr().err.strip() == ("error: override 'sweep.grid.learning_rate=1e-4': "
+                                               "sweep.grid.learning_rate: Input should be a valid list")
+    assert glue(checkpoint, tmp_path / "o", "rte", "init_from_task=rte") == 2
+    assert capsys.readouterr().err.strip().startswith("error: override 'init_from_task=rte': init_from_task: 'rte' "
+                                                      "cannot start from itself")
+    # task= was replaced by each task's name: every task of --tasks (by default all nine) ran
+    assert glue(checkpoint, tmp_path / "o", "rte,mrpc", "task=rte") == 2
+    assert capsys.readouterr().err.strip() == ("error: override 'task=rte': the sweep sets task for each of its tasks; "
+                                               "choose them with --tasks rte, or fine-tune one with `bert-recipes finetune`")
     assert not (tmp_path / "o").exists()
 
 
@@ -213,6 +227,7 @@ def test_a_finished_sweep_with_a_larger_grid_or_more_seeds_trains_only_what_is_n
     caplog.set_level("INFO", logger="bert_recipes")
     assert glue(checkpoint, copy, "rte", "sweep.grid.learning_rate=[1.0e-3,1.0e-5,1.0e-4]", "seeds=[1,2,3]",
                 "resume_from=latest") == 0
+    assert "for 5 run(s)" in capsys.readouterr().out  # seed 3 of two cells, three seeds of the new one (said 3)
     assert (first / "seed-1" / "metrics.jsonl").read_text() == before
     assert (first / "seed-3" / "results.json").is_file() and (copy / "rte" / "lr0.0001" / "results.json").is_file()
     row = json.loads((copy / "glue_results.json").read_text())["tasks"]["rte"]
@@ -339,7 +354,7 @@ def test_wnli_options_change_the_score_as_stated(checkpoint, tmp_path):
     assert scores["majority"] == pytest.approx((rte + 0.75) / 2)
     assert rows["majority"]["tasks"]["wnli"]["majority_class"] == "entailment"
     assert "average of 2 entries (RTE, WNLI)" in texts["include"]
-    assert "average of 1 entries (RTE); WNLI left out" in texts["exclude"]
+    assert "average of 1 entry (RTE); WNLI left out" in texts["exclude"]
     assert "average of 2 entries (RTE, WNLI); WNLI = majority class" in texts["majority"]
     assert "majority class (entailment), no training" in texts["majority"]
     assert not (tmp_path / "majority" / "wnli" / "seed-42").exists() and not (tmp_path / "majority" / "wnli" / "best").exists()

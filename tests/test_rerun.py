@@ -581,6 +581,7 @@ def test_an_occupied_glue_folder_says_how_to_choose_another(tmp_path, capsys, ch
 
 
 def test_make_finetune_with_an_unknown_task_lists_the_tasks():
+    """...and suggests the lower-case name; GLUE_DIR needs TASK."""
     if subprocess.run(["make", "--version"], capture_output=True).returncode != 0:
         pytest.skip("make is not installed")
     done = subprocess.run(["make", "-s", "finetune", "TASK=sst3"], cwd=REPO, capture_output=True, text=True, timeout=60,
@@ -588,6 +589,16 @@ def test_make_finetune_with_an_unknown_task_lists_the_tasks():
     assert done.returncode == 2
     assert "error: TASK=sst3: no recipe recipes/glue/sst3.yaml; tasks: cola mnli mrpc qnli qqp rte sst2 stsb wnli" \
         in done.stderr
+
+    def make(*args):
+        return subprocess.run(["make", "-s", "finetune", *args], cwd=REPO, capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "MAKEFLAGS": ""})
+
+    done = make("TASK=SST-2")
+    assert done.returncode == 2 and "no recipe recipes/glue/SST-2.yaml; did you mean TASK=sst2?" in done.stderr
+    # GLUE_DIR without TASK ran the demo recipe (lr 1e-3, overwrite: true) on the real SST-2 (found by a helper)
+    done = make("GLUE_DIR=../shared/data/glue", "MODEL=runs/tiny/final")
+    assert done.returncode == 2 and "error: GLUE_DIR=../shared/data/glue needs TASK=NAME (e.g. TASK=sst2)" in done.stderr
 
 
 def test_predict_test_with_some_tasks_warns(capsys):

@@ -11,6 +11,7 @@ weight decay 0.01 and linear warmup over the first 10% of the steps, then linear
 
 from __future__ import annotations
 
+import difflib
 from typing import ClassVar, Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
@@ -122,7 +123,9 @@ class SweepConfig(Strict):
     def _train_keys(cls, value: dict[str, list]) -> dict[str, list]:
         for key, values in value.items():
             if key not in GRID_KEYS:
-                raise ValueError(f"sweep.grid: '{key}' is not a train key (one of {', '.join(GRID_KEYS)})")
+                close = difflib.get_close_matches(key, GRID_KEYS, n=1)
+                hint = f"did you mean '{close[0]}'?" if close else f"one of {', '.join(GRID_KEYS)}"
+                raise ValueError(f"sweep.grid: '{key}' is not a train key ({hint})")
             if not isinstance(values, list) or not values:
                 raise ValueError(f"sweep.grid.{key}: expected a non-empty list of values, got {values!r}")
             if len(set(map(repr, values))) != len(values):

@@ -140,7 +140,8 @@ def protocol_text(summary: dict) -> str:
 
 def score_text(summary: dict) -> str:
     """What the GLUE score averages, and what was done with WNLI."""
-    text = f"average of {summary['num_entries']} entries ({', '.join(summary['score_entries'])})"
+    count = summary["num_entries"]
+    text = f"average of {count} {'entry' if count == 1 else 'entries'} ({', '.join(summary['score_entries'])})"
     if summary.get("wnli") == "exclude":
         text += "; WNLI left out"
     elif summary.get("wnli") == "majority":

@@ -39,7 +39,7 @@ from pydantic import ValidationError
 from ..atomic import write_json, write_text
 from ..errors import UserError
 from ..recipe import save_recipe, validate
-from ..recipe_files import apply_overrides, deep_merge, load_raw, read_yaml
+from ..recipe_files import apply_overrides, deep_merge, load_raw, override_for, read_yaml
 from ..training.reporting import progress
 from .data import glue_task_dir
 from .evaluation import predict_export
@@ -99,24 +99,28 @@ def task_recipe(base: str | os.PathLike, task: str, overrides: list[str], root: 
     raw.update(task=task, output_dir=str(root / task))
     if predict_test:
         raw["predict_test"] = True
-    return validate(FinetuneRecipe, raw, source)
+    return validate(FinetuneRecipe, raw, source, overrides)  # an error set by an override names it
 
 
-def sweep_settings(root_raw: dict, source: str) -> SweepConfig:
+def sweep_settings(root_raw: dict, source: str, overrides: list[str] = ()) -> SweepConfig:
     """The base recipe's ``sweep`` section (protocol, WNLI option, shared grid), validated.
 
     Raises:
-        RecipeError: a bad ``sweep`` key or value (one line).
+        RecipeError: a bad ``sweep`` key or value (one line, naming the override that set it).
     """
     section = root_raw.get("sweep") or {}
     if not isinstance(section, dict):
-        raise UserError(f"{source}: sweep: expected a mapping, got {section!r}")
+        where = override_for("sweep", list(overrides))
+        raise UserError(f"{f'override {where!r}' if where else source}: sweep: expected a mapping, got {section!r}")
     try:
         return SweepConfig.model_validate(section)
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(map(str, ("sweep", *first["loc"])))
-        raise UserError(f"{source}: {where}: {first['msg'].removeprefix('Value error, ')}") from None
+        key = ".".join(map(str, ("sweep", *first["loc"])))
+        message = first["msg"].removeprefix("Value error, ")
+        item = override_for(key, list(overrides))
+        where = f"override '{item}'" if item else source
+        raise UserError(f"{where}: {message if message.startswith('sweep.') else f'{key}: {message}'}") from None
 
 
 def run_glue(base: str | os.PathLike, tasks: list[str], overrides: list[str] | None = None,
@@ -139,9 +143,13 @@ def run_glue(base: str | os.PathLike, tasks: list[str], overrides: list[str] | N
             ``resume_from=latest``; finished cells and tasks are reused).
     """
     overrides = list(overrides or [])
+    task_set = override_for("task", overrides)
+    if task_set:  # it was silently replaced by each task's name: all nine ran (found by a helper)
+        raise UserError(f"override '{task_set}': the sweep sets task for each of its tasks; choose them with --tasks "
+                        f"{task_set.partition('=')[2].strip() or 'TASK'}, or fine-tune one with `bert-recipes finetune`")
     root_raw = apply_overrides(load_raw(base), overrides)
     root = Path(root_raw.get("output_dir") or FinetuneRecipe.model_fields["output_dir"].default)
-    settings = sweep_settings(root_raw, str(base))
+    settings = sweep_settings(root_raw, str(base), overrides)
     wnli = "wnli" in tasks and settings.wnli != "include"
     recipes = {name: task_recipe(base, name, overrides, root, predict_test) for name in tasks}
     wnli_recipe = recipes.pop("wnli") if wnli else None
@@ -263,9 +271,9 @@ def task_order(recipes: dict[str, FinetuneRecipe], root: Path) -> list[str]:
 
 
 def planned_work(recipes: dict[str, FinetuneRecipe], cells: dict[str, list[dict]]) -> tuple[float, int]:
-    """``(training examples, runs)`` of the cells not yet finished (finished ones: a
-    ``results.json`` with ``resume_from``): cells x seeds x (max_steps x batch, else
-    epochs x train size)."""
+    """``(training examples, runs)`` of the runs not yet finished (finished ones: a
+    ``results.json`` in the seed's folder with ``resume_from``): runs x (max_steps x batch,
+    else epochs x train size)."""
     from ..training.accelerator import launch_state
     from .data import load_glue_split
 
@@ -275,10 +283,11 @@ def planned_work(recipes: dict[str, FinetuneRecipe], cells: dict[str, list[dict]
         size = None
         for cell in cells[name]:
             out = cell_dir(recipe, cell, cells[name])
-            if recipe.resume_from and (out / RESULTS).is_file():
+            folders = [out / f"seed-{seed}" for seed in recipe.seeds] or [out]  # as finetune_seeds runs them
+            seeds = sum(not (recipe.resume_from and (folder / RESULTS).is_file()) for folder in folders)
+            if not seeds:  # a finished cell; a seed added to it trains (it said "0 run(s)": found by a helper)
                 continue
             train = recipe.train.model_copy(update=cell)
-            seeds = max(1, len(recipe.seeds))
             if train.max_steps:
                 per_run = train.max_steps * train.per_device_train_batch_size * processes * train.accumulation_for(processes)
             else:
