@@ -214,6 +214,20 @@ def test_overwrite_replaces_a_sweeps_own_results_only(grid_sweep, checkpoint, tm
     assert list(json.loads((copy / "glue_results.json").read_text())["tasks"]) == ["rte"]
 
 
+def test_a_rerun_into_an_earlier_sweep_is_refused_before_any_task_trains(grid_sweep, checkpoint, tmp_path, capsys):
+    """Without resume_from / overwrite, a task folder holding an earlier sweep's runs was refused
+    at that task's turn, after the tasks before it had trained (found by a helper)."""
+    out, _ = grid_sweep
+    copy = tmp_path / "sweep"
+    shutil.copytree(out, copy)
+    assert glue(checkpoint, copy, "mrpc,rte", *GRID) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: output_dir: '{copy / 'rte'}' already holds a run (") and "\n" not in err, err
+    assert "lr0.001" in err and err.endswith("set resume_from=latest to continue the sweep, overwrite=true to replace "
+                                              "it, or output_dir=DIR for a new sweep")
+    assert not (copy / "mrpc").exists()
+
+
 def test_a_finished_sweep_with_a_larger_grid_or_more_seeds_trains_only_what_is_new(grid_sweep, checkpoint, tmp_path,
                                                                                  caplog, capsys):
     """resume_from=latest after the grid gained a learning rate and the seeds a third seed: the

@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import UserError
-from ..training.outdir import RUN_FILES, check_unlocked, read_inside
+from ..training.outdir import RUN_FILES, RUN_MARKERS, check_unlocked, read_inside
 from .finetune import RESULTS, check_inputs
 from .grid import GRID_PNG, with_cell
 from .recipe import FinetuneRecipe
@@ -56,24 +56,29 @@ def check_runs(recipes: dict[str, FinetuneRecipe], cells: dict[str, list[dict]])
             check_launch(cell_recipe, resolve(cell_recipe, processes, log=False).accumulation)
 
 
+def earlier_runs(recipes: list[FinetuneRecipe]) -> list[Path]:
+    """What an earlier sweep left in these tasks' folders: its results and every run or cell
+    folder (one holding a ``recipe.yaml`` or ``results.json``), existing paths only."""
+    found = []
+    for recipe in recipes:
+        folder = Path(recipe.output_dir)
+        found += [folder / name for name in RUN_FILES]
+        if folder.is_dir():
+            found += [child for child in sorted(folder.iterdir())
+                      if child.is_dir() and ((child / "recipe.yaml").exists() or (child / RESULTS).exists())]
+    return [path for path in dict.fromkeys(found) if path.exists()]
+
+
 def sweep_doomed(root: Path, recipes: list[FinetuneRecipe]) -> list[Path]:
     """What ``overwrite=true`` on a sweep deletes before its first run: the report, the
-    submission and the exported encoders in ``root``, and in each of these tasks' folders its
-    results and every run or cell folder (one holding a ``recipe.yaml`` or ``results.json``);
-    other files stay. An earlier sweep's stale cells and its ``submission.zip`` used to stay
-    next to the new results (found by a helper).
+    submission and the exported encoders in ``root``, and in each of these tasks' folders
+    :func:`earlier_runs`; other files stay. An earlier sweep's stale cells and its
+    ``submission.zip`` used to stay next to the new results (found by a helper).
 
     Raises:
         UserError: a model or tokenizer a task reads lies inside what would be deleted.
     """
-    doomed = [root / name for name in SWEEP_FILES]
-    for recipe in recipes:
-        folder = Path(recipe.output_dir)
-        doomed += [folder / name for name in RUN_FILES]
-        if folder.is_dir():
-            doomed += [child for child in sorted(folder.iterdir())
-                       if child.is_dir() and ((child / "recipe.yaml").exists() or (child / RESULTS).exists())]
-    doomed = [path for path in dict.fromkeys(doomed) if path.exists()]
+    doomed = [path for path in (root / name for name in SWEEP_FILES) if path.exists()] + earlier_runs(recipes)
     for recipe in recipes:
         for path in doomed:
             read = read_inside(recipe, path)
@@ -83,4 +88,20 @@ def sweep_doomed(root: Path, recipes: list[FinetuneRecipe]) -> list[Path]:
     return doomed
 
 
-__all__ = ["SWEEP_FILES", "check_runs", "replace_earlier_sweep", "sweep_doomed"]
+def check_no_earlier_runs(recipes: list[FinetuneRecipe]) -> None:
+    """Without ``resume_from`` or ``overwrite``: a task folder holding an earlier run is
+    refused before any task trains (it was refused at its task's turn, after the tasks
+    before it had trained: found by a helper).
+
+    Raises:
+        UserError: the first such folder, naming what it holds.
+    """
+    for recipe in recipes:
+        taken = [path for path in earlier_runs([recipe]) if path.name in RUN_MARKERS or path.name not in RUN_FILES]
+        if taken:  # a run's markers (as check_output_dir), or its cells' / seeds' folders
+            raise UserError(f"output_dir: '{recipe.output_dir}' already holds a run ({', '.join(p.name for p in taken)}); "
+                            "set resume_from=latest to continue the sweep, overwrite=true to replace it, or "
+                            "output_dir=DIR for a new sweep")
+
+
+__all__ = ["SWEEP_FILES", "check_no_earlier_runs", "check_runs", "earlier_runs", "replace_earlier_sweep", "sweep_doomed"]

@@ -45,7 +45,7 @@ from .data import glue_task_dir
 from .evaluation import predict_export
 from .finetune import RESULTS, check_inputs
 from .seeds import finetune_seeds
-from .overwrite import replace_earlier_sweep
+from .overwrite import check_no_earlier_runs, replace_earlier_sweep
 from .grid import GRID_PNG, SweepClock, cell_name, cell_summary, check_fixed, choose, plot_grid, with_cell
 from .recipe import FinetuneRecipe, SweepConfig
 from .report import (RESULTS_JSON, RESULTS_MD, RESULTS_PNG, entry_names, majority_class, plot_results,
@@ -161,6 +161,8 @@ def run_glue(base: str | os.PathLike, tasks: list[str], overrides: list[str] | N
         check_inputs(wnli_recipe, get_task("wnli"))
     if root_raw.get("overwrite"):
         replace_earlier_sweep(root, recipes, cells, wnli_recipe)
+    elif not root_raw.get("resume_from"):
+        check_no_earlier_runs([*recipes.values(), *([wnli_recipe] if wnli_recipe else [])])
     clock = SweepClock(*planned_work(recipes, cells), printer=print if main else (lambda *a, **k: None))
     results = {}
     with progress(total=len(order), desc="GLUE tasks", main=main) as bar:
