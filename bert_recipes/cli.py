@@ -82,8 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain", help="pretrain BERT from a recipe", epilog=keys_help(PretrainRecipe), formatter_class=raw)
     recipe_args(p)
-    p.add_argument("--push-to-hub", metavar="REPO", default=None, help="after the run, upload final/ to this Hub model repo")
-    p.add_argument("--hub-private", action="store_true", help="create the Hub repo as private (with --push-to-hub)")
+    hub_args(p, "final/")
 
     p = sub.add_parser("inspect", help="write collated training batches as JSON lines", formatter_class=raw)
     recipe_args(p)
@@ -145,23 +144,40 @@ def cmd_pretrain(args) -> int:
     quiet_libraries()
     from .pretrain import pretrain
 
+    final = run_then_push(args, lambda: pretrain(recipe))
+    if _is_main_process():
+        print(f"checkpoint: {final}")
+        push_export(args, final)
+    return 0
+
+
+def hub_args(parser, folder: str) -> None:
+    """``--push-to-hub REPO`` and ``--hub-private`` for a command whose export is ``folder``."""
+    parser.add_argument("--push-to-hub", metavar="REPO", default=None, help=f"after the run, upload {folder} to this Hub model repo")
+    parser.add_argument("--hub-private", action="store_true", help="create the Hub repo as private (with --push-to-hub)")
+
+
+def run_then_push(args, run):
+    """``run()`` with ``--push-to-hub`` checked before it (not after hours of training) and a
+    line saying nothing was pushed when a signal stopped it. Returns what ``run`` returns."""
     if args.push_to_hub:
         from .hub import check_push_target
 
-        check_push_target(args.push_to_hub)  # before hours of training, not after
+        check_push_target(args.push_to_hub)
     try:
-        final = pretrain(recipe)
+        return run()
     except RunStopped:
         if args.push_to_hub and _is_main_process():
             print("not pushed to the Hub: the run stopped before its last step (resume it with --push-to-hub)")
         raise
-    if _is_main_process():
-        print(f"checkpoint: {final}")
-        if args.push_to_hub:
-            from .hub import push_to_hub
 
-            print(f"pushed to the Hub: {push_to_hub(final, args.push_to_hub, private=args.hub_private)}")
-    return 0
+
+def push_export(args, folder) -> None:
+    """Upload ``folder`` with ``--push-to-hub`` (main process only: the caller's check)."""
+    if args.push_to_hub:
+        from .hub import push_to_hub
+
+        print(f"pushed to the Hub: {push_to_hub(folder, args.push_to_hub, private=args.hub_private)}")
 
 
 def _is_main_process() -> bool:

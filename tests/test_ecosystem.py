@@ -256,6 +256,25 @@ def test_cli_pushes_final_after_the_run(tiny_run, fake_hub, monkeypatch, capsys)
     assert [c[2]["private"] for c in fake_hub.calls if c[0] == "create_repo"] == [True]
 
 
+def test_cli_finetune_pushes_best_after_the_run(checkpoint, fake_hub, monkeypatch, capsys, tmp_path):
+    """finetune had no --push-to-hub (found by a helper): it pushes best/, after checking the
+    target before any training."""
+    from .test_finetune import GLUE_RECIPES, overrides
+
+    argv = ["finetune", str(GLUE_RECIPES / "rte.yaml"), *overrides(checkpoint, tmp_path / "run")]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main([*argv, "--push-to-hub", "someone/rte-bert"]) == 2
+    assert capsys.readouterr().err.startswith("error: --push-to-hub: the Hub is offline")
+    assert not (tmp_path / "run").exists()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    assert main([*argv, "--push-to-hub", "someone/rte-bert"]) == 0
+    assert "pushed to the Hub: https://huggingface.co/someone/rte-bert/commit/abc" in capsys.readouterr().out
+    upload = [c for c in fake_hub.calls if c[0] == "upload_folder"]
+    assert len(upload) == 1 and Path(upload[0][2]["folder_path"]) == tmp_path / "run" / "best"
+    assert [c[2]["private"] for c in fake_hub.calls if c[0] == "create_repo"] == [False]
+
+
 # --------------------------------------------------------------------------- trackers
 
 

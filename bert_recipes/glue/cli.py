@@ -10,6 +10,7 @@ import argparse
 
 def add_parser(sub) -> None:
     """Add the ``finetune`` and ``glue`` commands to the CLI's subparsers."""
+    from ..cli import hub_args
     from ..cli_help import keys_help, recipe_args
     from .recipe import FinetuneRecipe
 
@@ -22,6 +23,7 @@ def add_parser(sub) -> None:
         epilog=keys_help(FinetuneRecipe),
     )
     recipe_args(p)
+    hub_args(p, "best/ (the best seed's with several seeds)")
     p.set_defaults(handler=cmd_finetune)
 
     p = sub.add_parser(
@@ -46,7 +48,7 @@ def _glue_options(parser, defaults=None) -> None:
 
 
 def cmd_finetune(args) -> int:
-    from ..cli import quiet_libraries
+    from ..cli import push_export, quiet_libraries, run_then_push
     from .recipe import load_finetune_recipe
 
     recipe = load_finetune_recipe(args.recipe, args.overrides)  # before torch and transformers are imported
@@ -55,7 +57,7 @@ def cmd_finetune(args) -> int:
 
     from .seeds import finetune_seeds
 
-    result = finetune_seeds(recipe)  # a stopped run raises RunStopped (the CLI's exit code)
+    result = run_then_push(args, lambda: finetune_seeds(recipe))  # a stopped run raises RunStopped (the CLI's exit code)
     if not PartialState().is_main_process:
         return 0
     dev = ", ".join(f"{key} {value:.4f}" + (f" ± {result['dev_std'][key]:.4f}" if "dev_std" in result else "")
@@ -71,6 +73,7 @@ def cmd_finetune(args) -> int:
         print(f"test predictions: {result['test_predictions']}")
         warn_incomplete_submission([result["task"]], "predict_test", "`bert-recipes glue RECIPE --predict-test` "
                                    "fine-tunes every task and writes one")
+    push_export(args, result["best"])
     return 0
 
 
