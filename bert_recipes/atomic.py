@@ -11,6 +11,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,18 +51,29 @@ def building(folder: Path, clean: bool = True) -> Iterator[Path]:
     """The block writes the temporary folder ``folder`` (then :func:`swap_in`); when it fails,
     ``folder`` is removed (``clean``: the process that owns it), so a failed checkpoint or
     export leaves no half-written folder filling the disk. A failure with the disk full
-    becomes ``OSError(ENOSPC)`` naming the folder: safetensors and torch report it with
-    their own errors ("I/O error", "unexpected pos").
+    becomes ``OSError(ENOSPC)`` naming the folder, and one safetensors reports with its
+    system error (a file size limit, a quota) that ``OSError``: safetensors and torch
+    report them with their own errors ("I/O error", "unexpected pos").
     """
     try:
         yield folder
     except Exception as exc:
-        full = not isinstance(exc, OSError) and ("No space left" in str(exc) or _nearly_full(folder.parent))
+        number = None if isinstance(exc, OSError) else _system_error(str(exc), folder.parent)
         if clean:
             shutil.rmtree(folder, ignore_errors=True)
-        if full:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder.parent)) from exc
+        if number is not None:
+            raise OSError(number, os.strerror(number), str(folder.parent)) from exc
         raise
+
+
+def _system_error(text: str, parent: Path) -> int | None:
+    """The errno behind a writer's own error: safetensors (Rust) ends its I/O errors with
+    ``(os error N)`` (a file size limit: 27, a quota: 122); torch's "unexpected pos" names
+    none, so a nearly full disk counts as ENOSPC. None when neither applies."""
+    found = re.search(r"\(os error (\d+)\)", text)
+    if found:
+        return int(found.group(1))
+    return errno.ENOSPC if "No space left" in text or _nearly_full(parent) else None
 
 
 def _nearly_full(path: Path, margin: int = 16 << 20) -> bool:

@@ -350,7 +350,9 @@ _ENVIRONMENT = {errno.ENOSPC: "free some space; a run resumes from its last comp
                 errno.EDQUOT: "free some space; a run resumes from its last complete checkpoint with resume_from=latest",
                 errno.EROFS: "choose a writable output_dir", errno.EACCES: "check the permissions, or choose another path",
                 errno.EPERM: "check the permissions, or choose another path",
-                errno.ENOTDIR: "a file stands where a folder is expected", errno.EISDIR: "expected a file, not a folder"}
+                errno.ENOTDIR: "a file stands where a folder is expected", errno.EISDIR: "expected a file, not a folder",
+                errno.EFBIG: "a file size limit (ulimit -f) or the filesystem's largest file was reached; a run resumes "
+                             "from its last complete checkpoint with resume_from=latest"}
 
 
 def environment_error(exc: OSError) -> str | None:

@@ -681,6 +681,27 @@ def test_a_full_disk_is_one_line_and_loses_nothing(finished, tmp_path, tokenizer
     assert json.loads((run / "final" / "eval_results.json").read_text())["step"] == 8
 
 
+@pytest.mark.skipif(not hasattr(os, "fork") or sys.platform != "linux", reason="RLIMIT_FSIZE on Linux")
+def test_a_file_size_limit_is_one_line_and_loses_nothing(tmp_path, tokenizer_dir):
+    """A file size limit (ulimit -f; a quota reads the same) hit while safetensors wrote a
+    checkpoint ended in its traceback, "I/O error: File too large (os error 27)" (found by a
+    helper). Now one line naming the folder, no temporary folder left."""
+    import resource
+
+    run = tmp_path / "run"
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 17, 1 << 17))  # noqa: E731
+    done = subprocess.run([sys.executable, "-m", "bert_recipes", "pretrain", str(TINY_RECIPE),
+                           *tiny_overrides(run, **{"tokenizer.name_or_path": tokenizer_dir, "train.max_steps": 4,
+                                                   "train.save_steps": 2})],
+                          cwd=REPO, capture_output=True, text=True, timeout=300, preexec_fn=limit)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"error: {run / 'checkpoints'}: File too large (a file size limit (ulimit -f) or the filesystem's largest file "
+        "was reached; a run resumes from its last complete checkpoint with resume_from=latest)")
+    assert "Traceback" not in done.stderr
+    assert list((run / "checkpoints").iterdir()) == []  # the half-written checkpoint removed
+
+
 def one_line_error(capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: ") and "Traceback" not in err, err
