@@ -169,3 +169,19 @@ def test_a_rank_whose_launcher_is_killed_gets_sigterm(tmp_path):
         assert flag.read_text() == "SIGTERM"
     finally:
         launcher.kill()
+
+
+def test_leftovers_of_a_killed_save_are_cleared_at_the_next_save(tmp_path):
+    """A kill during a save left .tmp-checkpoint-N for good, outside save_total_limit (found
+    by a helper); a checkpoint set aside by swap_in is restored when it is the only copy."""
+    from bert_recipes.training.checkpoint import clear_leftovers
+
+    root = tmp_path / "checkpoints"
+    for name in (".tmp-checkpoint-00000003", ".checkpoint-00000002.old", ".checkpoint-00000001.old", "checkpoint-00000001"):
+        (root / name).mkdir(parents=True)
+        (root / name / "what").write_text(name)
+    clear_leftovers(root)
+    assert sorted(p.name for p in root.iterdir()) == ["checkpoint-00000001", "checkpoint-00000002"]
+    assert (root / "checkpoint-00000001" / "what").read_text() == "checkpoint-00000001"
+    assert (root / "checkpoint-00000002" / "what").read_text() == ".checkpoint-00000002.old"
+    clear_leftovers(tmp_path / "nowhere")  # a first save: nothing there yet

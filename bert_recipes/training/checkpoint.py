@@ -167,7 +167,7 @@ def save_checkpoint(accelerator, model: torch.nn.Module, scheduler, root: Path, 
     tmp = root / f".tmp-checkpoint-{state.step:08d}"
     if accelerator.is_main_process:
         _assert_finite(accelerator.unwrap_model(model))
-        shutil.rmtree(tmp, ignore_errors=True)
+        clear_leftovers(root)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     with building(tmp, clean=accelerator.is_main_process):  # a failed save (disk full) leaves no half folder
@@ -188,6 +188,24 @@ def save_checkpoint(accelerator, model: torch.nn.Module, scheduler, root: Path, 
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def clear_leftovers(root: Path) -> None:
+    """What a kill during an earlier save left in ``root`` (the main process, which holds the
+    run's lock): half-written ``.tmp-checkpoint-*`` folders are deleted (they stayed for good,
+    outside ``save_total_limit``: found by a helper), and a ``.checkpoint-*.old`` set aside by
+    :func:`~bert_recipes.atomic.swap_in` is deleted when its checkpoint is back in place, else
+    renamed back (it is the only copy)."""
+    if not root.is_dir():
+        return
+    for stale in root.glob(".tmp-checkpoint-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for aside in root.glob(".checkpoint-*.old"):
+        kept = root / aside.name[1:].removesuffix(".old")
+        if kept.exists():
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(aside, kept)
 
 
 def check_data_layout(path: Path, processes: int, check_state=None) -> None:
