@@ -185,3 +185,27 @@ def test_leftovers_of_a_killed_save_are_cleared_at_the_next_save(tmp_path):
     assert (root / "checkpoint-00000001" / "what").read_text() == "checkpoint-00000001"
     assert (root / "checkpoint-00000002" / "what").read_text() == ".checkpoint-00000002.old"
     clear_leftovers(tmp_path / "nowhere")  # a first save: nothing there yet
+
+
+def test_a_signal_repeated_at_once_is_the_same_stop_a_later_one_interrupts(monkeypatch):
+    """A scheduler signalling every process of the job reaches a rank directly and through
+    torchrun, milliseconds apart: that second copy took the "interrupt at once" path and the
+    checkpoint was skipped (found by a helper). A repeat within REPEAT_AFTER_S is ignored; a
+    later one still interrupts at once."""
+    import signal as signals
+
+    from bert_recipes.training.signals import StopRequest
+
+    with StopRequest() as stop:
+        os.kill(os.getpid(), signals.SIGTERM)
+        os.kill(os.getpid(), signals.SIGTERM)
+        time.sleep(0.05)  # delivered at the next bytecode boundary
+        assert stop.requested == "SIGTERM"
+    monkeypatch.setattr(StopRequest, "REPEAT_AFTER_S", 0.0)
+    with pytest.raises(KeyboardInterrupt):
+        with StopRequest() as stop:
+            os.kill(os.getpid(), signals.SIGINT)
+            time.sleep(0.05)
+            assert stop.requested == "SIGINT"
+            os.kill(os.getpid(), signals.SIGINT)
+            time.sleep(0.05)

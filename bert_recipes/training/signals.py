@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import time
 from pathlib import Path
 
 logger = logging.getLogger("bert_recipes")
@@ -27,15 +28,21 @@ class RunStopped(Exception):
 class StopRequest:
     """Turns SIGTERM and SIGINT into a flag checked at step boundaries.
 
-    A second signal of the same kind restores the default handler's behaviour. The last
-    signal that stopped a run is kept for the command's exit code (:func:`stopped_exit_code`).
+    A second signal at least :attr:`REPEAT_AFTER_S` seconds after the first interrupts at
+    once (a user who insists); one sooner is the same stop delivered twice and is ignored: a
+    scheduler that signals every process of the job (Slurm, systemd) reaches a rank directly
+    and through its launcher (torchrun forwards it), milliseconds apart, and that second copy
+    used to skip the checkpoint (found by a helper). The last signal that stopped a run is
+    kept for the command's exit code (:func:`stopped_exit_code`).
     """
 
     last_signal: str | None = None
+    REPEAT_AFTER_S = 2.0
 
     def __init__(self):
         self.requested: str | None = None
         self._previous = {}
+        self._first_at = 0.0
 
     def __enter__(self) -> "StopRequest":
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -47,10 +54,14 @@ class StopRequest:
 
     def _handle(self, signum, _frame) -> None:
         if self.requested:
+            if time.monotonic() - self._first_at < self.REPEAT_AFTER_S:
+                return  # the same stop, delivered twice (directly and by the launcher)
             signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
             raise KeyboardInterrupt
         self.requested = StopRequest.last_signal = signal.Signals(signum).name
-        logger.warning("%s received: saving a checkpoint at the next step boundary", self.requested)
+        self._first_at = time.monotonic()
+        logger.warning("%s received: saving a checkpoint at the next step boundary (a second signal %gs or more "
+                       "after it stops at once, without one)", self.requested, self.REPEAT_AFTER_S)
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
