@@ -322,27 +322,50 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handler(args) or 0
     except UserError as exc:
-        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        say_error(_one_line(exc))
         return exc.exit_code
     except RunStopped:
         return stopped_exit_code()  # the loop has printed where its checkpoint is
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        say_error("interrupted", prefix="")
         return 130
     except OSError as exc:
         message = environment_error(exc)
         if message is None:
             raise
-        print(f"error: {message}", file=sys.stderr)
+        say_error(message)
         return 2
     except (MemoryError, RuntimeError) as exc:  # torch: "DefaultCPUAllocator: can't allocate memory", "CUDA out of memory"
+        if peer_stopped(exc):
+            say_error(f"another process of this run stopped (its error is above); rank "
+                      f"{os.environ.get('RANK', '?')} stops too: {_one_line(exc)[:160]}")
+            return 1
         where = ("host" if isinstance(exc, MemoryError) or "can't allocate memory" in str(exc) else
                  "device" if "out of memory" in str(exc) else None)
         if where is None:
             raise
-        print(f"error: out of {where} memory ({_one_line(exc)[:200]}); check the model size (model.config), "
-              "per_device_train_batch_size and max_seq_length", file=sys.stderr)
+        say_error(f"out of {where} memory ({_one_line(exc)[:200]}); check the model size (model.config), "
+                  "per_device_train_batch_size and max_seq_length")
         return 2
+
+
+def say_error(message: str, prefix: str = "error: ") -> None:
+    """Print one error line to stderr in a single write: under ``torchrun`` (unbuffered
+    output) ``print`` wrote the text and its newline separately, and two ranks' lines came
+    out glued together (found by a helper)."""
+    sys.stderr.write(f"{prefix}{message}\n")
+    sys.stderr.flush()
+
+
+#: What a collective raises on a rank whose peer process died (gloo, NCCL).
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote process exited")
+
+
+def peer_stopped(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective failing because another rank of a launched run
+    (``torchrun``: ``WORLD_SIZE`` > 1) exited: after that rank's own one-line error, this
+    one printed a page of gloo traceback (found by a helper)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and any(text in str(exc) for text in PEER_GONE)
 
 
 # what the machine, not the program, refused: a full or read-only disk, no permission, a file where a folder is expected

@@ -145,8 +145,10 @@ def local_or_hub(name_or_path: str, key: str) -> tuple[str, bool]:
     )
     if looks_local:
         what = "is a file, not a folder" if os.path.exists(path) else "not found"
-        raise UserError(f"{key}: local folder '{name_or_path}' {what} (expected an export folder with config.json, "
-                        "e.g. runs/tiny/final from `make pretrain`, or a Hub id such as google-bert/bert-base-uncased)")
+        expected = ("a tokenizer folder with tokenizer.json or vocab.txt, e.g. runs/tiny/tokenizer" if "tokenizer" in key
+                    else "an export folder with config.json, e.g. runs/tiny/final from `make pretrain`")
+        raise UserError(f"{key}: local folder '{name_or_path}' {what} (expected {expected}, "
+                        "or a Hub id such as google-bert/bert-base-uncased)")
     return name_or_path, False
 
 

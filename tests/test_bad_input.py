@@ -117,9 +117,10 @@ def test_a_missing_local_model_folder_fails_at_once(tmp_path, capsys, monkeypatc
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: pytest.fail("the Hub was asked"))
     recipe = REPO / "recipes" / ("glue/sample.yaml" if command == "finetune" else "pretrain/tiny.yaml")
     assert main([command, str(recipe), f"output_dir={tmp_path / 'out'}", f"{key}={value}"]) == 2
-    assert error_line(capsys) == (f"error: {key}: local folder '{value}' not found (expected an export folder with "
-                                  "config.json, e.g. runs/tiny/final from `make pretrain`, or a Hub id such as "
-                                  "google-bert/bert-base-uncased)")
+    expected = ("a tokenizer folder with tokenizer.json or vocab.txt, e.g. runs/tiny/tokenizer" if "tokenizer" in key
+                else "an export folder with config.json, e.g. runs/tiny/final from `make pretrain`")
+    assert error_line(capsys) == (f"error: {key}: local folder '{value}' not found (expected {expected}, or a Hub id "
+                                  "such as google-bert/bert-base-uncased)")
     assert not (tmp_path / "out").exists()
 
 

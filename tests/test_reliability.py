@@ -209,3 +209,23 @@ def test_a_signal_repeated_at_once_is_the_same_stop_a_later_one_interrupts(monke
             assert stop.requested == "SIGINT"
             os.kill(os.getpid(), signals.SIGINT)
             time.sleep(0.05)
+
+
+def test_a_rank_whose_peer_stopped_says_so_in_one_line(monkeypatch, capsys):
+    """When one rank stops on an error, the others' collectives fail with gloo's "Connection
+    closed by peer": a page of traceback after the real one-line error (found by a helper)."""
+    import bert_recipes.cli as cli
+
+    def collective(_args):
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:29500")
+
+    monkeypatch.setitem(cli.COMMANDS, "pretrain", collective)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main(["pretrain", str(TINY_RECIPE)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: another process of this run stopped (its error is above); rank 1 stops too: ")
+    assert err.count("\n") == 1
+    monkeypatch.setenv("WORLD_SIZE", "1")  # alone, the same error is a bug: its traceback
+    with pytest.raises(RuntimeError, match="Connection closed by peer"):
+        main(["pretrain", str(TINY_RECIPE)])
