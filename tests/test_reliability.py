@@ -196,11 +196,15 @@ def test_a_signal_repeated_at_once_is_the_same_stop_a_later_one_interrupts(monke
 
     from bert_recipes.training.signals import StopRequest
 
+    before = signals.getsignal(signals.SIGTERM)
     with StopRequest() as stop:
         os.kill(os.getpid(), signals.SIGTERM)
         os.kill(os.getpid(), signals.SIGTERM)
         time.sleep(0.05)  # delivered at the next bytecode boundary
         assert stop.requested == "SIGTERM"
+    os.kill(os.getpid(), signals.SIGTERM)  # a late copy, after the run stopped: still the same stop (it killed)
+    time.sleep(0.05)
+    signals.signal(signals.SIGTERM, before)
     monkeypatch.setattr(StopRequest, "REPEAT_AFTER_S", 0.0)
     with pytest.raises(KeyboardInterrupt):
         with StopRequest() as stop:
@@ -229,3 +233,25 @@ def test_a_rank_whose_peer_stopped_says_so_in_one_line(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "1")  # alone, the same error is a bug: its traceback
     with pytest.raises(RuntimeError, match="Connection closed by peer"):
         main(["pretrain", str(TINY_RECIPE)])
+
+
+PID1_LAUNCHER = ("import os, subprocess, sys; assert os.getpid() == 1; "
+                 "sys.exit(subprocess.run([sys.executable, '-c', sys.argv[1]]).returncode)")
+RANK = ("import time; from bert_recipes.training.signals import stop_with_launcher; "
+        "assert stop_with_launcher(); time.sleep(0.5); print('trained')")
+
+
+def test_a_launcher_that_is_pid_1_is_alive(tmp_path):
+    """In a container whose command is the launcher (Docker ENTRYPOINT, a Kubernetes
+    PyTorchJob) the launcher is PID 1: a rank took its parent's PID 1 for "the launcher died"
+    and killed itself at start (found by a helper)."""
+    import shutil
+
+    unshare = shutil.which("unshare")
+    probe = unshare and subprocess.run([unshare, "-p", "-f", "--mount-proc", "true"], capture_output=True)
+    if not probe or probe.returncode != 0:
+        pytest.skip("unshare -p (a PID namespace) is not available here")
+    env = {**os.environ, "TORCHELASTIC_RUN_ID": "test", "PYTHONPATH": str(REPO)}
+    done = subprocess.run([unshare, "-p", "-f", "--mount-proc", sys.executable, "-c", PID1_LAUNCHER, RANK], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "trained", done.stderr[-2000:]

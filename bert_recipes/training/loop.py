@@ -209,11 +209,13 @@ def train(job: Job, run: Run, checkpoint_at_end: bool = True) -> None:
                 saved_at = state.step
                 if stopping:
                     _stop(run, stop, path)
-        if checkpoint_at_end and saved_at != state.step:  # the end of a run is always resumable; a signal waits for it
-            path = save_checkpoint(accelerator, run.model, run.scheduler, run.out / "checkpoints", state, run.recipe,
-                                   job.data_state(), config.save_total_limit)
-            if any_rank_stopping(accelerator, stop.requested is not None):  # it killed this save half-written (found by a helper)
-                _stop(run, stop, path)
+        if checkpoint_at_end:  # the end of a run is always resumable; a signal waits for its save
+            path = run.out / "checkpoints" / f"checkpoint-{state.step:08d}"  # saved at a save step, or now:
+            if saved_at != state.step:
+                path = save_checkpoint(accelerator, run.model, run.scheduler, run.out / "checkpoints", state, run.recipe,
+                                       job.data_state(), config.save_total_limit)
+            if any_rank_stopping(accelerator, stop.requested is not None):  # it killed that save half-written, or
+                _stop(run, stop, path)  # was ignored at the last save step (found by helpers)
     verify_replicas_in_sync(accelerator, run.model)
 
 

@@ -5,6 +5,7 @@ the command line, which exits with the signal's code."""
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 from pathlib import Path
@@ -64,8 +65,21 @@ class StopRequest:
                        "after it stops at once, without one)", self.requested, self.REPEAT_AFTER_S)
 
     def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        for sig, handler in self._previous.items():  # after a stop, its late copy is still ignored
+            signal.signal(sig, self._late_copy if self.requested else handler)
+
+    def _late_copy(self, signum, frame) -> None:
+        """After the run stopped: a copy of the stop within :attr:`REPEAT_AFTER_S` is ignored
+        (it killed the process on its way out, exit -15 instead of 143); a later signal gets
+        the handler there was before the run."""
+        if time.monotonic() - self._first_at < self.REPEAT_AFTER_S:
+            return
+        previous = self._previous.get(signum, signal.SIG_DFL)
+        signal.signal(signum, previous)
+        if callable(previous):
+            previous(signum, frame)
+        elif previous != signal.SIG_IGN:
+            os.kill(os.getpid(), signum)
 
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -79,20 +93,20 @@ def stop_with_launcher() -> bool:
     its own, so nothing else reaches it). A launcher already gone before this call also
     stops the rank. Returns whether the request was made (False elsewhere, or without libc).
     """
-    import os
     import sys
 
     if not sys.platform.startswith("linux") or "TORCHELASTIC_RUN_ID" not in os.environ:
         return False
     import ctypes
 
+    launcher = os.getppid()
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
             return False
     except (OSError, AttributeError):
         return False
-    if os.getppid() == 1:  # the launcher died between starting this rank and the request
+    if os.getppid() != launcher:  # it died before the request (a launcher may itself be PID 1: a container's)
         os.kill(os.getpid(), signal.SIGTERM)
     return True
 
