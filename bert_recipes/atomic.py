@@ -69,11 +69,25 @@ def building(folder: Path, clean: bool = True) -> Iterator[Path]:
 def _system_error(text: str, parent: Path) -> int | None:
     """The errno behind a writer's own error: safetensors (Rust) ends its I/O errors with
     ``(os error N)`` (a file size limit: 27, a quota: 122); torch's "unexpected pos" names
-    none, so a nearly full disk counts as ENOSPC. None when neither applies."""
+    none, so a nearly full disk counts as ENOSPC, and a file size limit set on the process
+    as EFBIG. None when none applies."""
     found = re.search(r"\(os error (\d+)\)", text)
     if found:
         return int(found.group(1))
-    return errno.ENOSPC if "No space left" in text or _nearly_full(parent) else None
+    if "No space left" in text or _nearly_full(parent):
+        return errno.ENOSPC
+    return errno.EFBIG if "unexpected pos" in text and _file_size_limited() else None
+
+
+def _file_size_limited() -> bool:
+    """Whether this process has a file size limit (``ulimit -f``), which torch's writer
+    reports only as "unexpected pos" (found by a helper)."""
+    try:
+        import resource
+
+        return resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY
+    except (ImportError, OSError, ValueError):
+        return False
 
 
 def _nearly_full(path: Path, margin: int = 16 << 20) -> bool:

@@ -255,3 +255,15 @@ def test_a_launcher_that_is_pid_1_is_alive(tmp_path):
     done = subprocess.run([unshare, "-p", "-f", "--mount-proc", sys.executable, "-c", PID1_LAUNCHER, RANK], env=env,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "trained", done.stderr[-2000:]
+
+
+def test_a_checkpoint_set_aside_by_an_interrupted_swap_is_found_by_resume(tmp_path):
+    """A kill between swap_in's two renames leaves checkpoint N only as .checkpoint-N.old:
+    resume_from=latest ignored it (and with overwrite retrained from step 0, deleting it:
+    found by a helper)."""
+    from bert_recipes.training.checkpoint import list_checkpoints
+
+    root = tmp_path / "checkpoints"
+    for name in ("checkpoint-00000010", ".checkpoint-00000020.old", ".checkpoint-00000010.old", ".tmp-checkpoint-00000030"):
+        (root / name).mkdir(parents=True)
+    assert [p.name for p in list_checkpoints(root)] == ["checkpoint-00000010", ".checkpoint-00000020.old"]

@@ -8,6 +8,7 @@ and checks the message, the exit code and that nothing already written changed.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -700,6 +701,26 @@ def test_a_file_size_limit_is_one_line_and_loses_nothing(tmp_path, tokenizer_dir
         "was reached; a run resumes from its last complete checkpoint with resume_from=latest)")
     assert "Traceback" not in done.stderr
     assert list((run / "checkpoints").iterdir()) == []  # the half-written checkpoint removed
+    # torch.save (the optimizer) reports the same limit only as "unexpected pos": one line too
+    from bert_recipes.atomic import building
+
+    with pytest.raises(OSError) as err, mock_limit():
+        with building(tmp_path / ".tmp-x"):
+            (tmp_path / ".tmp-x").mkdir()
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4079040 vs 4078932")
+    assert err.value.errno == errno.EFBIG and not (tmp_path / ".tmp-x").exists()
+
+
+@contextlib.contextmanager
+def mock_limit():
+    import resource
+
+    real = resource.getrlimit
+    resource.getrlimit = lambda which: (1 << 20, 1 << 20) if which == resource.RLIMIT_FSIZE else real(which)
+    try:
+        yield
+    finally:
+        resource.getrlimit = real
 
 
 def one_line_error(capsys) -> str:

@@ -40,6 +40,7 @@ from ..recipe_files import save_recipe
 logger = logging.getLogger("bert_recipes")
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+ASIDE_RE = re.compile(r"^\.checkpoint-(\d+)\.old$")  # set aside by atomic.swap_in while replacing it
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
 
@@ -111,11 +112,18 @@ def verify_checkpoint(directory: Path) -> str | None:
 
 
 def list_checkpoints(root: Path) -> list[Path]:
-    """Checkpoint directories under ``root``, oldest first."""
+    """Checkpoint directories under ``root``, oldest first; a ``.checkpoint-N.old`` that
+    :func:`~bert_recipes.atomic.swap_in` set aside counts as checkpoint N when that is
+    missing (a kill between its two renames: it is the only copy; :func:`clear_leftovers`
+    puts it back at the next save)."""
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := CHECKPOINT_RE.match(p.name))]
-    return [p for _, p in sorted(found)]
+    found = {}
+    for path in root.iterdir():
+        m = CHECKPOINT_RE.match(path.name) or ASIDE_RE.match(path.name)
+        if m and path.is_dir() and (int(m.group(1)) not in found or not path.name.startswith(".")):
+            found[int(m.group(1))] = path
+    return [found[step] for step in sorted(found)]
 
 
 def find_resume_checkpoint(resume_from: str, root: Path) -> Path | None:
