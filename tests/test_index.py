@@ -89,7 +89,7 @@ def test_json_lines_records_without_the_column_are_null_text_as_datasets_reads_t
     from bert_recipes.tokenizer import _iter_lines
 
     jsonl = tmp_path / "r.jsonl"
-    rows = [{"id": 0}, {"text": "Rec one. Has two."}, {"id": 2, "title": "t"}, {"text": "Rec two."}, {"id": 4}]
+    rows = [{"id": 0}, {"text": "Rec one. Has two."}, {"id": 2, "title": "t"}, {"text": "Rec two."}, None, {"id": 4}]
     jsonl.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     index = build_index([str(jsonl)], cfg([str(jsonl)]), cache_dir=tmp_path / "c")
     assert [doc for doc in texts(index) if doc] == [["Rec one.", "Has two."], ["Rec two."]]
@@ -97,10 +97,11 @@ def test_json_lines_records_without_the_column_are_null_text_as_datasets_reads_t
     # the column must be somewhere in the first 64 records (a typo'd data.text_column)
     late = tmp_path / "late.jsonl"
     late.write_text("".join(json.dumps({"id": i}) + "\n" for i in range(64)) + json.dumps({"text": "x"}) + "\n")
-    with pytest.raises(DataError, match=r"^data.text_column: column 'text' not found in .*late.jsonl \(columns: id\)$"):
+    with pytest.raises(DataError, match=r"^data.text_column: column 'text' not found in the first 64 records of "
+                                        r".*late.jsonl \(columns: id\)$"):
         build_index([str(late)], cfg([str(late)]), cache_dir=tmp_path / "c")
     listing = tmp_path / "list.jsonl"
-    listing.write_text('["a", "b"]\n')
+    listing.write_text(json.dumps({"text": "x"}) + '\n["a", "b"]\n')  # any of the first records, not only the first
     with pytest.raises(DataError, match=r"^data.train_files: .*list.jsonl holds a JSON list, expected one JSON object"):
         build_index([str(listing)], cfg([str(listing)]), cache_dir=tmp_path / "c")
 

@@ -158,13 +158,15 @@ def _check_first_records(path: str, lines: list[bytes], column: str) -> None:
             record = json.loads(line)
         except ValueError as exc:
             raise DataError(f"data.train_files: cannot read {path} as JSON Lines: {exc}") from None
+        if record is None:  # a null record: null text, as `datasets` reads it
+            continue
         if not isinstance(record, dict):
             raise DataError(f"data.train_files: {path} holds a JSON {type(record).__name__}, expected one JSON "
                             "object (a record) per line")
-        if column in record:
-            return
         names.update(dict.fromkeys(record))
-    raise DataError(f"data.text_column: column '{column}' not found in {path} (columns: {', '.join(names)})")
+    if column not in names:
+        where = f"the first {len(lines)} records of {path}" if len(lines) == CHECKED_RECORDS else path
+        raise DataError(f"data.text_column: column '{column}' not found in {where} (columns: {', '.join(names)})")
 
 
 def scan_parquet(path: str, settings: ScanSettings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -134,7 +134,8 @@ class IndexedCorpus:
             DataError: the record is not a JSON object, or its column holds no text (naming its line).
         """
         try:  # a record without the column is null text, as `datasets` reads it (the tokenizer's trainer)
-            value = json.loads(raw).get(self.text_column)
+            record = json.loads(raw)
+            value = None if record is None else record.get(self.text_column)  # a null record: null text
             if not isinstance(value, (str, type(None))):  # a list or a number: its repr was trained on
                 raise TypeError
         except (ValueError, AttributeError, TypeError):
