@@ -182,9 +182,9 @@ def push_export(args, folder) -> None:
 
 def _is_main_process() -> bool:
     """True on the main process of an ``accelerate launch`` (and in a plain run)."""
-    from accelerate import PartialState
+    from .training.accelerator import launch_state
 
-    return PartialState().is_main_process
+    return launch_state().is_main_process
 
 
 def cmd_inspect(args) -> int:
@@ -405,7 +405,12 @@ def _one_line(exc: Exception) -> str:
 
 
 def run() -> None:
-    sys.exit(main())
+    code = main()
+    if code == 0:  # after an error, a rank exits without a goodbye to peers that may be gone
+        from .training.accelerator import end_process_group
+
+        end_process_group()
+    sys.exit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -28,7 +28,7 @@ from .modeling import BertPreTrainingObjective, build_pretraining_model, load_co
 from .pretrain_job import PretrainJob, eval_batches, evaluate
 from .recipe import PretrainRecipe, expand_files, save_recipe
 from .tokenizer import load_tokenizer, recipe_tokenizer, save_tokenizer
-from .training.accelerator import check_launch, launch_state, start_run
+from .training.accelerator import check_launch, finish_trackers, launch_state, start_run
 from .training.checkpoint import TrainerState, check_data_layout, find_resume_checkpoint, load_checkpoint
 from .training.loop import Run, train
 from .training.optim import build_optimizer, build_scheduler
@@ -236,7 +236,7 @@ def export(run: Run, job: PretrainJob) -> Path:
     accelerator.wait_for_everyone()
     run.reporter.write(run.reporter.summary({"steps": run.state.step, "skipped_steps": run.state.skipped_steps,
                                              "export": str(final)}))
-    accelerator.end_training()
+    finish_trackers(accelerator)
     return final
 
 

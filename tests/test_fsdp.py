@@ -126,6 +126,19 @@ def test_fsdp_finetuning_matches_ddp(tmp_path, checkpoint, packing):
 
 
 
+def test_a_glue_sweep_runs_several_runs_on_two_ranks(tmp_path, checkpoint):
+    """Each run ended with Accelerate's end_training, which destroys the process group: the
+    next run of the same process (a sweep's task or cell, a seed) failed at its first
+    collective on several ranks, and the sweep never ran there (found by a helper)."""
+    out = tmp_path / "sweep"
+    done = launch("ddp", ["glue", str(REPO / "recipes" / "glue" / "base.yaml"), "--tasks", "sst2",
+                          f"model.name_or_path={checkpoint}", f"data.glue_dir={REPO / 'data' / 'sample' / 'glue'}",
+                          f"output_dir={out}", "train.max_steps=2", "seeds=[1,2]", "precision=no"])
+    assert "Traceback" not in done.stderr
+    assert sorted(json.loads((out / "sst2" / "results.json").read_text())["runs"]) == ["1", "2"]
+    assert list(json.loads((out / "glue_results.json").read_text())["tasks"]) == ["sst2"]
+
+
 def test_fsdp_version_1_is_refused_in_one_line():
     # Accelerate's FSDP1 plugin cannot even be built without a GPU, so the check is called directly
     from types import SimpleNamespace

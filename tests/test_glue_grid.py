@@ -81,6 +81,11 @@ def test_grid_keys_and_values_are_checked_in_one_line(checkpoint, tmp_path, caps
     assert glue(checkpoint, tmp_path / "o", "rte", "init_from_task=rte") == 2
     assert capsys.readouterr().err.strip().startswith("error: override 'init_from_task=rte': init_from_task: 'rte' "
                                                       "cannot start from itself")
+    # a task file as the base recipe: its task was replaced too
+    assert glue(checkpoint, tmp_path / "o", "rte,mrpc", recipe=GLUE_RECIPES / "rte.yaml") == 2
+    assert capsys.readouterr().err.strip() == (f"error: {GLUE_RECIPES / 'rte.yaml'}: sets task: rte, and the sweep runs "
+                                               "mrpc,rte: pass --tasks rte, or give a base recipe without task "
+                                               "(recipes/glue/base.yaml) for several tasks")
     # task= was replaced by each task's name: every task of --tasks (by default all nine) ran
     assert glue(checkpoint, tmp_path / "o", "rte,mrpc", "task=rte") == 2
     assert capsys.readouterr().err.strip() == ("error: override 'task=rte': the sweep sets task for each of its tasks; "
@@ -214,7 +219,8 @@ def test_overwrite_replaces_a_sweeps_own_results_only(grid_sweep, checkpoint, tm
     assert list(json.loads((copy / "glue_results.json").read_text())["tasks"]) == ["rte"]
 
 
-def test_a_rerun_into_an_earlier_sweep_is_refused_before_any_task_trains(grid_sweep, checkpoint, tmp_path, capsys):
+def test_a_rerun_into_an_earlier_sweep_is_refused_before_any_task_trains(grid_sweep, checkpoint, tmp_path, capsys,
+                                                                        caplog):
     """Without resume_from / overwrite, a task folder holding an earlier sweep's runs was refused
     at that task's turn, after the tasks before it had trained (found by a helper)."""
     out, _ = grid_sweep
@@ -226,6 +232,12 @@ def test_a_rerun_into_an_earlier_sweep_is_refused_before_any_task_trains(grid_sw
     assert "lr0.001" in err and err.endswith("set resume_from=latest to continue the sweep, overwrite=true to replace "
                                               "it, or output_dir=DIR for a new sweep")
     assert not (copy / "mrpc").exists()
+    # another task beside it runs; the report it replaces listed rte: said
+    caplog.set_level("WARNING", logger="bert_recipes")
+    assert glue(checkpoint, copy, "mrpc") == 0
+    assert any(f"{copy / 'glue_results.json'} lists rte from an earlier sweep: this sweep's report replaces it with "
+               "mrpc only" in r.getMessage() for r in caplog.records)
+    assert list(json.loads((copy / "glue_results.json").read_text())["tasks"]) == ["mrpc"]
 
 
 def test_a_finished_sweep_with_a_larger_grid_or_more_seeds_trains_only_what_is_new(grid_sweep, checkpoint, tmp_path,

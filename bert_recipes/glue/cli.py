@@ -53,12 +53,12 @@ def cmd_finetune(args) -> int:
 
     recipe = load_finetune_recipe(args.recipe, args.overrides)  # before torch and transformers are imported
     quiet_libraries()
-    from accelerate import PartialState
+    from ..training.accelerator import launch_state
 
     from .seeds import finetune_seeds
 
     result = run_then_push(args, lambda: finetune_seeds(recipe))  # a stopped run raises RunStopped (the CLI's exit code)
-    if not PartialState().is_main_process:
+    if not launch_state().is_main_process:
         return 0
     dev = ", ".join(f"{key} {value:.4f}" + (f" ± {result['dev_std'][key]:.4f}" if "dev_std" in result else "")
                     for key, value in result["dev"].items())
@@ -94,7 +94,7 @@ def warn_incomplete_submission(tasks: list[str], asked: str = "--predict-test",
 def cmd_glue(args) -> int:
     from pathlib import Path
 
-    from accelerate import PartialState
+    from ..training.accelerator import launch_state
 
     from ..cli import build_parser, quiet_libraries
     from .sweep import RESULTS_JSON, RESULTS_MD, RESULTS_PNG, parse_tasks, run_glue
@@ -107,10 +107,10 @@ def cmd_glue(args) -> int:
     args = rest.parse_intermixed_args(args.overrides, namespace=argparse.Namespace(recipe=args.recipe))
     quiet_libraries()
     tasks = parse_tasks(args.tasks)
-    if args.predict_test and PartialState().is_main_process:
+    if args.predict_test and launch_state().is_main_process:
         warn_incomplete_submission(tasks)
     summary = run_glue(args.recipe, tasks, args.overrides, predict_test=args.predict_test)
-    if not PartialState().is_main_process:
+    if not launch_state().is_main_process:
         return 0
     root = Path(summary["output_dir"])
     print((root / RESULTS_MD).read_text(encoding="utf-8"), end="")

@@ -43,7 +43,7 @@ from ..data.packing import PackedFeatureCollator
 from ..modeling import classification_logits, device_count, load_config
 from ..recipe import save_recipe
 from ..tokenizer import recipe_tokenizer
-from ..training.accelerator import check_launch, launch_state, start_run
+from ..training.accelerator import check_launch, finish_trackers, launch_state, start_run
 from ..training.checkpoint import TRAINER_STATE, TrainerState, check_data_layout, find_resume_checkpoint, load_checkpoint
 from ..training.loop import Run, train
 from ..training.optim import build_optimizer, build_scheduler
@@ -348,7 +348,7 @@ def export(run: Run, job: FinetuneJob, started: float) -> dict:
             logger.info("%s: checkpoints deleted (train.keep_final_checkpoint: false)", out / "checkpoints")
     run.reporter.write(run.reporter.summary({"steps": state.step, "best_step": results["best_step"],
                                              **{f"best_{k}": v for k, v in results["dev"].items()}, "best": results["best"]}))
-    run.accelerator.end_training()
+    finish_trackers(run.accelerator)
     return results
 
 

@@ -25,15 +25,15 @@ def replace_earlier_sweep(root: Path, recipes: dict[str, FinetuneRecipe], cells:
                           wnli_recipe: FinetuneRecipe | None) -> None:
     """``overwrite=true``: once every run's own checks pass (:func:`check_runs`; a refused
     sweep deletes nothing), delete what an earlier sweep wrote for these tasks (:func:`sweep_doomed`)."""
-    from accelerate import PartialState
+    from ..training.accelerator import launch_state
 
     check_runs(recipes, cells)
     doomed = sweep_doomed(root, [*recipes.values(), *([wnli_recipe] if wnli_recipe else [])])
     check_unlocked(doomed)  # a sweep still running there: its runs hold their folders' locks
-    if PartialState().is_main_process:
+    if launch_state().is_main_process:
         for path in doomed:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
-    PartialState().wait_for_everyone()
+    launch_state().wait_for_everyone()
 
 
 def check_runs(recipes: dict[str, FinetuneRecipe], cells: dict[str, list[dict]]) -> None:

@@ -40,6 +40,7 @@ from ..atomic import write_json, write_text
 from ..errors import UserError
 from ..recipe import save_recipe, validate
 from ..recipe_files import apply_overrides, deep_merge, load_raw, override_for, read_yaml
+from ..training.accelerator import launch_state
 from ..training.reporting import progress
 from .data import glue_task_dir
 from .evaluation import predict_export
@@ -148,15 +149,19 @@ def run_glue(base: str | os.PathLike, tasks: list[str], overrides: list[str] | N
         raise UserError(f"override '{task_set}': the sweep sets task for each of its tasks; choose them with --tasks "
                         f"{task_set.partition('=')[2].strip() or 'TASK'}, or fine-tune one with `bert-recipes finetune`")
     root_raw = apply_overrides(load_raw(base), overrides)
+    own = root_raw.get("task")
+    if own and tasks != [own]:  # a task file: it ran every task of --tasks (all nine by default) (found by a helper)
+        raise UserError(f"{base}: sets task: {own}, and the sweep runs {','.join(tasks)}: pass --tasks {own}, or give a "
+                        "base recipe without task (recipes/glue/base.yaml) for several tasks")
     root = Path(root_raw.get("output_dir") or FinetuneRecipe.model_fields["output_dir"].default)
     settings = sweep_settings(root_raw, str(base), overrides)
     wnli = "wnli" in tasks and settings.wnli != "include"
     recipes = {name: task_recipe(base, name, overrides, root, predict_test) for name in tasks}
     wnli_recipe = recipes.pop("wnli") if wnli else None
     cells, order = check_sweep(recipes, settings, root)
-    from accelerate import PartialState
-
-    main = PartialState().is_main_process
+    main = launch_state().is_main_process
+    if main and not root_raw.get("overwrite"):
+        warn_dropped_tasks(root, tasks)
     if wnli_recipe is not None and settings.wnli == "majority":  # its data, before any training
         check_inputs(wnli_recipe, get_task("wnli"))
     if root_raw.get("overwrite"):
@@ -184,7 +189,7 @@ def run_glue(base: str | os.PathLike, tasks: list[str], overrides: list[str] | N
                    subsampled=what_cut(results, recipes[order[0]].data if order else None))
     if main:
         write_report(summary, results, root, predict_test)
-    PartialState().wait_for_everyone()
+    launch_state().wait_for_everyone()
     return summary
 
 
@@ -207,6 +212,20 @@ def check_sweep(recipes: dict[str, FinetuneRecipe], settings: SweepConfig, root:
             check_architectures(name, source, recipes[name].model.name_or_path, source_model,
                                 recipes[name].model.trust_remote_code)
     return cells, order
+
+
+def warn_dropped_tasks(root: Path, tasks: list[str]) -> None:
+    """Say so when ``root``'s report lists tasks this sweep does not run: its report, which
+    lists only its own tasks, replaces that one (found by a helper)."""
+    try:
+        before = list(json.loads((root / RESULTS_JSON).read_text())["tasks"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    dropped = [name for name in before if name not in tasks]
+    if dropped:
+        logger.warning("%s lists %s from an earlier sweep: this sweep's report replaces it with %s only; to keep them "
+                       "in one report, add them to --tasks with resume_from=latest (their finished runs are reused)",
+                       root / RESULTS_JSON, ",".join(dropped), ",".join(tasks))
 
 
 def write_report(summary: dict, results: dict, root: Path, predict_test: bool) -> None:
@@ -276,7 +295,6 @@ def planned_work(recipes: dict[str, FinetuneRecipe], cells: dict[str, list[dict]
     """``(training examples, runs)`` of the runs not yet finished (finished ones: a
     ``results.json`` in the seed's folder with ``resume_from``): runs x (max_steps x batch,
     else epochs x train size)."""
-    from ..training.accelerator import launch_state
     from .data import load_glue_split
 
     processes = launch_state().num_processes
@@ -315,21 +333,13 @@ def start_from_task(recipe: FinetuneRecipe, root: Path, source_result: dict | No
     source = recipe.init_from_task
     best = source_result["best"] if source_result else finished_best(root, source)
     dest = root / "encoders" / source
-    if launch_state_main():
+    if launch_state().is_main_process:
         dest.parent.mkdir(parents=True, exist_ok=True)
         export_encoder(best, dest)
-    from accelerate import PartialState
-
-    PartialState().wait_for_everyone()
+    launch_state().wait_for_everyone()
     logger.info("%s starts from %s's chosen encoder (%s)", recipe.task, source, best)
     return recipe.model_copy(update={"model": recipe.model.model_copy(update={"name_or_path": str(dest)}),
                                      "init_from_task": None})
-
-
-def launch_state_main() -> bool:
-    from ..training.accelerator import launch_state
-
-    return launch_state().is_main_process
 
 
 # --------------------------------------------------------------------------- one task
@@ -384,7 +394,7 @@ def run_task(recipe: FinetuneRecipe, cells: list[dict], protocol: str, clock=Non
             result["test_predictions"] = str(predict_export(chosen, best_run))
     result.update(grid=summaries, chosen_index=index, config=config, protocol=protocol, init_from=init_from,
                   runtime_s=runtime)
-    if cells != [{}] and launch_state_main():
+    if cells != [{}] and launch_state().is_main_process:
         save_recipe(recipe, out)
         write_json(out / RESULTS, result)
     return result

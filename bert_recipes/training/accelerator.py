@@ -57,6 +57,28 @@ def launch_state():
     return PartialState(cpu=_ranks_without_accelerator())
 
 
+def finish_trackers(accelerator) -> None:
+    """End a run's trackers, keeping the process group: ``Accelerator.end_training`` also
+    destroys it, and the next run of the same process (a GLUE sweep's, a seed's) then failed
+    at its first collective on several ranks (found by a helper). The command line destroys
+    the group once, at the end (:func:`end_process_group`)."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
+
+
+def end_process_group() -> None:
+    """Destroy the default process group, if this process made one (torch imported, and a
+    launch of several ranks): once, at the end of a command that succeeded."""
+    import sys
+
+    if "torch" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def make_accelerator(recipe):
     """An ``Accelerator`` for the recipe's ``precision`` (``auto`` resolved for this device by
     :func:`~bert_recipes.training.precision.resolve_precision` and logged) and ``report_to``

@@ -27,7 +27,7 @@ from typing import Protocol
 import torch
 
 from ..errors import TrainingError
-from .accelerator import sharded_parameters
+from .accelerator import finish_trackers, sharded_parameters
 from .checkpoint import TrainerState, save_checkpoint
 from .precision import record_precision
 from .signals import RunStopped, StopRequest, any_rank_stopping
@@ -223,7 +223,7 @@ def _stop(run: Run, stop: StopRequest, checkpoint: Path) -> None:
     """End a run that a signal stopped, its checkpoint saved: close the reporter, say where
     the checkpoint is, and raise :class:`RunStopped`."""
     stopped = RunStopped(stop.requested or "a signal", run.state.step, checkpoint)
-    run.reporter.close(), run.reporter.write(str(stopped)), run.accelerator.end_training()
+    run.reporter.close(), run.reporter.write(str(stopped)), finish_trackers(run.accelerator)
     raise stopped
 
 
