@@ -160,7 +160,7 @@ def hub_args(parser, folder: str) -> None:
 def run_then_push(args, run):
     """``run()`` with ``--push-to-hub`` checked before it (not after hours of training) and a
     line saying nothing was pushed when a signal stopped it. Returns what ``run`` returns."""
-    if args.push_to_hub:
+    if args.push_to_hub is not None:  # --push-to-hub "" is refused, not ignored
         from .hub import check_push_target
 
         check_push_target(args.push_to_hub)
@@ -174,7 +174,7 @@ def run_then_push(args, run):
 
 def push_export(args, folder) -> None:
     """Upload ``folder`` with ``--push-to-hub`` (main process only: the caller's check)."""
-    if args.push_to_hub:
+    if args.push_to_hub is not None:
         from .hub import push_to_hub
 
         print(f"pushed to the Hub: {push_to_hub(folder, args.push_to_hub, private=args.hub_private)}")
@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (MemoryError, RuntimeError) as exc:  # torch: "DefaultCPUAllocator: can't allocate memory", "CUDA out of memory"
         if peer_stopped(exc):
-            say_error(f"another process of this run stopped (its error is above); rank "
+            say_error(f"another process of this run stopped (its error, if it printed one, is above); rank "
                       f"{os.environ.get('RANK', '?')} stops too: {_one_line(exc)[:160]}")
             return 1
         where = ("host" if isinstance(exc, MemoryError) or "can't allocate memory" in str(exc) else

@@ -189,7 +189,7 @@ def check_push_target(repo_id: str, token: str | None = None, key: str = "--push
     """Fail fast, before any training, when a push could not work.
 
     Raises:
-        UserError: a malformed repo id, offline mode, or no token.
+        UserError: a malformed repo id, offline mode, no token, or no connection to the Hub.
     """
     from huggingface_hub import get_token
     from huggingface_hub.utils import validate_repo_id
@@ -202,6 +202,9 @@ def check_push_target(repo_id: str, token: str | None = None, key: str = "--push
         raise UserError(f"{key}: the Hub is offline (HF_HUB_OFFLINE is set); unset it to push, or upload {repo_id} later")
     if not (token or get_token()):
         raise UserError(f"{key}: not logged in to the Hub; run 'hf auth login' or set HF_TOKEN")
+    if not ensure_hub_reachable():  # it failed after the training (found by a helper)
+        raise UserError(f"{key}: the Hub cannot be reached from here (no network); push the export later with "
+                        "bert_recipes.hub.push_to_hub(folder, repo_id)")
 
 
 def push_to_hub(folder: str | os.PathLike, repo_id: str, private: bool = False, token: str | None = None,

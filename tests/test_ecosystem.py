@@ -197,6 +197,7 @@ def fake_hub(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
+    monkeypatch.setattr("bert_recipes.hub.ensure_hub_reachable", lambda timeout=3.0: True)
     FakeHfApi.calls, FakeHfApi.fail_with = [], None
     return FakeHfApi
 
@@ -268,6 +269,13 @@ def test_cli_finetune_pushes_best_after_the_run(checkpoint, fake_hub, monkeypatc
     assert not (tmp_path / "run").exists()
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setenv("HF_TOKEN", "hf_test")
+    assert main([*argv, "--push-to-hub", ""]) == 2  # ignored before: no push, no word
+    assert capsys.readouterr().err.startswith("error: --push-to-hub: '' is not a valid repo id")
+    with monkeypatch.context() as offline:  # no network: refused before training, not after it
+        offline.setattr("bert_recipes.hub.ensure_hub_reachable", lambda timeout=3.0: False)
+        assert main([*argv, "--push-to-hub", "someone/rte-bert"]) == 2
+        assert capsys.readouterr().err.startswith("error: --push-to-hub: the Hub cannot be reached from here")
+    assert not (tmp_path / "run").exists()
     assert main([*argv, "--push-to-hub", "someone/rte-bert"]) == 0
     assert "pushed to the Hub: https://huggingface.co/someone/rte-bert/commit/abc" in capsys.readouterr().out
     upload = [c for c in fake_hub.calls if c[0] == "upload_folder"]

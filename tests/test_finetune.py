@@ -531,6 +531,9 @@ def test_keep_final_checkpoint_false_deletes_a_finished_runs_checkpoints_only(ch
     before = (run / "results.json").read_text()
     assert main([*common, "resume_from=latest"]) == 0  # the default again: still the same run
     assert (run / "results.json").read_text() == before
+    (run / "checkpoints" / "checkpoint-00000002").mkdir(parents=True)  # a kill after results.json, before the delete
+    assert main([*common, "resume_from=latest", "train.keep_final_checkpoint=false"]) == 0
+    assert not (run / "checkpoints").exists() and (run / "results.json").read_text() == before
     capsys.readouterr()
     assert main([*common, "resume_from=latest", "train.max_steps=4"]) == 2
     err = capsys.readouterr().err.strip()

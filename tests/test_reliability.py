@@ -228,7 +228,8 @@ def test_a_rank_whose_peer_stopped_says_so_in_one_line(monkeypatch, capsys):
     monkeypatch.setenv("RANK", "1")
     assert main(["pretrain", str(TINY_RECIPE)]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: another process of this run stopped (its error is above); rank 1 stops too: ")
+    assert err.startswith("error: another process of this run stopped (its error, if it printed one, is above); rank 1 "
+                          "stops too: ")
     assert err.count("\n") == 1
     monkeypatch.setenv("WORLD_SIZE", "1")  # alone, the same error is a bug: its traceback
     with pytest.raises(RuntimeError, match="Connection closed by peer"):

@@ -596,7 +596,7 @@ def test_make_finetune_with_an_unknown_task_lists_the_tasks():
                               env={**os.environ, "MAKEFLAGS": ""})
 
     done = make("TASK=SST-2")
-    assert done.returncode == 2 and "no recipe recipes/glue/SST-2.yaml; did you mean TASK=sst2?" in done.stderr
+    assert done.returncode == 2 and "no recipe recipes/glue/SST-2.yaml (did you mean TASK=sst2?); tasks: cola" in done.stderr
     # GLUE_DIR without TASK ran the demo recipe (lr 1e-3, overwrite: true) on the real SST-2 (found by a helper)
     done = make("GLUE_DIR=../shared/data/glue", "MODEL=runs/tiny/final")
     assert done.returncode == 2 and "error: GLUE_DIR=../shared/data/glue needs TASK=NAME (e.g. TASK=sst2)" in done.stderr

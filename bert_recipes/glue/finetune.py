@@ -104,6 +104,8 @@ def finetune(recipe: FinetuneRecipe, on_log=None) -> dict:
     finished = finished_results(recipe, out)
     if finished is not None:
         logger.info("%s: the run is complete (same recipe); reusing %s", out, out / RESULTS)
+        if not recipe.train.keep_final_checkpoint and (out / "checkpoints").exists() and launch_state().is_main_process:
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)  # a kill after results.json left them (a helper)
         return predict_if_missing(recipe, out, finished)
     checked = preflight(recipe)
     try:
