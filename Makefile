@@ -34,7 +34,7 @@ pretrain: $(STAMP)
 finetune: $(STAMP)
 	@$(if $(TASK)$(MODEL)$(FT_RECIPE),true,test -d runs/tiny/final || { echo "error: runs/tiny/final not found: run 'make pretrain' first (or pass MODEL=path-or-hub-id)" >&2; exit 2; })
 	@$(if $(GLUE_DIR),$(if $(TASK)$(FT_RECIPE),true,{ echo "error: GLUE_DIR=$(GLUE_DIR) needs TASK=NAME (e.g. TASK=sst2): without it the demo recipe recipes/glue/sample.yaml would run on the real data" >&2; exit 2; }),true)
-	@$(if $(TASK),test -f recipes/glue/$(TASK).yaml || { echo "error: TASK=$(TASK): no recipe recipes/glue/$(TASK).yaml$(if $(wildcard recipes/glue/$(subst -,,$(shell echo '$(TASK)' | tr A-Z a-z)).yaml) (did you mean TASK=$(subst -,,$(shell echo '$(TASK)' | tr A-Z a-z))?),); tasks: $(filter-out base sample fixed budget-sweep paper-sweep,$(basename $(notdir $(wildcard recipes/glue/*.yaml))))" >&2; exit 2; },true)
+	@$(if $(TASK),test -f recipes/glue/$(TASK).yaml || { echo "error: TASK=$(TASK): no recipe recipes/glue/$(TASK).yaml$(if $(wildcard recipes/glue/$(subst -,,$(shell echo '$(TASK)' | tr A-Z a-z)).yaml), (did you mean TASK=$(subst -,,$(shell echo '$(TASK)' | tr A-Z a-z))?),); tasks: $(filter-out base sample fixed budget-sweep paper-sweep,$(basename $(notdir $(wildcard recipes/glue/*.yaml))))" >&2; exit 2; },true)
 	$(BIN)/bert-recipes finetune $(if $(FT_RECIPE),$(FT_RECIPE),$(if $(TASK),recipes/glue/$(TASK).yaml,recipes/glue/sample.yaml)) $(if $(MODEL),model.name_or_path=$(MODEL)) $(if $(GLUE_DIR),data.glue_dir=$(GLUE_DIR)) $(ARGS)
 
 # `make glue MODEL=path-or-id GLUE_DIR=../shared/data/glue TASKS=cola,sst2,mrpc,stsb,rte`
