@@ -102,7 +102,7 @@ def test_json_lines_records_without_the_column_are_null_text_as_datasets_reads_t
         build_index([str(late)], cfg([str(late)]), cache_dir=tmp_path / "c")
     listing = tmp_path / "list.jsonl"
     listing.write_text(json.dumps({"text": "x"}) + '\n["a", "b"]\n')  # any of the first records, not only the first
-    with pytest.raises(DataError, match=r"^data.train_files: .*list.jsonl holds a JSON list, expected one JSON object"):
+    with pytest.raises(DataError, match=r"^data.text_column: line 2 of .*list.jsonl is not a JSON object with text"):
         build_index([str(listing)], cfg([str(listing)]), cache_dir=tmp_path / "c")
 
 

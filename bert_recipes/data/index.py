@@ -135,10 +135,10 @@ def scan_jsonl(path: str, settings: ScanSettings) -> tuple[np.ndarray, np.ndarra
     """
     starts, ends, pos, first = [], [], 0, []
     with open(path, "rb") as f:
-        for line in f:
+        for number, line in enumerate(f, start=1):
             if line.strip():
                 if len(first) < CHECKED_RECORDS:
-                    first.append(line)
+                    first.append((number, line))
                 starts.append(pos)
                 ends.append(pos + len(line))
             pos += len(line)
@@ -151,18 +151,20 @@ def scan_jsonl(path: str, settings: ScanSettings) -> tuple[np.ndarray, np.ndarra
 CHECKED_RECORDS = 64  # as many as one batch of the `datasets` reader (corpus.RECORD_BATCH)
 
 
-def _check_first_records(path: str, lines: list[bytes], column: str) -> None:
+def _check_first_records(path: str, lines: list[tuple[int, bytes]], column: str) -> None:
+    """The first records (``(line number, line)``) are JSON objects (or null), and one of
+    them has ``column``; the reader's words for a bad record (naming its line)."""
     names: dict = {}
-    for line in lines:
+    for number, line in lines:
         try:
             record = json.loads(line)
-        except ValueError as exc:
-            raise DataError(f"data.train_files: cannot read {path} as JSON Lines: {exc}") from None
+        except ValueError:
+            record = ...
         if record is None:  # a null record: null text, as `datasets` reads it
             continue
         if not isinstance(record, dict):
-            raise DataError(f"data.train_files: {path} holds a JSON {type(record).__name__}, expected one JSON "
-                            "object (a record) per line")
+            raise DataError(f"data.text_column: line {number} of {path} is not a JSON object with text (a string) in "
+                            f"column '{column}'")
         names.update(dict.fromkeys(record))
     if column not in names:
         where = f"the first {len(lines)} records of {path}" if len(lines) == CHECKED_RECORDS else path
