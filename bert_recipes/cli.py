@@ -40,7 +40,8 @@ def _setup_logging() -> None:
     """Python logging only: importing transformers here would delay every recipe error by a
     second (see :func:`quiet_libraries`, called once the recipe is valid)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("bert_recipes").setLevel(logging.INFO)
+    # info from the first rank of a launch only (each rank repeated the run's set-up lines: found by a helper)
+    logging.getLogger("bert_recipes").setLevel(logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING)
     for noisy in ("transformers", "datasets", "accelerate", "torch", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
@@ -191,6 +192,9 @@ def cmd_inspect(args) -> int:
     from .inspect_batches import write_batches
     from .recipe import load_recipe
 
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:  # every rank wrote rank 0's batches into one file (a helper)
+        raise UserError("inspect runs in one process, not under accelerate launch / torchrun: run it alone with "
+                        f"--rank R --world-size {os.environ['WORLD_SIZE']} to see what rank R trains on")
     if args.batches < 1:
         raise UserError(f"--batches: expected a positive integer, got {args.batches}")
     if args.world_size < 1 or not 0 <= args.rank < args.world_size:
@@ -327,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     except RunStopped:
         return stopped_exit_code()  # the loop has printed where its checkpoint is
     except KeyboardInterrupt:
-        say_error("interrupted", prefix="")
+        say_error("interrupted (a run continues from its last complete checkpoint with resume_from=latest)", prefix="")
         return 130
     except OSError as exc:
         message = environment_error(exc)

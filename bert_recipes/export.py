@@ -48,6 +48,18 @@ def _precision(recipe, resolved: str | None) -> str:
     return f"precision {resolved} (recipe: {recipe.precision})"
 
 
+def _batch(train) -> str:
+    """The optimizer batch of a run with ``train`` (accumulation resolved for this launch):
+    its parts and its size, which grows with the number of processes (found by a helper:
+    cards said ``per_device_train_batch_size 32`` of a run that stepped on 64)."""
+    from .training.accelerator import launch_state
+
+    processes = launch_state().num_processes
+    per_step = train.per_device_train_batch_size * processes * train.gradient_accumulation_steps
+    return (f"per_device_train_batch_size {train.per_device_train_batch_size}, gradient_accumulation_steps "
+            f"{train.gradient_accumulation_steps}, {processes} process(es): {per_step} sequences per optimizer step")
+
+
 def pretraining_card(recipe, results: dict, steps: int, precision: str | None = None) -> str:
     """The model card of a pretraining export; ``precision``: the mixed precision the run
     trained in (Accelerate's ``mixed_precision``: ``precision: auto`` resolved)."""
@@ -91,8 +103,7 @@ def pretraining_card(recipe, results: dict, steps: int, precision: str | None = 
         f"- data: {', '.join(str(s) for s in sources)}",
         f"- max_seq_length {data.max_seq_length}, masked_lm_prob {data.masked_lm_prob}, "
         f"max_predictions_per_seq {data.max_predictions_per_seq}, whole_word_mask {data.whole_word_mask}",
-        f"- steps: {steps}, per_device_train_batch_size {recipe.train.per_device_train_batch_size}, "
-        f"gradient_accumulation_steps {recipe.train.gradient_accumulation_steps}, learning_rate {recipe.train.learning_rate}, "
+        f"- steps: {steps}, {_batch(recipe.train)}, learning_rate {recipe.train.learning_rate}, "
         f"{_precision(recipe, precision)}, seed {recipe.seed}",
         *_evaluation_and_use("held-out files", results, ['fill = pipeline("fill-mask", model="PATH_OR_REPO")',
                                                           'fill("The capital of France is [MASK].")']),
@@ -179,8 +190,7 @@ def finetuning_card(recipe, task, results: dict, steps: int, precision: str | No
         "",
         f"- task: {task.name} ({' + '.join(task.text_columns)}); labels: {labels}",
         f"- data: {recipe.data.glue_dir or task.hub_name}{part}, max_seq_length {recipe.data.max_seq_length}",
-        f"- steps: {steps}, per_device_train_batch_size {train.per_device_train_batch_size}, "
-        f"gradient_accumulation_steps {train.gradient_accumulation_steps}, learning_rate {train.learning_rate}, "
+        f"- steps: {steps}, {_batch(train)}, learning_rate {train.learning_rate}, "
         f"warmup_ratio {train.warmup_ratio}, weight_decay {train.weight_decay}, {_precision(recipe, precision)}, "
         f"seed {recipe.seed}",
         *_evaluation_and_use(dev, results, [

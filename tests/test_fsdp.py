@@ -135,8 +135,16 @@ def test_a_glue_sweep_runs_several_runs_on_two_ranks(tmp_path, checkpoint):
                           f"model.name_or_path={checkpoint}", f"data.glue_dir={REPO / 'data' / 'sample' / 'glue'}",
                           f"output_dir={out}", "train.max_steps=2", "seeds=[1,2]", "precision=no"])
     assert "Traceback" not in done.stderr
-    assert sorted(json.loads((out / "sst2" / "results.json").read_text())["runs"]) == ["1", "2"]
+    results = json.loads((out / "sst2" / "results.json").read_text())
+    assert sorted(results["runs"]) == ["1", "2"]
     assert list(json.loads((out / "glue_results.json").read_text())["tasks"]) == ["sst2"]
+    # the optimizer batch grows with the processes: said at the start, recorded in the results, report and card
+    assert ("the optimizer batch is 64 on 2 processes, 32 on one: the learning rate (2e-05) was set for the recipe's "
+            "batch; train.global_batch_size=32 keeps that") in done.stderr
+    assert results["total_train_batch_size"] == 64
+    assert "bs 64 (32 per device)" in (out / "glue_results.md").read_text()
+    assert ("per_device_train_batch_size 32, gradient_accumulation_steps 1, 2 process(es): 64 sequences per optimizer "
+            "step") in (Path(results["best"]) / "README.md").read_text()
 
 
 def test_fsdp_version_1_is_refused_in_one_line():

@@ -232,6 +232,7 @@ def test_a_rank_whose_peer_stopped_says_so_in_one_line(monkeypatch, capsys):
                           "stops too: ")
     assert err.count("\n") == 1
     monkeypatch.setenv("WORLD_SIZE", "1")  # alone, the same error is a bug: its traceback
+    monkeypatch.setenv("RANK", "0")
     with pytest.raises(RuntimeError, match="Connection closed by peer"):
         main(["pretrain", str(TINY_RECIPE)])
 
@@ -268,3 +269,21 @@ def test_a_checkpoint_set_aside_by_an_interrupted_swap_is_found_by_resume(tmp_pa
     for name in ("checkpoint-00000010", ".checkpoint-00000020.old", ".checkpoint-00000010.old", ".tmp-checkpoint-00000030"):
         (root / name).mkdir(parents=True)
     assert [p.name for p in list_checkpoints(root)] == ["checkpoint-00000010", ".checkpoint-00000020.old"]
+
+
+def test_under_a_launcher_inspect_is_refused_and_other_ranks_log_warnings_only(monkeypatch, capsys, tmp_path):
+    """inspect under accelerate launch wrote rank 0's batches from every rank into one file;
+    every rank repeated the run's set-up lines (found by a helper)."""
+    import logging as logs
+
+    import bert_recipes.cli as cli
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main(["inspect", str(TINY_RECIPE), "--out", str(tmp_path / "b.jsonl")]) == 2
+    assert capsys.readouterr().err == ("error: inspect runs in one process, not under accelerate launch / torchrun: run "
+                                       "it alone with --rank R --world-size 2 to see what rank R trains on\n")
+    assert logs.getLogger("bert_recipes").level == logs.WARNING  # set by main on rank 1
+    monkeypatch.setenv("RANK", "0")
+    cli._setup_logging()
+    assert logs.getLogger("bert_recipes").level == logs.INFO

@@ -92,7 +92,8 @@ def finetune(recipe: FinetuneRecipe, on_log=None) -> dict:
         (export folder), ``best_step``, ``steps``, ``epochs``, ``stopped_early`` (early
         stopping ended the run), ``train_examples`` (examples trained on, each epoch's counted
         again: epochs x the training set), ``precision`` (the
-        mixed precision the run trained in: ``precision: auto`` resolved), ``runtime_s``
+        mixed precision the run trained in: ``precision: auto`` resolved),
+        ``total_train_batch_size`` (sequences per optimizer step, all processes), ``runtime_s``
         (wall seconds), ``examples_per_s`` (train_examples / runtime_s) and
         ``test_predictions`` (a JSON file, or None).
 
@@ -336,6 +337,8 @@ def export(run: Run, job: FinetuneJob, started: float) -> dict:
         "stopped_early": bool(state.extra.get("stopped_early")),
         "train_examples": int(state.extra.get("train_examples", 0)),
         "precision": run.accelerator.mixed_precision,  # what precision: auto resolved to here ("bf16", "no", ...)
+        "total_train_batch_size": (run.recipe.train.per_device_train_batch_size * run.accelerator.num_processes
+                                   * run.recipe.train.gradient_accumulation_steps),  # grows with the processes
         "subsampled": job.splits["subsampled"],  # data.max_*_samples that cut a split (glue.batching.load_splits)
         "test_predictions": None,
     }

@@ -110,8 +110,11 @@ def _config(row: dict) -> str:
     parts = []
     if c.get("learning_rate") is not None:
         parts.append(f"lr {c['learning_rate']:g}")
-    if c.get("per_device_train_batch_size") is not None:
-        parts.append(f"bs {c['per_device_train_batch_size']}")
+    per_device, total = c.get("per_device_train_batch_size"), c.get("total_train_batch_size")
+    if total and total != per_device:  # several processes or accumulation: the optimizer's batch (found by a helper)
+        parts.append(f"bs {total} ({per_device} per device)")
+    elif per_device is not None:
+        parts.append(f"bs {per_device}")
     if c.get("max_steps"):
         parts.append(f"{c['max_steps']} steps")
     elif c.get("num_train_epochs") is not None:

@@ -66,6 +66,7 @@ def aggregate_seeds(task: GlueTask, runs: dict[int, dict]) -> dict:
         "best_seed": best_seed,
         "best": runs[best_seed]["best"],
         "subsampled": runs[best_seed].get("subsampled"),
+        "total_train_batch_size": runs[best_seed].get("total_train_batch_size"),
         "test_predictions": runs[best_seed].get("test_predictions"),
     }
 

@@ -392,6 +392,7 @@ def run_task(recipe: FinetuneRecipe, cells: list[dict], protocol: str, clock=Non
             best_run = Path(result["best"]).parent
             chosen = with_cell(recipe, cells[index], output_dir=str(best_run), seeds=[])
             result["test_predictions"] = str(predict_export(chosen, best_run))
+    config["total_train_batch_size"] = result.get("total_train_batch_size")  # all processes (the report's bs)
     result.update(grid=summaries, chosen_index=index, config=config, protocol=protocol, init_from=init_from,
                   runtime_s=runtime)
     if cells != [{}] and launch_state().is_main_process:

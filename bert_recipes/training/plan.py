@@ -63,3 +63,9 @@ def log_plan(resolved: Resolved) -> None:
     logger.info("effective batch: %d sequences per optimizer step = %d per device x %d process(es) x %d accumulation step(s)",
                 resolved.effective_batch, resolved.recipe.train.per_device_train_batch_size, resolved.world_size,
                 resolved.accumulation)
+    if resolved.world_size > 1 and resolved.recipe.train.global_batch_size is None:  # found by a helper
+        one = resolved.effective_batch // resolved.world_size
+        logger.warning("the optimizer batch is %d on %d processes, %d on one: the learning rate (%g) was set for the "
+                       "recipe's batch; train.global_batch_size=%d keeps that whatever the processes (per_device_train_batch_size "
+                       "x processes must divide it)",
+                       resolved.effective_batch, resolved.world_size, one, resolved.recipe.train.learning_rate, one)
