@@ -86,6 +86,10 @@ def test_grid_keys_and_values_are_checked_in_one_line(checkpoint, tmp_path, caps
     assert capsys.readouterr().err.strip() == (f"error: {GLUE_RECIPES / 'rte.yaml'}: sets task: rte, and the sweep runs "
                                                "mrpc,rte: pass --tasks rte, or give a base recipe without task "
                                                "(recipes/glue/base.yaml) for several tasks")
+    alias = tmp_path / "sst-2.yaml"  # a task file naming its task as GLUE's folder does: the same task
+    alias.write_text(f"base: {GLUE_RECIPES / 'base.yaml'}\ntask: SST-2\n")
+    assert glue(checkpoint, tmp_path / "alias", "SST-2", recipe=alias) == 0
+    capsys.readouterr()
     # task= was replaced by each task's name: every task of --tasks (by default all nine) ran
     assert glue(checkpoint, tmp_path / "o", "rte,mrpc", "task=rte") == 2
     assert capsys.readouterr().err.strip() == ("error: override 'task=rte': the sweep sets task for each of its tasks; "
@@ -238,6 +242,17 @@ def test_a_rerun_into_an_earlier_sweep_is_refused_before_any_task_trains(grid_sw
     assert any(f"{copy / 'glue_results.json'} lists rte from an earlier sweep: this sweep's report replaces it with "
                "mrpc only" in r.getMessage() for r in caplog.records)
     assert list(json.loads((copy / "glue_results.json").read_text())["tasks"]) == ["mrpc"]
+
+
+def test_a_finished_sweep_with_a_global_batch_size_is_reused(checkpoint, tmp_path, capsys):
+    """With train.global_batch_size the saved recipe holds the accumulation resolved at launch:
+    the same command with resume_from=latest was refused ("gradient_accumulation_steps: 1
+    differs from 4", found by a helper; the multi-rank warning recommends the key)."""
+    args = ["train.global_batch_size=8", "train.per_device_train_batch_size=2", "resume_from=latest"]
+    assert glue(checkpoint, tmp_path / "o", "rte", *args) == 0
+    before = (tmp_path / "o" / "rte" / "results.json").read_text()
+    assert glue(checkpoint, tmp_path / "o", "rte", *args) == 0
+    assert (tmp_path / "o" / "rte" / "results.json").read_text() == before
 
 
 def test_a_finished_sweep_with_a_larger_grid_or_more_seeds_trains_only_what_is_new(grid_sweep, checkpoint, tmp_path,

@@ -61,8 +61,10 @@ def finished_results(recipe: FinetuneRecipe, out: Path) -> dict | None:
     if not (out / "recipe.yaml").is_file():
         return results
     saved, now = flatten(read_yaml(out / "recipe.yaml") or {}), flatten(recipe.model_dump(mode="json"))
+    # with train.global_batch_size the accumulation is derived at launch (saved resolved): the batch is what counts
+    derived = {"train.gradient_accumulation_steps"} if now.get("train.global_batch_size") is not None else set()
     changed = [key for key in dict.fromkeys([*saved, *now]) if key not in BOOKKEEPING and not key.startswith("sweep.")
-               and not same_value(key, saved.get(key), now.get(key), out)]
+               and key not in derived and not same_value(key, saved.get(key), now.get(key), out)]
     goes_on = {f"train.{key}" for key in SCHEDULE_KEYS} | {"seeds"}
     other = [key for key in changed if key not in goes_on]
     if other:

@@ -150,6 +150,7 @@ def run_glue(base: str | os.PathLike, tasks: list[str], overrides: list[str] | N
                         f"{task_set.partition('=')[2].strip() or 'TASK'}, or fine-tune one with `bert-recipes finetune`")
     root_raw = apply_overrides(load_raw(base), overrides)
     own = root_raw.get("task")
+    own = get_task(own).name if own else None  # SST-2 -> sst2, as --tasks reads it
     if own and tasks != [own]:  # a task file: it ran every task of --tasks (all nine by default) (found by a helper)
         raise UserError(f"{base}: sets task: {own}, and the sweep runs {','.join(tasks)}: pass --tasks {own}, or give a "
                         "base recipe without task (recipes/glue/base.yaml) for several tasks")
