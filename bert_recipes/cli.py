@@ -192,9 +192,11 @@ def cmd_inspect(args) -> int:
     from .inspect_batches import write_batches
     from .recipe import load_recipe
 
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:  # every rank wrote rank 0's batches into one file (a helper)
+    from .training.accelerator import launched_processes
+
+    if launched_processes() > 1:  # every rank wrote rank 0's batches into one file (a helper)
         raise UserError("inspect runs in one process, not under accelerate launch / torchrun: run it alone with "
-                        f"--rank R --world-size {os.environ['WORLD_SIZE']} to see what rank R trains on")
+                        f"--rank R --world-size {launched_processes()} to see what rank R trains on")
     if args.batches < 1:
         raise UserError(f"--batches: expected a positive integer, got {args.batches}")
     if args.world_size < 1 or not 0 <= args.rank < args.world_size:
@@ -331,7 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     except RunStopped:
         return stopped_exit_code()  # the loop has printed where its checkpoint is
     except KeyboardInterrupt:
-        say_error("interrupted (a run continues from its last complete checkpoint with resume_from=latest)", prefix="")
+        runs = args.command in ("pretrain", "finetune", "glue")  # a hint where there is something to continue
+        say_error("interrupted" + (" (a run continues from its last complete checkpoint with resume_from=latest)"
+                                   if runs else ""), prefix="")
         return 130
     except OSError as exc:
         message = environment_error(exc)
@@ -369,7 +373,9 @@ def peer_stopped(exc: BaseException) -> bool:
     """Whether ``exc`` is a collective failing because another rank of a launched run
     (``torchrun``: ``WORLD_SIZE`` > 1) exited: after that rank's own one-line error, this
     one printed a page of gloo traceback (found by a helper)."""
-    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and any(text in str(exc) for text in PEER_GONE)
+    from .training.accelerator import launched_processes
+
+    return launched_processes() > 1 and any(text in str(exc) for text in PEER_GONE)
 
 
 # what the machine, not the program, refused: a full or read-only disk, no permission, a file where a folder is expected

@@ -30,30 +30,41 @@ def ensure_hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the Hub can be reached; when it cannot, switch this process to offline mode.
 
     One TCP connection to the Hub endpoint (``timeout`` seconds, answered at once when DNS
-    fails). Unreachable: ``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE`` are set (and the loaded
+    fails); behind a proxy (``HTTPS_PROXY``, not bypassed by ``NO_PROXY``) it is assumed
+    reachable. Unreachable: ``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE`` are set (and the loaded
     libraries' flags), so loads use the local cache only and fail at once with one line,
     instead of minutes of retries printed twice. Cached per process; does nothing (False)
     when already offline.
     """
     if _offline():
         return False
+    host, port = hub_address()
+    if host not in _REACHABLE:
+        import socket
+        import urllib.request
+
+        if urllib.request.getproxies().get("https" if port != 80 else "http") and not urllib.request.proxy_bypass(host):
+            _REACHABLE[host] = True  # behind a proxy (HTTPS_PROXY) huggingface_hub connects through it: a direct
+            # connection says nothing there (a push was refused where it would work: found by a helper)
+        else:
+            try:
+                socket.create_connection((host, port), timeout=timeout).close()
+                _REACHABLE[host] = True
+            except OSError:
+                _REACHABLE[host] = False
+    if not _REACHABLE[host]:
+        go_offline()
+    return _REACHABLE[host]
+
+
+def hub_address() -> tuple[str, int]:
+    """The Hub endpoint's ``(host, port)`` (``HF_ENDPOINT``, default huggingface.co:443)."""
     from urllib.parse import urlparse
 
     from huggingface_hub import constants
 
     url = urlparse(constants.ENDPOINT)
-    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme != "http" else 80)
-    if host not in _REACHABLE:
-        import socket
-
-        try:
-            socket.create_connection((host, port), timeout=timeout).close()
-            _REACHABLE[host] = True
-        except OSError:
-            _REACHABLE[host] = False
-    if not _REACHABLE[host]:
-        go_offline()
-    return _REACHABLE[host]
+    return url.hostname or "huggingface.co", url.port or (443 if url.scheme != "http" else 80)
 
 
 def go_offline() -> None:
@@ -203,8 +214,9 @@ def check_push_target(repo_id: str, token: str | None = None, key: str = "--push
     if not (token or get_token()):
         raise UserError(f"{key}: not logged in to the Hub; run 'hf auth login' or set HF_TOKEN")
     if not ensure_hub_reachable():  # it failed after the training (found by a helper)
-        raise UserError(f"{key}: the Hub cannot be reached from here (no network); push the export later with "
-                        "bert_recipes.hub.push_to_hub(folder, repo_id)")
+        host, port = hub_address()
+        raise UserError(f"{key}: the Hub ({host}:{port}, HF_ENDPOINT) cannot be reached from here; push the export "
+                        "later with bert_recipes.hub.push_to_hub(folder, repo_id)")
 
 
 def push_to_hub(folder: str | os.PathLike, repo_id: str, private: bool = False, token: str | None = None,

@@ -274,7 +274,8 @@ def test_cli_finetune_pushes_best_after_the_run(checkpoint, fake_hub, monkeypatc
     with monkeypatch.context() as offline:  # no network: refused before training, not after it
         offline.setattr("bert_recipes.hub.ensure_hub_reachable", lambda timeout=3.0: False)
         assert main([*argv, "--push-to-hub", "someone/rte-bert"]) == 2
-        assert capsys.readouterr().err.startswith("error: --push-to-hub: the Hub cannot be reached from here")
+        assert capsys.readouterr().err.startswith("error: --push-to-hub: the Hub (huggingface.co:443, HF_ENDPOINT) "
+                                                  "cannot be reached from here")
     assert not (tmp_path / "run").exists()
     assert main([*argv, "--push-to-hub", "someone/rte-bert"]) == 0
     assert "pushed to the Hub: https://huggingface.co/someone/rte-bert/commit/abc" in capsys.readouterr().out
@@ -440,3 +441,25 @@ def test_continue_pretraining_from_a_pretrained_bert(tmp_path):
     assert not torch.equal(after, before) and torch.allclose(after, before, atol=1e-3)
     config = json.loads((final / "config.json").read_text())
     assert (config["hidden_size"], config["num_hidden_layers"]) == (384, 6)
+
+
+def test_behind_a_proxy_the_hub_is_not_probed_directly(monkeypatch):
+    """huggingface_hub goes through HTTPS_PROXY; a direct TCP probe fails on such networks and
+    refused a push (and sent loads offline) that would have worked (found by a helper)."""
+    import socket
+
+    from bert_recipes import hub
+
+    monkeypatch.setattr(hub, "_REACHABLE", {})
+    monkeypatch.setattr(hub, "_offline", lambda: False)
+    monkeypatch.setattr(hub, "go_offline", lambda: None)
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: (_ for _ in ()).throw(OSError("no route")))
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    assert hub.ensure_hub_reachable() is False
+    monkeypatch.setattr(hub, "_REACHABLE", {})
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:3128")
+    assert hub.ensure_hub_reachable() is True
+    monkeypatch.setattr(hub, "_REACHABLE", {})
+    monkeypatch.setenv("NO_PROXY", "huggingface.co")
+    assert hub.ensure_hub_reachable() is False

@@ -104,6 +104,14 @@ def test_json_lines_records_without_the_column_are_null_text_as_datasets_reads_t
     listing.write_text(json.dumps({"text": "x"}) + '\n["a", "b"]\n')  # any of the first records, not only the first
     with pytest.raises(DataError, match=r"^data.text_column: line 2 of .*list.jsonl is not a JSON object with text"):
         build_index([str(listing)], cfg([str(listing)]), cache_dir=tmp_path / "c")
+    number = tmp_path / "number.jsonl"  # refused by the scan, not once the run has started
+    number.write_text(json.dumps({"text": "x"}) + "\n" + json.dumps({"text": 5}) + "\n")
+    with pytest.raises(DataError, match=r"^data.text_column: line 2 of .*number.jsonl is not a JSON object with text"):
+        build_index([str(number)], cfg([str(number)]), cache_dir=tmp_path / "c")
+    nulls = tmp_path / "nulls.jsonl"
+    nulls.write_text("null\n" * 64 + json.dumps({"text": "x"}) + "\n")
+    with pytest.raises(DataError, match=r"not found in the first 64 records of .*nulls.jsonl \(columns: none: they are null\)$"):
+        build_index([str(nulls)], cfg([str(nulls)]), cache_dir=tmp_path / "c")
 
 
 def test_sources_without_random_access_are_named(tmp_path):

@@ -284,6 +284,10 @@ def test_under_a_launcher_inspect_is_refused_and_other_ranks_log_warnings_only(m
     assert capsys.readouterr().err == ("error: inspect runs in one process, not under accelerate launch / torchrun: run "
                                        "it alone with --rank R --world-size 2 to see what rank R trains on\n")
     assert logs.getLogger("bert_recipes").level == logs.WARNING  # set by main on rank 1
+    monkeypatch.setenv("WORLD_SIZE", "abc")  # not a number: one process (it was a traceback)
+    from bert_recipes.training.accelerator import launched_processes
+
+    assert launched_processes() == 1
     monkeypatch.setenv("RANK", "0")
     cli._setup_logging()
     assert logs.getLogger("bert_recipes").level == logs.INFO

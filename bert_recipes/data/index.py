@@ -162,13 +162,14 @@ def _check_first_records(path: str, lines: list[tuple[int, bytes]], column: str)
             record = ...
         if record is None:  # a null record: null text, as `datasets` reads it
             continue
-        if not isinstance(record, dict):
+        if not isinstance(record, dict) or not isinstance(record.get(column), (str, type(None))):
             raise DataError(f"data.text_column: line {number} of {path} is not a JSON object with text (a string) in "
                             f"column '{column}'")
         names.update(dict.fromkeys(record))
     if column not in names:
         where = f"the first {len(lines)} records of {path}" if len(lines) == CHECKED_RECORDS else path
-        raise DataError(f"data.text_column: column '{column}' not found in {where} (columns: {', '.join(names)})")
+        held = ", ".join(names) if names else "none: they are null"
+        raise DataError(f"data.text_column: column '{column}' not found in {where} (columns: {held})")
 
 
 def scan_parquet(path: str, settings: ScanSettings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

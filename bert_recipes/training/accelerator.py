@@ -224,11 +224,20 @@ def in_lockstep(accelerator, batches: Iterable, placeholder: Callable[[], object
         yield (batch, True) if batch is not None else (placeholder(), False)
 
 
+def launched_processes() -> int:
+    """The launcher's ``WORLD_SIZE`` (torchrun), 1 without one or when it is not a number
+    (``WORLD_SIZE=abc`` was a traceback: found by a helper). Reads the environment only."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1") or 1))
+    except ValueError:
+        return 1
+
+
 def _ranks_without_accelerator() -> bool:
     """True for ranks started by torchrun (``accelerate launch`` with a multi-GPU config) on a
     machine without GPUs: Accelerate then needs ``cpu=True`` to join them with gloo, else each
     rank would train alone (``DistributedType.NO``) and the ranks would overwrite each other."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if launched_processes() <= 1:
         return False
     accel = getattr(torch, "accelerator", None)  # torch >= 2.6: CUDA, XPU, MPS, ...
     return not (accel.is_available() if accel is not None else torch.cuda.is_available())

@@ -57,13 +57,18 @@ def resolve(recipe, world_size: int, log: bool = True) -> Resolved:
     return resolved
 
 
+_WARNED: set = set()  # (optimizer batch, processes) pairs warned about in this process
+
+
 def log_plan(resolved: Resolved) -> None:
     """The effective-batch line (commands log it once their preflight has passed, so a user
     error is the only line on stderr)."""
     logger.info("effective batch: %d sequences per optimizer step = %d per device x %d process(es) x %d accumulation step(s)",
                 resolved.effective_batch, resolved.recipe.train.per_device_train_batch_size, resolved.world_size,
                 resolved.accumulation)
-    if resolved.world_size > 1 and resolved.recipe.train.global_batch_size is None:  # found by a helper
+    key = (resolved.effective_batch, resolved.world_size)
+    if resolved.world_size > 1 and resolved.recipe.train.global_batch_size is None and key not in _WARNED:  # a helper
+        _WARNED.add(key)  # once per process, not per run of a sweep
         one = resolved.effective_batch // resolved.world_size
         logger.warning("the optimizer batch is %d on %d processes, %d on one: the learning rate (%g) was set for the "
                        "recipe's batch; train.global_batch_size=%d keeps that whatever the processes (per_device_train_batch_size "
