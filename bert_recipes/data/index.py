@@ -43,7 +43,7 @@ from typing import Optional
 import numpy as np
 
 from ..errors import DataError
-from .corpus import compile_document_start, file_kind, resolve_document_split
+from .corpus import RECORD_BATCH, compile_document_start, file_kind, resolve_document_split
 
 logger = logging.getLogger("bert_recipes")
 
@@ -148,28 +148,42 @@ def scan_jsonl(path: str, settings: ScanSettings) -> tuple[np.ndarray, np.ndarra
     return np.asarray(starts, np.int64), np.asarray(ends, np.int64), np.arange(units + 1, dtype=np.int64)
 
 
-CHECKED_RECORDS = 64  # as many as one batch of the `datasets` reader (corpus.RECORD_BATCH)
+CHECKED_RECORDS = RECORD_BATCH  # as many as one batch of the `datasets` reader (the tokenizer's trainer)
 
 
 def _check_first_records(path: str, lines: list[tuple[int, bytes]], column: str) -> None:
-    """The first records (``(line number, line)``) are JSON objects (or null), and one of
-    them has ``column``; the reader's words for a bad record (naming its line)."""
+    """The first records (``(line number, line)``) are readable (:func:`json_record`), and one
+    of them has ``column``."""
     names: dict = {}
     for number, line in lines:
         try:
-            record = json.loads(line)
+            names.update(dict.fromkeys(json_record(line, column) or {}))
         except ValueError:
-            record = ...
-        if record is None:  # a null record: null text, as `datasets` reads it
-            continue
-        if not isinstance(record, dict) or not isinstance(record.get(column), (str, type(None))):
-            raise DataError(f"data.text_column: line {number} of {path} is not a JSON object with text (a string) in "
-                            f"column '{column}'")
-        names.update(dict.fromkeys(record))
+            raise bad_record(path, number, column) from None
     if column not in names:
         where = f"the first {len(lines)} records of {path}" if len(lines) == CHECKED_RECORDS else path
         held = ", ".join(names) if names else "none: they are null"
         raise DataError(f"data.text_column: column '{column}' not found in {where} (columns: {held})")
+
+
+def json_record(line: bytes, column: str) -> dict | None:
+    """One JSON Lines record: an object whose ``column`` is a string, null or missing (null
+    text, as `datasets` reads it), or None for a ``null`` record.
+
+    Raises:
+        ValueError: not JSON, not an object, or ``column`` holds a list or a number (its repr
+            was trained on: found by a helper).
+    """
+    record = json.loads(line)
+    if record is not None and not (isinstance(record, dict) and isinstance(record.get(column), (str, type(None)))):
+        raise ValueError(f"not a JSON object with text in column '{column}'")
+    return record
+
+
+def bad_record(path: str, line: int, column: str) -> DataError:
+    """The error for a record :func:`json_record` refuses, naming its line."""
+    return DataError(f"data.text_column: line {line} of {path} is not a JSON object with text (a string) in "
+                     f"column '{column}'")
 
 
 def scan_parquet(path: str, settings: ScanSettings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

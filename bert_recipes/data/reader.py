@@ -21,7 +21,6 @@ read as A) and ``random_next`` (B segments), for the sharding benchmark.
 
 from __future__ import annotations
 
-import json
 import os
 from collections import OrderedDict
 from typing import Optional
@@ -30,7 +29,7 @@ import numpy as np
 
 from ..errors import DataError
 from .corpus import file_kind, split_sentences, text_pieces
-from .index import DocumentIndex
+from .index import DocumentIndex, bad_record, json_record
 
 _OPEN_FILES = 64
 # English WordPiece: about 4-5 bytes of text per token; random-next B reads lines in runs of
@@ -134,16 +133,13 @@ class IndexedCorpus:
             DataError: the record is not a JSON object, or its column holds no text (naming its line).
         """
         try:  # a record without the column is null text, as `datasets` reads it (the tokenizer's trainer)
-            record = json.loads(raw)
-            value = None if record is None else record.get(self.text_column)  # a null record: null text
-            if not isinstance(value, (str, type(None))):  # a list or a number: its repr was trained on
-                raise TypeError
-        except (ValueError, AttributeError, TypeError):
+            record = json_record(raw, self.text_column)
+        except ValueError:
             path = self.index.files[number]
             with open(path, "rb") as f:  # only on the error path: the line number of the record
                 line = f.read(start).count(b"\n") + 1
-            raise DataError(f"data.text_column: line {line} of {path} is not a JSON object with "
-                            f"text (a string) in column '{self.text_column}'") from None
+            raise bad_record(path, line, self.text_column) from None
+        value = record.get(self.text_column) if record else None
         return value or ""
 
     def _row(self, number: int, row: int, purpose: str) -> str:

@@ -111,6 +111,11 @@ def verify_checkpoint(directory: Path) -> str | None:
     return None
 
 
+def checkpoint_path(root: Path, step: int) -> Path:
+    """The folder of the checkpoint of ``step`` under ``root``."""
+    return root / f"checkpoint-{step:08d}"
+
+
 def list_checkpoints(root: Path) -> list[Path]:
     """Checkpoint directories under ``root``, oldest first; a ``.checkpoint-N.old`` that
     :func:`~bert_recipes.atomic.swap_in` set aside counts as checkpoint N when that is
@@ -171,7 +176,7 @@ def save_checkpoint(accelerator, model: torch.nn.Module, scheduler, root: Path, 
         RuntimeError: a parameter holds NaN/Inf (never saved over a good checkpoint).
     """
     state.extra["scheduler"] = scheduler.state_dict()
-    final = root / f"checkpoint-{state.step:08d}"
+    final = checkpoint_path(root, state.step)
     tmp = root / f".tmp-checkpoint-{state.step:08d}"
     if accelerator.is_main_process:
         _assert_finite(accelerator.unwrap_model(model))

@@ -28,7 +28,7 @@ import torch
 
 from ..errors import TrainingError
 from .accelerator import finish_trackers, sharded_parameters
-from .checkpoint import TrainerState, save_checkpoint
+from .checkpoint import TrainerState, checkpoint_path, save_checkpoint
 from .precision import record_precision
 from .signals import RunStopped, StopRequest, any_rank_stopping
 
@@ -210,7 +210,7 @@ def train(job: Job, run: Run, checkpoint_at_end: bool = True) -> None:
                 if stopping:
                     _stop(run, stop, path)
         if checkpoint_at_end:  # the end of a run is always resumable; a signal waits for its save
-            path = run.out / "checkpoints" / f"checkpoint-{state.step:08d}"  # saved at a save step, or now:
+            path = checkpoint_path(run.out / "checkpoints", state.step)  # saved at a save step, or now:
             if saved_at != state.step:
                 path = save_checkpoint(accelerator, run.model, run.scheduler, run.out / "checkpoints", state, run.recipe,
                                        job.data_state(), config.save_total_limit)
