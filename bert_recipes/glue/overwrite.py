@@ -6,10 +6,13 @@ the first run, once every run's own checks have passed, so that stale cells and 
 
 from __future__ import annotations
 
+import json
+import logging
 import shutil
 from pathlib import Path
 
 from ..errors import UserError
+from ..training.accelerator import launch_state
 from ..training.outdir import RUN_FILES, RUN_MARKERS, check_unlocked, read_inside
 from .finetune import RESULTS, check_inputs
 from .grid import GRID_PNG, with_cell
@@ -17,16 +20,49 @@ from .recipe import FinetuneRecipe
 from .report import RESULTS_JSON, RESULTS_MD, RESULTS_PNG
 from .tasks import get_task
 
+logger = logging.getLogger("bert_recipes")
+
 #: What a sweep writes into its root (besides the tasks' folders).
 SWEEP_FILES = (RESULTS_JSON, RESULTS_MD, RESULTS_PNG, GRID_PNG, "submission", "encoders")
+
+
+def handle_earlier_sweep(root: Path, root_raw: dict, tasks: list[str], recipes: dict[str, FinetuneRecipe],
+                         cells: dict[str, list[dict]], wnli_recipe: FinetuneRecipe | None) -> None:
+    """Before a sweep's first run, what an earlier sweep into ``root`` left: ``overwrite``
+    deletes it for these tasks (:func:`replace_earlier_sweep`); without ``resume_from`` its
+    runs in these tasks' folders are refused (:func:`check_no_earlier_runs`); a report of
+    other tasks this sweep's replaces is named (:func:`warn_dropped_tasks`).
+
+    Raises:
+        UserError: as those functions.
+    """
+    if root_raw.get("overwrite"):
+        replace_earlier_sweep(root, recipes, cells, wnli_recipe)
+        return
+    if launch_state().is_main_process:
+        warn_dropped_tasks(root, tasks)
+    if not root_raw.get("resume_from"):
+        check_no_earlier_runs([*recipes.values(), *([wnli_recipe] if wnli_recipe else [])])
+
+
+def warn_dropped_tasks(root: Path, tasks: list[str]) -> None:
+    """Say so when ``root``'s report lists tasks this sweep does not run: its report, which
+    lists only its own tasks, replaces that one (found by a helper)."""
+    try:
+        before = list(json.loads((root / RESULTS_JSON).read_text())["tasks"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    dropped = [name for name in before if name not in tasks]
+    if dropped:
+        logger.warning("%s lists %s from an earlier sweep: this sweep's report replaces it with %s only; to keep them "
+                       "in one report, add them to --tasks with resume_from=latest (their finished runs are reused)",
+                       root / RESULTS_JSON, ",".join(dropped), ",".join(tasks))
 
 
 def replace_earlier_sweep(root: Path, recipes: dict[str, FinetuneRecipe], cells: dict[str, list[dict]],
                           wnli_recipe: FinetuneRecipe | None) -> None:
     """``overwrite=true``: once every run's own checks pass (:func:`check_runs`; a refused
     sweep deletes nothing), delete what an earlier sweep wrote for these tasks (:func:`sweep_doomed`)."""
-    from ..training.accelerator import launch_state
-
     check_runs(recipes, cells)
     doomed = sweep_doomed(root, [*recipes.values(), *([wnli_recipe] if wnli_recipe else [])])
     check_unlocked(doomed)  # a sweep still running there: its runs hold their folders' locks
@@ -44,7 +80,7 @@ def check_runs(recipes: dict[str, FinetuneRecipe], cells: dict[str, list[dict]])
     Raises:
         UserError / DataError: the first run that would be refused.
     """
-    from ..training.accelerator import check_launch, launch_state
+    from ..training.accelerator import check_launch
     from ..training.plan import resolve
 
     processes = launch_state().num_processes
@@ -104,4 +140,5 @@ def check_no_earlier_runs(recipes: list[FinetuneRecipe]) -> None:
                             "output_dir=DIR for a new sweep")
 
 
-__all__ = ["SWEEP_FILES", "check_no_earlier_runs", "check_runs", "earlier_runs", "replace_earlier_sweep", "sweep_doomed"]
+__all__ = ["SWEEP_FILES", "check_no_earlier_runs", "check_runs", "earlier_runs", "handle_earlier_sweep", "replace_earlier_sweep",
+           "sweep_doomed", "warn_dropped_tasks"]

@@ -46,7 +46,7 @@ from .data import glue_task_dir
 from .evaluation import predict_export
 from .finetune import RESULTS, check_inputs
 from .seeds import finetune_seeds
-from .overwrite import check_no_earlier_runs, replace_earlier_sweep
+from .overwrite import handle_earlier_sweep
 from .grid import GRID_PNG, SweepClock, cell_name, cell_summary, check_fixed, choose, plot_grid, with_cell
 from .recipe import FinetuneRecipe, SweepConfig
 from .report import (RESULTS_JSON, RESULTS_MD, RESULTS_PNG, entry_names, majority_class, plot_results,
@@ -144,31 +144,18 @@ def run_glue(base: str | os.PathLike, tasks: list[str], overrides: list[str] | N
             ``resume_from=latest``; finished cells and tasks are reused).
     """
     overrides = list(overrides or [])
-    task_set = override_for("task", overrides)
-    if task_set:  # it was silently replaced by each task's name: all nine ran (found by a helper)
-        raise UserError(f"override '{task_set}': the sweep sets task for each of its tasks; choose them with --tasks "
-                        f"{task_set.partition('=')[2].strip() or 'TASK'}, or fine-tune one with `bert-recipes finetune`")
     root_raw = apply_overrides(load_raw(base), overrides)
-    own = root_raw.get("task")
-    own = get_task(own).name if own else None  # SST-2 -> sst2, as --tasks reads it
-    if own and tasks != [own]:  # a task file: it ran every task of --tasks (all nine by default) (found by a helper)
-        raise UserError(f"{base}: sets task: {own}, and the sweep runs {','.join(tasks)}: pass --tasks {own}, or give a "
-                        "base recipe without task (recipes/glue/base.yaml) for several tasks")
+    check_task_key(base, tasks, overrides, root_raw)
     root = Path(root_raw.get("output_dir") or FinetuneRecipe.model_fields["output_dir"].default)
     settings = sweep_settings(root_raw, str(base), overrides)
     wnli = "wnli" in tasks and settings.wnli != "include"
     recipes = {name: task_recipe(base, name, overrides, root, predict_test) for name in tasks}
     wnli_recipe = recipes.pop("wnli") if wnli else None
     cells, order = check_sweep(recipes, settings, root)
-    main = launch_state().is_main_process
-    if main and not root_raw.get("overwrite"):
-        warn_dropped_tasks(root, tasks)
     if wnli_recipe is not None and settings.wnli == "majority":  # its data, before any training
         check_inputs(wnli_recipe, get_task("wnli"))
-    if root_raw.get("overwrite"):
-        replace_earlier_sweep(root, recipes, cells, wnli_recipe)
-    elif not root_raw.get("resume_from"):
-        check_no_earlier_runs([*recipes.values(), *([wnli_recipe] if wnli_recipe else [])])
+    handle_earlier_sweep(root, root_raw, tasks, recipes, cells, wnli_recipe)
+    main = launch_state().is_main_process
     clock = SweepClock(*planned_work(recipes, cells), printer=print if main else (lambda *a, **k: None))
     results = {}
     with progress(total=len(order), desc="GLUE tasks", main=main) as bar:
@@ -194,6 +181,24 @@ def run_glue(base: str | os.PathLike, tasks: list[str], overrides: list[str] | N
     return summary
 
 
+def check_task_key(base, tasks: list[str], overrides: list[str], root_raw: dict) -> None:
+    """A sweep sets ``task`` for each of its tasks: a ``task=`` override, or a task file as
+    the base recipe for other tasks than its own, were replaced silently and every task of
+    ``--tasks`` (all nine by default) ran (found by helpers).
+
+    Raises:
+        UserError: either, with the ``--tasks`` to pass.
+    """
+    task_set = override_for("task", overrides)
+    if task_set:
+        raise UserError(f"override '{task_set}': the sweep sets task for each of its tasks; choose them with --tasks "
+                        f"{task_set.partition('=')[2].strip() or 'TASK'}, or fine-tune one with `bert-recipes finetune`")
+    own = get_task(root_raw["task"]).name if root_raw.get("task") else None  # SST-2 -> sst2, as --tasks reads it
+    if own and tasks != [own]:
+        raise UserError(f"{base}: sets task: {own}, and the sweep runs {','.join(tasks)}: pass --tasks {own}, or give a "
+                        "base recipe without task (recipes/glue/base.yaml) for several tasks")
+
+
 def check_sweep(recipes: dict[str, FinetuneRecipe], settings: SweepConfig, root: Path) -> tuple[dict, list[str]]:
     """Before any training: every task's GLUE folder, its grid (a fixed protocol has one
     configuration), the task order (sources first) and each source's architecture.
@@ -213,20 +218,6 @@ def check_sweep(recipes: dict[str, FinetuneRecipe], settings: SweepConfig, root:
             check_architectures(name, source, recipes[name].model.name_or_path, source_model,
                                 recipes[name].model.trust_remote_code)
     return cells, order
-
-
-def warn_dropped_tasks(root: Path, tasks: list[str]) -> None:
-    """Say so when ``root``'s report lists tasks this sweep does not run: its report, which
-    lists only its own tasks, replaces that one (found by a helper)."""
-    try:
-        before = list(json.loads((root / RESULTS_JSON).read_text())["tasks"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return
-    dropped = [name for name in before if name not in tasks]
-    if dropped:
-        logger.warning("%s lists %s from an earlier sweep: this sweep's report replaces it with %s only; to keep them "
-                       "in one report, add them to --tasks with resume_from=latest (their finished runs are reused)",
-                       root / RESULTS_JSON, ",".join(dropped), ",".join(tasks))
 
 
 def write_report(summary: dict, results: dict, root: Path, predict_test: bool) -> None:
