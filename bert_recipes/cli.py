@@ -7,7 +7,6 @@ A user mistake exits with code 2 and one line ``error: <file/key>: <what was exp
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
 import os
 import re
@@ -16,6 +15,7 @@ from pathlib import Path
 
 from . import __version__
 from .cli_help import keys_help, recipe_args
+from .cli_errors import report_error
 from .errors import UserError
 from .training.signals import RunStopped, stop_with_launcher, stopped_exit_code
 
@@ -327,91 +327,13 @@ def main(argv: list[str] | None = None) -> int:
     handler = COMMANDS.get(args.command) or getattr(args, "handler", None)
     try:
         return handler(args) or 0
-    except UserError as exc:
-        say_error(_one_line(exc))
-        return exc.exit_code
     except RunStopped:
         return stopped_exit_code()  # the loop has printed where its checkpoint is
-    except KeyboardInterrupt:
-        runs = args.command in ("pretrain", "finetune", "glue")  # a hint where there is something to continue
-        say_error("interrupted" + (" (a run continues from its last complete checkpoint with resume_from=latest)"
-                                   if runs else ""), prefix="")
-        return 130
-    except OSError as exc:
-        message = environment_error(exc)
-        if message is None:
+    except (UserError, KeyboardInterrupt, OSError, MemoryError, RuntimeError) as exc:
+        code = report_error(exc, args.command)
+        if code is None:  # not the user's nor the machine's: a bug, its traceback
             raise
-        say_error(message)
-        return 2
-    except (MemoryError, RuntimeError) as exc:  # torch: "DefaultCPUAllocator: can't allocate memory", "CUDA out of memory"
-        if peer_stopped(exc):
-            say_error(f"another process of this run stopped (its error, if it printed one, is above); rank "
-                      f"{os.environ.get('RANK', '?')} stops too: {_one_line(exc)[:160]}")
-            return 1
-        where = ("host" if isinstance(exc, MemoryError) or "can't allocate memory" in str(exc) else
-                 "device" if "out of memory" in str(exc) else None)
-        if where is None:
-            raise
-        say_error(f"out of {where} memory ({_one_line(exc)[:200]}); check the model size (model.config), "
-                  "per_device_train_batch_size and max_seq_length")
-        return 2
-
-
-def say_error(message: str, prefix: str = "error: ") -> None:
-    """Print one error line to stderr in a single write: under ``torchrun`` (unbuffered
-    output) ``print`` wrote the text and its newline separately, and two ranks' lines came
-    out glued together (found by a helper)."""
-    sys.stderr.write(f"{prefix}{message}\n")
-    sys.stderr.flush()
-
-
-#: What a collective raises on a rank whose peer process died (gloo, NCCL).
-PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote process exited")
-
-
-def peer_stopped(exc: BaseException) -> bool:
-    """Whether ``exc`` is a collective failing because another rank of a launched run
-    (``torchrun``: ``WORLD_SIZE`` > 1) exited: after that rank's own one-line error, this
-    one printed a page of gloo traceback (found by a helper)."""
-    from .training.accelerator import launched_processes
-
-    return launched_processes() > 1 and any(text in str(exc) for text in PEER_GONE)
-
-
-# what the machine, not the program, refused: a full or read-only disk, no permission, a file where a folder is expected
-_ENVIRONMENT = {errno.ENOSPC: "free some space; a run resumes from its last complete checkpoint with resume_from=latest",
-                errno.EDQUOT: "free some space; a run resumes from its last complete checkpoint with resume_from=latest",
-                errno.EROFS: "choose a writable output_dir", errno.EACCES: "check the permissions, or choose another path",
-                errno.EPERM: "check the permissions, or choose another path",
-                errno.ENOTDIR: "a file stands where a folder is expected", errno.EISDIR: "expected a file, not a folder",
-                errno.EFBIG: "a file size limit (ulimit -f) or the filesystem's largest file was reached; a run resumes "
-                             "from its last complete checkpoint with resume_from=latest"}
-
-
-def environment_error(exc: OSError) -> str | None:
-    """One line for an ``OSError`` the machine raised (disk full, read-only, permission, a
-    file where a folder is expected): its path, the system's words and what to do; None for
-    another error (a traceback: a bug). Anything written before stays: checkpoints and exports
-    are renamed into place only when complete (:mod:`bert_recipes.atomic`)."""
-    hint = _ENVIRONMENT.get(exc.errno)
-    if hint is None:
-        return None
-    where = f"{exc.filename}: " if exc.filename else ""
-    return f"{where}{exc.strerror or os.strerror(exc.errno)} ({hint})"
-
-
-def _one_line(exc: Exception) -> str:
-    """The user's message; an error re-raised from a DataLoader worker carries the worker's
-    traceback, whose last line is the original message."""
-    text = str(exc).strip()
-    if "\n" not in text:
-        return text
-    last = text.splitlines()[-1]
-    name = f"{type(exc).__module__}.{type(exc).__name__}: "
-    for prefix in (name, f"{type(exc).__name__}: "):
-        if last.startswith(prefix):
-            return last[len(prefix):]
-    return last
+        return code
 
 
 def run() -> None:
